@@ -1,0 +1,351 @@
+"""ConvVizLogger: at each checkpoint, the top-k probe images of every unit of layers 1..5."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tensorboard.compat.proto import summary_pb2
+from torch import nn
+
+from tb_convviz import layers as layer_select
+from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz.geometry import ReceptiveField
+from tb_convviz.isolation import preserved
+from tb_convviz.probe import ProbeSet
+from tb_convviz.reader import event_files, read_run
+from tb_convviz.receptive_field import receptive_fields
+from tb_convviz.schedule import Schedule
+from tb_convviz.topk import TopK, TopKAccumulator, merge
+
+# Records store y and x as int16.
+MAX_FMAP_SIDE = 32767
+
+
+class ConvVizWarning(UserWarning):
+    """A checkpoint that could not be logged; training goes on."""
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: the rest of the forward pass is not needed."""
+
+
+class ConvVizLogger:
+    """Logs, at each checkpoint, the top-``k`` probe images of every unit of ``layers``.
+
+    Writes into ``log_dir`` (or into ``writer``, a ``torch.utils.tensorboard.SummaryWriter``),
+    for TensorBoard's ConvViz tab. ``layers`` is ``"auto"`` (5 layers spread over the
+    depth) or module names. The schedule is ``every_n_steps``, an explicit ``steps``
+    list, or ``total_steps`` (checkpoints dense early); by default 0, 1, 2, 5, 10, 20, ...
+    Under ``torch.distributed`` each rank ranks its share of the probe set and rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: ProbeSet | torch.Tensor,
+        log_dir: str | os.PathLike | None = None,
+        *,
+        writer: Any = None,
+        layers: str | Sequence[str] = "auto",
+        k: int = 9,
+        batch_size: int = 128,
+        every_n_steps: int | None = None,
+        steps: Iterable[int] | None = None,
+        total_steps: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(probe, torch.Tensor):
+            probe = ProbeSet(probe)
+        if not isinstance(probe, ProbeSet):
+            raise TypeError(f"probe must be a ProbeSet or an [N, C, H, W] tensor, got {type(probe).__name__}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if k > len(probe):
+            raise ValueError(f"k={k} is larger than the probe set ({len(probe)} images): use k <= {len(probe)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if (log_dir is None) == (writer is None):
+            raise ValueError("pass exactly one of log_dir= or writer= (a torch SummaryWriter)")
+        self.model, self.probe, self.k, self.batch_size = model, probe, k, batch_size
+        self._net = layer_select.unwrap(model)
+        self.device = torch.device(device) if device is not None else _device_of(self._net)
+        self.schedule = Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)
+        self.log_dir = os.fspath(log_dir) if log_dir is not None else _writer_log_dir(writer)
+        self._user_writer = writer
+        self._writer: summary.EventWriter | None = None
+
+        self.layers = self._pick_layers(layers)
+        self._layer_infos = self._describe_layers()
+        self._probe_info = plugin_data_pb2.ProbeInfo(
+            n=len(probe), channels=probe.shape[0], height=probe.shape[1], width=probe.shape[2],
+            class_names=probe.class_names or [], fingerprint=probe.fingerprint,
+        )
+        self._last_step, self._chunk = -1, -1
+        self._stored: set[int] = set()
+        self._previous: dict[str, np.ndarray] = {}
+        self._resume()
+        self._due = self.schedule.next_due(self._last_step)
+        self._failing = False
+        self._warned_order = False
+
+    # -- construction ---------------------------------------------------------------
+
+    def _pick_layers(self, layers: str | Sequence[str]) -> list[str]:
+        _, sample = next(self.probe.batches(min(2, len(self.probe))))
+        try:
+            with preserved(self._net):
+                calls = layer_select.trace_calls(self._net, sample.to(self.device))
+        except Exception as e:
+            raise ValueError(
+                f"the model failed on probe images of shape {tuple(sample.shape)} ({type(e).__name__}: {e}). "
+                "Pass probe images shaped and normalised exactly as the model's training input."
+            ) from e
+        if isinstance(layers, str):
+            if layers != "auto":
+                raise ValueError(f"layers must be 'auto' or a list of module names, got {layers!r}")
+            names = layer_select.auto_layers(self._net, calls)
+        else:
+            names = list(layer_select.resolve(self._net, list(layers)))
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for name in names:
+            seen = [c for c in calls if c.name == name]
+            if len(seen) != 1:
+                raise ValueError(
+                    f"layer {name!r} ran {len(seen)} times in one forward pass; pick a module that runs "
+                    "exactly once (for a shared activation such as ResNet blocks' relu, pick the block)"
+                )
+            shape = seen[0].output
+            if shape is None or len(shape) not in (2, 4):
+                raise ValueError(
+                    f"layer {name!r} outputs {shape if shape else 'a non-tensor'}; tb-convviz needs "
+                    "[N, C, H, W] (conv) or [N, F] (fully connected) outputs"
+                )
+            if len(shape) == 4 and max(shape[2:]) > MAX_FMAP_SIDE:
+                raise ValueError(f"layer {name!r} has a feature map of {shape[2:]}, larger than {MAX_FMAP_SIDE}")
+            self._shapes[name] = shape
+        return names
+
+    def _describe_layers(self) -> dict[str, plugin_data_pb2.LayerInfo]:
+        channels, height, width = self.probe.shape
+        fields = receptive_fields(self._net, self.layers, input_size=(height, width), in_channels=channels)
+        infos = {}
+        for index, name in enumerate(self.layers, start=1):
+            shape = self._shapes[name]
+            rf: ReceptiveField = fields[name]
+            infos[name] = plugin_data_pb2.LayerInfo(
+                name=name, index=index, units=shape[1], k=self.k, receptive_field=rf.to_proto(),
+                fmap_h=shape[2] if len(shape) == 4 else 0, fmap_w=shape[3] if len(shape) == 4 else 0,
+                input_h=height, input_w=width, probe_fingerprint=self.probe.fingerprint,
+            )
+        return infos
+
+    def _resume(self) -> None:
+        if not (os.path.isdir(self.log_dir) and event_files(self.log_dir)):
+            return
+        run = read_run(self.log_dir)
+        if run.probe is not None and run.probe.fingerprint != self.probe.fingerprint:
+            raise ValueError(
+                f"{self.log_dir!r} already holds convviz data from another probe set (fingerprint "
+                f"{run.probe.fingerprint}, this one is {self.probe.fingerprint}): log into a new directory, "
+                "or build the probe set exactly as before (same images, order and labels)"
+            )
+        if run.steps:
+            self._last_step = run.steps[-1]
+            for layer in run.layers:
+                if layer.name in self._layer_infos and self._last_step in run._payloads[layer.name]:
+                    self._previous[layer.name] = run.topk(layer.name, self._last_step).image
+        self._stored, self._chunk = run.stored_images, run.last_chunk
+
+    # -- logging ------------------------------------------------------------------------
+
+    def maybe_log(self, step: int) -> bool:
+        """Log if ``step`` has reached the next scheduled checkpoint; returns whether it logged."""
+        if self._due is None or step < self._due:
+            return False
+        self._due = self.schedule.next_due(step)
+        return self.log(step)
+
+    def log(self, step: int) -> bool:
+        """Log a checkpoint at ``step`` now; returns whether it was written.
+
+        Never raises for a failed checkpoint: training goes on, with one warning.
+        """
+        step = int(step)
+        if step <= self._last_step:
+            if not self._warned_order:
+                warnings.warn(
+                    f"convviz: step {step} is not after the last logged step {self._last_step} in "
+                    f"{self.log_dir!r}; checkpoints up to {self._last_step} are skipped, because TensorBoard "
+                    "would drop the records logged after a repeated step", ConvVizWarning, stacklevel=2,
+                )
+                self._warned_order = True
+            return False
+        try:
+            results = self._collect()
+        except Exception as e:
+            warnings.warn(f"convviz: the checkpoint at step {step} failed and was skipped: {e}",
+                          ConvVizWarning, stacklevel=2)
+            return False
+        self._last_step = step
+        if _rank() != 0:
+            return True
+        try:
+            self._write(step, results)
+        except Exception as e:
+            if not self._failing:
+                warnings.warn(
+                    f"convviz: could not write the checkpoint at step {step} to {self.log_dir!r} "
+                    f"({type(e).__name__}: {e}); training goes on and the next checkpoint tries again",
+                    ConvVizWarning, stacklevel=2,
+                )
+            self._failing = True
+            self._drop_writer()
+            return False
+        self._failing = False
+        return True
+
+    def _collect(self) -> dict[str, TopK]:
+        rank, world = _rank(), _world()
+        n = len(self.probe)
+        start, stop = n * rank // world, n * (rank + 1) // world
+        accumulators = {name: TopKAccumulator(self.k) for name in self.layers}
+        batch_state = {"first": 0, "seen": 0}
+
+        def hook_for(name):
+            def hook(_module, _inputs, output):
+                accumulators[name].update(output, batch_state["first"])
+                batch_state["seen"] += 1
+                if batch_state["seen"] == len(self.layers):
+                    raise _StopForward
+            return hook
+
+        modules = dict(self._net.named_modules())
+        handles = [modules[name].register_forward_hook(hook_for(name)) for name in self.layers]
+        try:
+            with preserved(self._net):
+                for first, batch in self.probe.batches(self.batch_size, start, stop):
+                    batch_state.update(first=first, seen=0)
+                    try:
+                        self._net(batch.to(self.device, non_blocking=True))
+                    except _StopForward:
+                        pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        results = {}
+        for name, acc in accumulators.items():
+            topk = acc.result if acc.result is not None else TopK.empty(self._shapes[name][1], self.k, self.device)
+            results[name] = (_gather(topk, self.k) if world > 1 else topk).to("cpu")
+        return results
+
+    def _write(self, step: int, results: dict[str, TopK]) -> None:
+        winners = set()
+        for topk in results.values():
+            winners.update(topk.image[topk.image >= 0].unique().tolist())
+        new = sorted(winners - self._stored)
+        encoded = [summary.encode_image(self.probe.display(i)) for i in new]
+        writer = self._writer or self._open_writer()
+        chunk = self._chunk
+        for part in summary.split_chunks([len(b) for b in encoded]):
+            chunk += 1
+            labels = [self.probe.label(i) for i in new[part]]
+            writer.write(summary.probe_chunk_pb(self._probe_info, new[part], labels, encoded[part]), chunk)
+        values, scalars, images = [], {}, {}
+        for name, topk in results.items():
+            info = self._layer_infos[name]
+            position = topk.position.numpy()
+            has_position = info.fmap_w > 0
+            y = np.where(position >= 0, position // max(info.fmap_w, 1), -1) if has_position else -1
+            x = np.where(position >= 0, position % max(info.fmap_w, 1), -1) if has_position else -1
+            image = topk.image.numpy()
+            payload = metadata.encode_records(topk.values.numpy(), image, y, x)
+            values.extend(summary.topk_pb(info, payload).value)
+            scalars.update(self._layer_scalars(name, topk.values.numpy(), image))
+            images[name] = image
+        values.extend(summary.scalars_pb(scalars).value)
+        writer.write(summary_pb2.Summary(value=values), step)
+        writer.flush()
+        self._chunk = chunk
+        self._stored.update(new)
+        self._previous = images
+
+    def _layer_scalars(self, name: str, values: np.ndarray, image: np.ndarray) -> dict[str, float]:
+        peak = values[:, 0]
+        out = {
+            metadata.scalar_tag(name, "dead_fraction"): float(np.mean(~(peak > 0))),
+            metadata.scalar_tag(name, "mean_peak"): float(np.mean(np.where(np.isfinite(peak), peak, 0.0))),
+        }
+        previous = self._previous.get(name)
+        if previous is not None and previous.shape == image.shape:
+            out[metadata.scalar_tag(name, "topk_overlap")] = metadata.topk_overlap(image, previous).mean().item()
+        return out
+
+    def _open_writer(self) -> summary.EventWriter:
+        if self._user_writer is not None:
+            target = getattr(self._user_writer, "_get_file_writer", lambda: self._user_writer)()
+        else:
+            os.makedirs(self.log_dir, exist_ok=True)
+            target = self.log_dir
+        self._writer = summary.EventWriter(target)
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        # The event writer's thread dies on an I/O error; the next checkpoint opens a new file.
+        writer, self._writer = self._writer, None
+        if writer is not None and self._user_writer is None:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        """Flush and close the event file (a passed-in writer is flushed, not closed)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "ConvVizLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _gather(topk: TopK, k: int) -> TopK:
+    parts = []
+    for tensor in (topk.values, topk.image, topk.position):
+        gathered = [torch.empty_like(tensor) for _ in range(_world())]
+        dist.all_gather(gathered, tensor.contiguous())
+        parts.append(gathered)
+    merged = TopK(parts[0][0], parts[1][0], parts[2][0])
+    for values, image, position in zip(*(p[1:] for p in parts)):
+        merged = merge(merged, TopK(values, image, position), k)
+    return merged
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _writer_log_dir(writer: Any) -> str:
+    log_dir = getattr(writer, "log_dir", None) or getattr(writer, "get_logdir", lambda: None)()
+    if not log_dir:
+        raise TypeError("writer must be a torch.utils.tensorboard.SummaryWriter (or have a log_dir)")
+    return os.fspath(log_dir)

@@ -1,0 +1,114 @@
+"""Plugin name, tags and the versioned PluginData of the convviz log format.
+
+A convviz run is a TensorBoard log dir holding, per checkpoint step:
+
+* ``convviz/topk/<layer>`` (TENSOR): one DT_STRING scalar, the layer's top-k
+  records packed as ``RECORD_DTYPE`` in ``[units, k]`` order (12 bytes each).
+  Its PluginData carries a ``LayerInfo``.
+* ``convviz/<layer>/{topk_overlap,dead_fraction,mean_peak}`` (SCALAR, written
+  for the Scalars dashboard).
+
+and, at steps of their own (a chunk counter, strictly increasing):
+
+* ``convviz/probe/index`` (TENSOR): int32 ``[m, 2]`` rows of (probe index,
+  label) for the images stored in the chunk with the same step.
+* ``convviz/probe/images`` (BLOB_SEQUENCE): the m encoded images (PNG or JPEG)
+  of that chunk, in the same order. Both carry a ``ProbeInfo``.
+
+Each probe image is stored once, in the first chunk written after the first
+checkpoint whose records name it. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tensorboard.compat.proto import summary_pb2
+
+from tb_convviz import plugin_data_pb2
+
+PLUGIN_NAME = "convviz"
+# Bump on changes an older reader would misread; keep in step with plugin_data.proto.
+PROTO_VERSION = 1
+
+TOPK_TAG_PREFIX = "convviz/topk/"
+PROBE_INDEX_TAG = "convviz/probe/index"
+PROBE_IMAGES_TAG = "convviz/probe/images"
+SCALAR_NAMES = ("topk_overlap", "dead_fraction", "mean_peak")
+
+RECORD_DTYPE = np.dtype([("value", "<f4"), ("image", "<i4"), ("y", "<i2"), ("x", "<i2")])
+
+
+class UnsupportedVersionError(ValueError):
+    """Plugin data written by a newer tb-convviz than the one installed."""
+
+
+def topk_tag(layer: str) -> str:
+    return TOPK_TAG_PREFIX + layer
+
+
+def layer_of_tag(tag: str) -> str | None:
+    return tag[len(TOPK_TAG_PREFIX):] if tag.startswith(TOPK_TAG_PREFIX) else None
+
+
+def scalar_tag(layer: str, name: str) -> str:
+    return f"convviz/{layer}/{name}"
+
+
+def create_summary_metadata(
+    content: plugin_data_pb2.LayerInfo | plugin_data_pb2.ProbeInfo,
+    data_class: int,
+) -> summary_pb2.SummaryMetadata:
+    """SummaryMetadata for a convviz series; ``data_class`` is a summary_pb2.DATA_CLASS_*."""
+    data = plugin_data_pb2.PluginData(version=PROTO_VERSION)
+    if isinstance(content, plugin_data_pb2.LayerInfo):
+        data.layer.CopyFrom(content)
+    else:
+        data.probe.CopyFrom(content)
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(
+            plugin_name=PLUGIN_NAME, content=data.SerializeToString()
+        ),
+        data_class=data_class,
+    )
+
+
+def parse_plugin_metadata(content: bytes) -> plugin_data_pb2.PluginData:
+    """Parse ``plugin_data.content``; raise ValueError with a readable reason if unusable."""
+    if not isinstance(content, (bytes, bytearray)):
+        raise ValueError(f"plugin data must be bytes, got {type(content).__name__}")
+    data = plugin_data_pb2.PluginData()
+    try:
+        data.ParseFromString(bytes(content))
+    except Exception as e:  # protobuf raises DecodeError, but also others on garbage
+        raise ValueError(f"corrupted convviz plugin data ({len(content)} bytes): {e}") from None
+    if data.version > PROTO_VERSION:
+        raise UnsupportedVersionError(
+            f"convviz data format v{data.version} was written by a newer tb-convviz; "
+            f"this one reads up to v{PROTO_VERSION}: upgrade with `pip install -U tb-convviz`"
+        )
+    if data.version < 1 or data.WhichOneof("content") is None:
+        raise ValueError("corrupted convviz plugin data: no version or content")
+    return data
+
+
+def encode_records(values: np.ndarray, image: np.ndarray, y: np.ndarray, x: np.ndarray) -> bytes:
+    """Pack ``[units, k]`` arrays into the tensor payload."""
+    rec = np.empty(values.shape, RECORD_DTYPE)
+    rec["value"], rec["image"], rec["y"], rec["x"] = values, image, y, x
+    return rec.tobytes()
+
+
+def decode_records(payload: bytes, units: int, k: int) -> np.ndarray:
+    """Unpack a tensor payload into a ``[units, k]`` structured array."""
+    expected = units * k * RECORD_DTYPE.itemsize
+    if len(payload) != expected:
+        raise ValueError(
+            f"top-k payload has {len(payload)} bytes, expected {expected} for {units} units x k={k}"
+        )
+    return np.frombuffer(payload, RECORD_DTYPE).reshape(units, k)
+
+
+def topk_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per unit, the fraction of the k images in row ``a[u]`` also in row ``b[u]`` (``[units, k]`` arrays)."""
+    hits = (a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)
+    return hits.any(axis=2).sum(axis=1) / a.shape[1]

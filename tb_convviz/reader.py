@@ -1,0 +1,166 @@
+"""Read a convviz run (one log dir) back into numpy arrays, without TensorBoard or torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import os
+
+import numpy as np
+from PIL import Image
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
+
+from tb_convviz import metadata, plugin_data_pb2
+from tb_convviz.geometry import ReceptiveField
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A logged layer: its module name, 1-based index, units, k and where its units look."""
+
+    name: str
+    index: int
+    units: int
+    k: int
+    receptive_field: ReceptiveField
+    fmap: tuple[int, int] | None
+    input_size: tuple[int, int]
+    probe_fingerprint: str
+
+    @classmethod
+    def from_proto(cls, info: plugin_data_pb2.LayerInfo) -> "Layer":
+        return cls(
+            name=info.name, index=info.index, units=info.units, k=info.k,
+            receptive_field=ReceptiveField.from_proto(info.receptive_field),
+            fmap=(info.fmap_h, info.fmap_w) if info.fmap_h else None,
+            input_size=(info.input_h, info.input_w), probe_fingerprint=info.probe_fingerprint,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What the run stored about its probe set."""
+
+    n: int
+    height: int
+    width: int
+    channels: int
+    class_names: list[str]
+    fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKRecords:
+    """One layer's records at one step, each ``[units, k]``; y = x = -1 without a position."""
+
+    values: np.ndarray
+    image: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    label: np.ndarray
+
+
+class Run:
+    """A convviz run read from its event files."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.layers: list[Layer] = []
+        self.probe: Probe | None = None
+        self.scalars: dict[str, dict[int, float]] = {}
+        self.last_chunk = -1
+        self._payloads: dict[str, dict[int, bytes]] = {}
+        self._images: dict[int, bytes] = {}
+        self._labels: dict[int, int] = {}
+        # (index, label) rows of the chunk whose images come next in the same event.
+        self._pending_index = np.zeros((0, 2), np.int32)
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps at which any layer was logged, ascending."""
+        return sorted({s for per_step in self._payloads.values() for s in per_step})
+
+    @property
+    def stored_images(self) -> set[int]:
+        return set(self._images)
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer {name!r} in {self.path}; logged layers: {[l.name for l in self.layers]}")
+
+    def topk(self, layer: str, step: int | None = None) -> TopKRecords:
+        """Records of ``layer`` at ``step`` (the latest if None)."""
+        info = self.layer(layer)
+        per_step = self._payloads[info.name]
+        step = max(per_step) if step is None else step
+        if step not in per_step:
+            raise KeyError(f"layer {layer!r} has no checkpoint at step {step}; steps: {sorted(per_step)}")
+        rec = metadata.decode_records(per_step[step], info.units, info.k)
+        image = rec["image"].astype(np.int64)
+        label = np.vectorize(lambda i: self._labels.get(int(i), -1), otypes=[np.int64])(image)
+        return TopKRecords(rec["value"].copy(), image, rec["y"].astype(np.int64), rec["x"].astype(np.int64), label)
+
+    def probe_image(self, index: int) -> np.ndarray:
+        """Probe image ``index`` as displayed, uint8 ``[H, W, 3]``; only images some record names are stored."""
+        if index not in self._images:
+            raise KeyError(f"probe image {index} is not stored: only images named by a top-k record are kept")
+        return np.asarray(Image.open(io.BytesIO(self._images[index])).convert("RGB"))
+
+    def label(self, index: int) -> int:
+        return self._labels.get(index, -1)
+
+    def _add(self, event) -> None:
+        for value in event.summary.value:
+            content = value.metadata.plugin_data.content if value.HasField("metadata") else None
+            if value.metadata.plugin_data.plugin_name == "scalars" and value.tag.startswith("convviz/"):
+                self.scalars.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
+                continue
+            layer = metadata.layer_of_tag(value.tag)
+            if layer is None and value.tag not in (metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG):
+                continue
+            data = metadata.parse_plugin_metadata(content) if content else None
+            if layer is not None:
+                if data is not None and layer not in self._payloads:
+                    self.layers.append(Layer.from_proto(data.layer))
+                    self._payloads[layer] = {}
+                if layer in self._payloads:
+                    self._payloads[layer][event.step] = tensor_util.make_ndarray(value.tensor).item()
+            elif value.tag == metadata.PROBE_INDEX_TAG:
+                if data is not None and self.probe is None:
+                    p = data.probe
+                    self.probe = Probe(p.n, p.height, p.width, p.channels, list(p.class_names), p.fingerprint)
+                self._pending_index = tensor_util.make_ndarray(value.tensor).reshape(-1, 2)
+                self.last_chunk = max(self.last_chunk, event.step)
+            else:
+                blobs = tensor_util.make_ndarray(value.tensor).reshape(-1)
+                for (index, label), blob in zip(self._pending_index.tolist(), blobs):
+                    self._images.setdefault(index, blob)
+                    self._labels.setdefault(index, label)
+                self._pending_index = np.zeros((0, 2), np.int32)
+
+
+def event_files(path: str) -> list[str]:
+    """Event files directly in ``path`` (one TensorBoard run), in TensorBoard's reading order."""
+    return sorted(f for f in glob.glob(os.path.join(glob.escape(path), "*")) if "tfevents" in os.path.basename(f))
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """Read the convviz data of the run in log dir ``path`` (its event files, not subdirectories)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no log dir at {path!r}")
+    files = event_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path!r} has no TensorBoard event files")
+    run = Run(path)
+    for file in files:
+        # The loader stops quietly at a truncated last record, keeping what came before it.
+        for event in event_file_loader.EventFileLoader(file).Load():
+            if event.HasField("summary"):
+                run._add(event)
+    run.layers.sort(key=lambda l: l.index)
+    return run

@@ -1,0 +1,128 @@
+"""TensorFlow-free Summary protos for the convviz log format, and the writer.
+
+Everything goes through tensorboard's own ``EventFileWriter`` (what torch's
+``SummaryWriter`` uses), so logs need no TensorFlow. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.util import tensor_util
+
+from tb_convviz import metadata, plugin_data_pb2
+
+# Above this many pixels an image is stored as JPEG: PNG of photos at 224x224 is
+# ~100 KB, JPEG q90 ~20 KB; small synthetic images compress better losslessly.
+JPEG_ABOVE_PIXELS = 96 * 96
+JPEG_QUALITY = 90
+# Cap on the encoded bytes of one probe-image chunk (one event record), so a
+# huge first checkpoint does not become one giant record.
+CHUNK_BYTES = 4 << 20
+
+
+def encode_image(image: np.ndarray) -> bytes:
+    """Encode a uint8 ``[H, W]`` or ``[H, W, C]`` image as PNG (small) or JPEG (large)."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    buf = io.BytesIO()
+    if image.shape[0] * image.shape[1] > JPEG_ABOVE_PIXELS:
+        pil.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        pil.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def topk_pb(info: plugin_data_pb2.LayerInfo, records: bytes) -> summary_pb2.Summary:
+    """One layer's packed top-k records at one checkpoint."""
+    md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_TENSOR)
+    tensor = tensor_util.make_tensor_proto(np.array(records, dtype=object))
+    return summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=metadata.topk_tag(info.name), metadata=md, tensor=tensor)]
+    )
+
+
+def probe_chunk_pb(
+    info: plugin_data_pb2.ProbeInfo, indices: Sequence[int], labels: Sequence[int], images: Sequence[bytes]
+) -> summary_pb2.Summary:
+    """A chunk of stored probe images with their (index, label) rows."""
+    if not (len(indices) == len(labels) == len(images)):
+        raise ValueError("indices, labels and images must have the same length")
+    rows = np.stack([np.asarray(indices, np.int32), np.asarray(labels, np.int32)], axis=1)
+    index_md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_TENSOR)
+    blob_md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+    blobs = tensor_util.make_tensor_proto(np.array(list(images), dtype=object), shape=[len(images)])
+    return summary_pb2.Summary(
+        value=[
+            summary_pb2.Summary.Value(
+                tag=metadata.PROBE_INDEX_TAG, metadata=index_md, tensor=tensor_util.make_tensor_proto(rows)
+            ),
+            summary_pb2.Summary.Value(tag=metadata.PROBE_IMAGES_TAG, metadata=blob_md, tensor=blobs),
+        ]
+    )
+
+
+def scalars_pb(values: dict[str, float]) -> summary_pb2.Summary:
+    """Scalars for the Scalars dashboard (plugin ``scalars``, data class SCALAR)."""
+    md = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR,
+    )
+    return summary_pb2.Summary(
+        value=[
+            summary_pb2.Summary.Value(
+                tag=tag, metadata=md, tensor=tensor_util.make_tensor_proto(np.float32(v))
+            )
+            for tag, v in values.items()
+        ]
+    )
+
+
+def split_chunks(sizes: Sequence[int], limit: int = CHUNK_BYTES) -> list[slice]:
+    """Split consecutive items into slices of at most ``limit`` bytes (at least one item each)."""
+    chunks, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            chunks.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        chunks.append(slice(start, len(sizes)))
+    return chunks
+
+
+class EventWriter:
+    """Writes Summary protos as events, into its own event file or an existing writer.
+
+    ``target`` is a log dir, or any object with ``add_summary(summary, global_step)``
+    such as the ``FileWriter`` behind ``torch.utils.tensorboard.SummaryWriter``.
+    """
+
+    def __init__(self, target: str | Any, *, filename_suffix: str = ".convviz") -> None:
+        if isinstance(target, str):
+            self._events = EventFileWriter(target, filename_suffix=filename_suffix)
+            self._summaries = None
+        else:
+            self._events, self._summaries = None, target
+
+    def write(self, summary: summary_pb2.Summary, step: int) -> None:
+        if self._summaries is not None:
+            self._summaries.add_summary(summary, step)
+        else:
+            self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        (self._events or self._summaries).flush()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+        else:
+            self._summaries.flush()
