@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -215,7 +216,11 @@ class ConvVizLogger:
     def _collect(self) -> dict[str, TopK]:
         rank, world = _rank(), _world()
         n = len(self.probe)
-        start, stop = n * rank // world, n * (rank + 1) // world
+        # Ranks split whole batches of the single-process pass: a kernel's rounding can depend on
+        # the batch an image is in, and each image must get the value one process would give it.
+        batches = -(-n // self.batch_size)
+        start = min(batches * rank // world * self.batch_size, n)
+        stop = min(batches * (rank + 1) // world * self.batch_size, n)
         accumulators = {name: TopKAccumulator(self.k) for name in self.layers}
         batch_state = {"first": 0, "seen": 0}
 
@@ -230,7 +235,7 @@ class ConvVizLogger:
         modules = dict(self._net.named_modules())
         handles = [modules[name].register_forward_hook(hook_for(name)) for name in self.layers]
         try:
-            with preserved(self._net):
+            with preserved(self._net), _buffers_of_rank_0(self._net):
                 for first, batch in self.probe.batches(self.batch_size, start, stop):
                     batch_state.update(first=first, seen=0)
                     try:
@@ -329,6 +334,25 @@ def _gather(topk: TopK, k: int) -> TopK:
     for values, image, position in zip(*(p[1:] for p in parts)):
         merged = merge(merged, TopK(values, image, position), k)
     return merged
+
+
+@contextlib.contextmanager
+def _buffers_of_rank_0(model: nn.Module) -> Iterator[None]:
+    """Rank 0's buffers in ``model`` while inside, each rank's own restored after.
+
+    DDP keeps parameters in sync but not buffers: each rank updates its own BatchNorm
+    statistics, and DDP copies rank 0's only at the next forward. The probe pass must
+    rank every share with the model rank 0 writes about.
+    """
+    buffers = list(model.buffers()) if _world() > 1 else []
+    own = [b.clone() for b in buffers] if _rank() != 0 else []
+    for buffer in buffers:
+        dist.broadcast(buffer, src=0)
+    try:
+        yield
+    finally:
+        for buffer, saved in zip(buffers, own):
+            buffer.copy_(saved)
 
 
 def _rank() -> int:

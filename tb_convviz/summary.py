@@ -1,19 +1,22 @@
 """TensorFlow-free Summary protos for the convviz log format, and the writer.
 
-Everything goes through tensorboard's own ``EventFileWriter`` (what torch's
-``SummaryWriter`` uses), so logs need no TensorFlow. This module imports no torch.
+Events are framed by tensorboard's own ``RecordWriter`` (what torch's
+``SummaryWriter`` uses underneath), so logs need no TensorFlow. This module imports no torch.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+import os
+import socket
 import time
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
 from tb_convviz import metadata, plugin_data_pb2
@@ -99,30 +102,42 @@ def split_chunks(sizes: Sequence[int], limit: int = CHUNK_BYTES) -> list[slice]:
 
 
 class EventWriter:
-    """Writes Summary protos as events, into its own event file or an existing writer.
+    """Writes Summary protos as events, into an event file of its own or an existing writer.
 
     ``target`` is a log dir, or any object with ``add_summary(summary, global_step)``
     such as the ``FileWriter`` behind ``torch.utils.tensorboard.SummaryWriter``.
+    Unlike tensorboard's ``EventFileWriter``, writes to its own file are synchronous,
+    so a failed write (disk full) raises here, in the caller, and not in a thread.
     """
 
     def __init__(self, target: str | Any, *, filename_suffix: str = ".convviz") -> None:
-        if isinstance(target, str):
-            self._events = EventFileWriter(target, filename_suffix=filename_suffix)
-            self._summaries = None
-        else:
-            self._events, self._summaries = None, target
+        self._summaries = None if isinstance(target, str) else target
+        self._file = None
+        if self._summaries is None:
+            # The name format of tensorboard's EventFileWriter, which TensorBoard globs for.
+            name = "events.out.tfevents.%010d.%s.%s.%s%s" % (
+                time.time(), socket.gethostname(), os.getpid(), next(_file_ids), filename_suffix)
+            self._file = open(os.path.join(target, name), "wb")
+            self._records = RecordWriter(self._file)
+            self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _add(self, event: event_pb2.Event) -> None:
+        self._records.write(event.SerializeToString())
 
     def write(self, summary: summary_pb2.Summary, step: int) -> None:
         if self._summaries is not None:
             self._summaries.add_summary(summary, step)
         else:
-            self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+            self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def flush(self) -> None:
-        (self._events or self._summaries).flush()
+        (self._file or self._summaries).flush()
 
     def close(self) -> None:
-        if self._events is not None:
-            self._events.close()
+        if self._file is not None:
+            self._file.close()
         else:
             self._summaries.flush()
+
+
+_file_ids = itertools.count()

@@ -1,0 +1,140 @@
+"""Checkpoint cost vs a plain forward pass, and peak extra memory vs probe size.
+
+Measured side by side in one run on the CPU, with the demo's AlexNet-style net
+at 64x64 and batch size 128:
+
+* one ConvVizLogger checkpoint over 1024 probe images divided by a plain
+  ``torch.no_grad()`` eval forward over the same images (runs interleaved; the
+  weights are perturbed before each pair, so checkpoints store new images as in
+  training);
+* the peak memory a checkpoint adds at 512 and at 4096 probe images, each size
+  in a fresh subprocess, next to what a plain forward pass adds.
+
+    python benchmarks/overhead.py [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from tb_convviz import ConvVizLogger, ProbeSet
+from tb_convviz.demo.model import DemoAlexNet
+
+BATCH = 128
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra(fn) -> int:
+    """Peak resident memory above the level before ``fn()``, sampled every millisecond."""
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], rss_bytes()) - base
+
+
+def setup(n: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = DemoAlexNet()
+    probe = ProbeSet(torch.randn(n, 3, 64, 64))
+    return model, probe
+
+
+def plain_forward(model, probe) -> None:
+    model.eval()
+    with torch.no_grad():
+        for _, batch in probe.batches(BATCH):
+            model(batch)
+
+
+def perturb(model) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+
+
+def timing(repeats: int) -> dict:
+    model, probe = setup(1024)
+    with tempfile.TemporaryDirectory() as log_dir:
+        logger = ConvVizLogger(model, probe, log_dir, k=9, batch_size=BATCH)
+        logger.log(0)  # first checkpoint: stores every winning image once
+        plain_forward(model, probe)
+        forward_s, checkpoint_s = [], []
+        for step in range(1, repeats + 1):
+            perturb(model)
+            t0 = time.perf_counter()
+            plain_forward(model, probe)
+            t1 = time.perf_counter()
+            assert logger.log(step)
+            t2 = time.perf_counter()
+            forward_s.append(t1 - t0)
+            checkpoint_s.append(t2 - t1)
+        logger.close()
+        size = sum(os.path.getsize(os.path.join(log_dir, f)) for f in os.listdir(log_dir))
+    fwd, ckpt = statistics.median(forward_s), statistics.median(checkpoint_s)
+    return {"forward_s": fwd, "checkpoint_s": ckpt, "ratio": ckpt / fwd, "log_bytes": size,
+            "checkpoints": repeats + 1}
+
+
+def memory(n: int) -> dict:
+    model, probe = setup(n)
+    with tempfile.TemporaryDirectory() as log_dir:
+        logger = ConvVizLogger(model, probe, log_dir, k=9, batch_size=BATCH)
+        forward = peak_extra(lambda: plain_forward(model, probe))
+        checkpoint = peak_extra(lambda: logger.log(0))
+        logger.close()
+    return {"n": n, "forward_extra": forward, "checkpoint_extra": checkpoint}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory(args.memory_child)))
+        return
+    mib = 1 << 20
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, DemoAlexNet 64x64, batch {BATCH}, k=9")
+    t = timing(args.repeats)
+    print(f"plain no_grad forward, 1024 images : {t['forward_s'] * 1e3:8.1f} ms (median of {args.repeats})")
+    print(f"convviz checkpoint, 1024 images    : {t['checkpoint_s'] * 1e3:8.1f} ms (median of {args.repeats})")
+    print(f"checkpoint / forward ratio         : {t['ratio']:8.3f}   (target <= 1.15)")
+    print(f"event file after {t['checkpoints']} checkpoints    : {t['log_bytes'] / 1024:8.1f} KiB")
+    mem = {}
+    for n in (512, 4096):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n)],
+                             check=True, capture_output=True, text=True).stdout
+        mem[n] = json.loads(out.strip().splitlines()[-1])
+        print(f"peak extra memory, {n:4d} images     : checkpoint {mem[n]['checkpoint_extra'] / mib:7.1f} MiB, "
+              f"plain forward {mem[n]['forward_extra'] / mib:7.1f} MiB")
+    ratio = mem[4096]["checkpoint_extra"] / max(mem[512]["checkpoint_extra"], 1)
+    print(f"checkpoint peak memory 4096 / 512   : {ratio:8.2f}   (target: flat, ~1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Streaming top-k against a brute-force full sort, ties and all."""
+
+import numpy as np
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tb_convviz.topk import TopK, TopKAccumulator, merge, spatial_max
+
+
+def brute_force(acts: np.ndarray, k: int):
+    """Full sort of per-image spatial maxima: value desc, then image index asc; first raster position."""
+    n, c = acts.shape[:2]
+    flat = acts.reshape(n, c, -1)
+    peak = flat.max(axis=2)
+    first_pos = (flat == peak[:, :, None]).argmax(axis=2)
+    images = np.stack([np.lexsort((np.arange(n), -peak[:, u]))[:k] for u in range(c)])
+    values = np.take_along_axis(peak.T, images, axis=1)
+    positions = np.take_along_axis(first_pos.T, images, axis=1)
+    return values, images, positions
+
+
+def accumulate(acts: torch.Tensor, k: int, batch: int) -> TopK:
+    acc = TopKAccumulator(k)
+    for first in range(0, len(acts), batch):
+        acc.update(acts[first:first + batch], first)
+    return acc.result
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40), c=st.integers(1, 6), h=st.integers(1, 5), w=st.integers(1, 5),
+    batch=st.integers(1, 17), levels=st.sampled_from([3, 1000]), data=st.data(),
+)
+def test_streaming_topk_equals_full_sort(n, c, h, w, batch, levels, data):
+    k = data.draw(st.integers(1, n))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    # Few levels force many exact ties, across images and across positions.
+    acts = np.random.default_rng(seed).integers(0, levels, size=(n, c, h, w)).astype(np.float32)
+    got = accumulate(torch.from_numpy(acts), k, batch)
+    values, images, positions = brute_force(acts, k)
+    np.testing.assert_array_equal(got.image.numpy(), images)
+    np.testing.assert_array_equal(got.values.numpy(), values)
+    np.testing.assert_array_equal(got.position.numpy(), positions)
+
+
+def test_fully_connected_outputs_have_no_position():
+    acts = torch.tensor([[1.0, 5.0], [3.0, 5.0], [2.0, 0.0]])
+    got = accumulate(acts, k=2, batch=2)
+    assert got.image.tolist() == [[1, 2], [0, 1]]
+    assert got.values.tolist() == [[3.0, 2.0], [5.0, 5.0]]
+    assert (got.position == -1).all()
+
+
+def test_nan_ranks_lowest_and_inf_highest():
+    acts = torch.tensor([[[[float("nan")]]], [[[1.0]]], [[[float("inf")]]]])
+    got = accumulate(acts, k=3, batch=1)
+    assert got.image.tolist() == [[2, 1, 0]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), parts=st.integers(1, 5), k=st.integers(1, 6))
+def test_merge_of_shards_equals_one_pass(seed, parts, k):
+    """What distributed ranks do: top-k per contiguous shard, merged in any order."""
+    rng = np.random.default_rng(seed)
+    n = max(k, 12)
+    acts = torch.from_numpy(rng.integers(0, 4, size=(n, 3, 2, 2)).astype(np.float32))
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    shards = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        acc = TopKAccumulator(k)
+        for first in range(lo, hi, 3):
+            acc.update(acts[first:min(first + 3, hi)], first)
+        shards.append(acc.result if acc.result is not None else TopK.empty(3, k))
+    rng.shuffle(shards)
+    merged = shards[0]
+    for shard in shards[1:]:
+        merged = merge(merged, shard, k)
+    whole = accumulate(acts, k, batch=5)
+    for field in ("values", "image", "position"):
+        assert torch.equal(getattr(merged, field), getattr(whole, field)), field
+
+
+def test_spatial_max_uses_first_raster_position():
+    acts = torch.zeros(1, 1, 3, 3)
+    acts[0, 0, 1, 2] = acts[0, 0, 2, 0] = 7.0
+    values, positions = spatial_max(acts)
+    assert values.item() == 7.0 and positions.item() == 1 * 3 + 2
