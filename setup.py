@@ -29,6 +29,7 @@ setup(
         "protobuf>=5.26",
         "pillow>=9",
         "tqdm>=4.60",
+        "google-crc32c>=1.5",
     ],
     extras_require={
         "lightning": ["lightning>=2.0"],

@@ -16,7 +16,6 @@ at 64x64 and batch size 128:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -100,23 +99,30 @@ def timing(repeats: int) -> dict:
             "checkpoints": repeats + 1}
 
 
-def memory(n: int) -> dict:
+def memory(n: int, mode: str) -> int:
     model, probe = setup(n)
     with tempfile.TemporaryDirectory() as log_dir:
         logger = ConvVizLogger(model, probe, log_dir, k=9, batch_size=BATCH)
-        forward = peak_extra(lambda: plain_forward(model, probe))
-        checkpoint = peak_extra(lambda: logger.log(0))
-        logger.close()
-    return {"n": n, "forward_extra": forward, "checkpoint_extra": checkpoint}
+        if mode == "forward":
+            return peak_extra(lambda: plain_forward(model, probe))
+        return peak_extra(lambda: logger.log(0))
+
+
+def memory_in_subprocess(n: int, mode: str) -> int:
+    # A fresh process per figure, so one measurement does not warm the allocator for the next.
+    out = subprocess.run([sys.executable, __file__, "--memory-child", f"{n}:{mode}"],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        print(json.dumps(memory(args.memory_child)))
+        n, mode = args.memory_child.split(":")
+        print(memory(int(n), mode))
         return
     mib = 1 << 20
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, DemoAlexNet 64x64, batch {BATCH}, k=9")
@@ -127,12 +133,10 @@ def main() -> None:
     print(f"event file after {t['checkpoints']} checkpoints    : {t['log_bytes'] / 1024:8.1f} KiB")
     mem = {}
     for n in (512, 4096):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n)],
-                             check=True, capture_output=True, text=True).stdout
-        mem[n] = json.loads(out.strip().splitlines()[-1])
-        print(f"peak extra memory, {n:4d} images     : checkpoint {mem[n]['checkpoint_extra'] / mib:7.1f} MiB, "
-              f"plain forward {mem[n]['forward_extra'] / mib:7.1f} MiB")
-    ratio = mem[4096]["checkpoint_extra"] / max(mem[512]["checkpoint_extra"], 1)
+        mem[n] = {mode: memory_in_subprocess(n, mode) for mode in ("checkpoint", "forward")}
+        print(f"peak extra memory, {n:4d} images     : checkpoint {mem[n]['checkpoint'] / mib:7.1f} MiB, "
+              f"plain forward {mem[n]['forward'] / mib:7.1f} MiB")
+    ratio = mem[4096]["checkpoint"] / max(mem[512]["checkpoint"], 1)
     print(f"checkpoint peak memory 4096 / 512   : {ratio:8.2f}   (target: flat, ~1)")
 
 

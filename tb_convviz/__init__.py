@@ -1,24 +1,22 @@
 """tb-convviz: Zeiler & Fergus-style top-k patches per unit, live in TensorBoard."""
 
-from tb_convviz.geometry import ReceptiveField
+import importlib
 
-__all__ = ["ConvVizLogger", "ProbeSet", "ReceptiveField", "receptive_field", "read_run"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ConvVizLogger": "tb_convviz.logger",
+    "ProbeSet": "tb_convviz.probe",
+    "ReceptiveField": "tb_convviz.geometry",
+    "receptive_field": "tb_convviz.receptive_field",
+    "read_run": "tb_convviz.reader",
+}
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):
-    # torch-backed names load lazily, so `import tb_convviz.metadata` in the
-    # TensorBoard process never imports torch.
-    if name == "ConvVizLogger":
-        from tb_convviz.logger import ConvVizLogger
-        return ConvVizLogger
-    if name == "ProbeSet":
-        from tb_convviz.probe import ProbeSet
-        return ProbeSet
-    if name == "receptive_field":
-        from tb_convviz.receptive_field import receptive_field
-        return receptive_field
-    if name == "read_run":
-        from tb_convviz.reader import read_run
-        return read_run
+    # Names load lazily: TensorBoard imports this package at start-up (a failing
+    # import would stop it), and the TensorBoard process must never import torch.
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tb_convviz' has no attribute {name!r}")

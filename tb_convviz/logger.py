@@ -149,8 +149,16 @@ class ConvVizLogger:
         return infos
 
     def _resume(self) -> None:
-        if not (os.path.isdir(self.log_dir) and event_files(self.log_dir)):
-            return
+        if _rank() == 0 and os.path.isdir(self.log_dir) and event_files(self.log_dir):
+            self._read_existing()
+        if _world() > 1:
+            # Every rank joins each checkpoint's gather, so all must skip what rank 0 skips; only
+            # rank 0 writes, and only it is sure to see the log dir (it may be on its node's disk).
+            last = torch.tensor([self._last_step], device=self.device)
+            dist.broadcast(last, src=0)
+            self._last_step = int(last)
+
+    def _read_existing(self) -> None:
         run = read_run(self.log_dir)
         if run.probe is not None and run.probe.fingerprint != self.probe.fingerprint:
             raise ValueError(

@@ -1,7 +1,7 @@
 """TensorFlow-free Summary protos for the convviz log format, and the writer.
 
-Events are framed by tensorboard's own ``RecordWriter`` (what torch's
-``SummaryWriter`` uses underneath), so logs need no TensorFlow. This module imports no torch.
+Events are framed as TFRecords exactly as tensorboard's ``RecordWriter`` does
+(tests compare), so logs need no TensorFlow. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import io
 import itertools
 import os
 import socket
+import struct
 import time
 from typing import Any, Sequence
 
+import google_crc32c
 import numpy as np
 from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
 from tb_convviz import metadata, plugin_data_pb2
@@ -25,9 +26,10 @@ from tb_convviz import metadata, plugin_data_pb2
 # ~100 KB, JPEG q90 ~20 KB; small synthetic images compress better losslessly.
 JPEG_ABOVE_PIXELS = 96 * 96
 JPEG_QUALITY = 90
-# Cap on the encoded bytes of one probe-image chunk (one event record), so a
-# huge first checkpoint does not become one giant record.
-CHUNK_BYTES = 4 << 20
+# Cap on the encoded bytes of one probe-image chunk (one event record): TensorBoard's
+# Python loader copies a whole chunk to serve one image from it, and a huge first
+# checkpoint should not become one giant record.
+CHUNK_BYTES = 256 << 10
 
 
 def encode_image(image: np.ndarray) -> bytes:
@@ -107,7 +109,8 @@ class EventWriter:
     ``target`` is a log dir, or any object with ``add_summary(summary, global_step)``
     such as the ``FileWriter`` behind ``torch.utils.tensorboard.SummaryWriter``.
     Unlike tensorboard's ``EventFileWriter``, writes to its own file are synchronous,
-    so a failed write (disk full) raises here, in the caller, and not in a thread.
+    so a failed write (disk full) raises here, in the caller, and not in a thread,
+    and checksums use C code (a checkpoint can carry megabytes of images).
     """
 
     def __init__(self, target: str | Any, *, filename_suffix: str = ".convviz") -> None:
@@ -118,11 +121,10 @@ class EventWriter:
             name = "events.out.tfevents.%010d.%s.%s.%s%s" % (
                 time.time(), socket.gethostname(), os.getpid(), next(_file_ids), filename_suffix)
             self._file = open(os.path.join(target, name), "wb")
-            self._records = RecordWriter(self._file)
             self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def _add(self, event: event_pb2.Event) -> None:
-        self._records.write(event.SerializeToString())
+        self._file.write(frame_record(event.SerializeToString()))
 
     def write(self, summary: summary_pb2.Summary, step: int) -> None:
         if self._summaries is not None:
@@ -141,3 +143,15 @@ class EventWriter:
 
 
 _file_ids = itertools.count()
+
+
+def frame_record(data: bytes) -> bytes:
+    """TFRecord framing: length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _masked_crc(data: bytes) -> int:
+    # google_crc32c is C code; tensorboard's own crc32c is pure Python at ~1 s per MB.
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

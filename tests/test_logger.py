@@ -269,24 +269,24 @@ def test_resume_with_another_probe_set_is_refused(tmp_path):
 
 
 def test_write_error_warns_once_training_goes_on_and_retries(tmp_path, monkeypatch):
-    from tensorboard.summary.writer import record_writer
+    from tb_convviz import summary
 
     model, probe = trained_model(), make_probe()
     logger = ConvVizLogger(model, probe, tmp_path, layers=LAYERS, k=3)
     assert logger.log(0)
-    real_write = record_writer.RecordWriter.write
+    real_frame = summary.frame_record
 
-    def disk_full(self, data):
+    def disk_full(data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(record_writer.RecordWriter, "write", disk_full)
+    monkeypatch.setattr(summary, "frame_record", disk_full)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not logger.log(1)
         assert not logger.log(2)
     assert len([w for w in caught if issubclass(w.category, ConvVizWarning)]) == 1
     assert "No space left" in str(caught[0].message)
-    monkeypatch.setattr(record_writer.RecordWriter, "write", real_write)
+    monkeypatch.setattr(summary, "frame_record", real_frame)
     assert logger.log(3)
     logger.close()
     run = read_run(tmp_path)
@@ -355,3 +355,16 @@ def test_auto_layers_for_torchvision_models(tmp_path):
     for name, expected in picks.items():
         model = getattr(torchvision.models, name)(weights=None)
         assert ConvVizLogger(model, probe, tmp_path / name, k=2).layers == expected, name
+
+
+def test_records_are_framed_exactly_like_tensorboards_record_writer():
+    import io
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from tb_convviz import summary
+
+    for data in (b"", b"x", bytes(range(256)) * 300):
+        buf = io.BytesIO()
+        RecordWriter(buf).write(data)
+        assert summary.frame_record(data) == buf.getvalue()

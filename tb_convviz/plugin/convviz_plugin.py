@@ -1,0 +1,437 @@
+"""The ConvViz TensorBoard plugin: top-k receptive-field patches per unit, served from the logged indices.
+
+See ``http_api.md`` next to this file for the routes. Reads only through
+``context.data_provider``; imports no torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+import os
+import re
+from typing import Callable
+
+import numpy as np
+from tensorboard import errors, plugin_util
+from tensorboard.backend import http_util
+from tensorboard.plugins import base_plugin
+from tensorboard.util import tb_logging
+from werkzeug import wrappers
+
+import tb_convviz
+from tb_convviz import metadata
+from tb_convviz.plugin import render
+from tb_convviz.plugin.data import ConvVizData, Layer, Probe, RunListing
+
+logger = tb_logging.get_logger()
+
+MAX_LIMIT = 4096
+_STATIC_ROUTE = f"/data/plugin/{metadata.PLUGIN_NAME}/static/"
+_STATIC_TYPES = {
+    ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
+    ".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json",
+}
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def frontend_dir() -> str:
+    """The frontend's folder: the copy installed as package data, else ``frontend/`` of a source checkout."""
+    package = os.path.dirname(os.path.abspath(tb_convviz.__file__))
+    installed = os.path.join(package, "_frontend")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "frontend")
+
+
+def _route(handler: Callable) -> Callable:
+    """Make ``handler(self, request, params)`` a WSGI app whose errors are JSON ``{"error": ...}``."""
+
+    @functools.wraps(handler)
+    @wrappers.Request.application
+    def app(self, request):
+        try:
+            return handler(self, request, _Params(request.args))
+        except errors.PublicError as e:
+            return http_util.Respond(request, {"error": str(e)}, "application/json", code=e.http_code)
+        except Exception:  # a bug: log it, but send no traceback to the browser
+            logger.exception("convviz: %s failed", request.full_path)
+            return http_util.Respond(
+                request, {"error": "internal error in the convviz plugin; see TensorBoard's log"},
+                "application/json", code=500,
+            )
+
+    return app
+
+
+class _Params:
+    """Query parameters, each given at most once; bad values raise InvalidArgumentError (400)."""
+
+    def __init__(self, args) -> None:
+        self._args = args
+
+    def text(self, name: str, *, required: bool = True) -> str | None:
+        values = self._args.getlist(name)
+        if len(values) > 1:
+            raise errors.InvalidArgumentError(f"parameter {name!r} is given {len(values)} times; give it once")
+        if not values and required:
+            raise errors.InvalidArgumentError(f"parameter {name!r} is required")
+        return values[0] if values else None
+
+    def integer(self, name: str, *, required: bool = True, default: int | None = None) -> int | None:
+        value = self.text(name, required=required)
+        if value is None:
+            return default
+        if not _INTEGER.fullmatch(value):
+            raise errors.InvalidArgumentError(f"parameter {name!r} must be an integer, got {_short(value)}")
+        return int(value)
+
+    def bounded(self, name: str, low: int, high: int, default: int | None) -> int | None:
+        value = self.integer(name, required=False, default=default)
+        if value is not None and not low <= value <= high:
+            raise errors.InvalidArgumentError(f"parameter {name!r} must be in {low}..{high}, got {value}")
+        return value
+
+
+class ConvVizPlugin(base_plugin.TBPlugin):
+    """Serves top-k patches, mosaics, per-unit evolution and checkpoint comparisons."""
+
+    plugin_name = metadata.PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext) -> None:
+        self._data = ConvVizData(context.data_provider)
+        self._render = render.Renderer(self._data)
+        self._static_dir = os.path.realpath(frontend_dir())
+
+    def get_plugin_apps(self):
+        return {
+            "/runs": self._serve_runs,
+            "/stats": self._serve_stats,
+            "/topk": self._serve_topk,
+            "/patch": self._serve_patch,
+            "/mosaic": self._serve_mosaic,
+            "/evolution": self._serve_evolution,
+            "/compare": self._serve_compare,
+            "/probe_image": self._serve_probe_image,
+            "/static/*": self._serve_static,
+        }
+
+    def is_active(self) -> bool:
+        return False  # TensorBoard's `list_plugins` already says whether convviz data exists
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path="/static/index.js", tab_name="ConvViz")
+
+    # --- routes -----------------------------------------------------------------------------
+
+    @_route
+    def _serve_runs(self, request, params):
+        ctx, eid = _context(request)
+        runs = []
+        for listing in self._data.listings(ctx, eid).values():
+            layers = self._layers(ctx, eid, listing)
+            probe = self._data.probe(ctx, eid, listing)
+            problems = list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
+            runs.append({
+                "run": listing.name,
+                "steps": sorted({s for layer in layers for s in layer.steps}),
+                "layers": [_layer_json(layer) for layer in layers],
+                "probe": _probe_json(probe),
+                "error": _summarise(problems),
+            })
+        return _json(request, {"runs": runs})
+
+    @_route
+    def _serve_stats(self, request, params):
+        ctx, eid = _context(request)
+        listing = self._data.listing(ctx, eid, params.text("run"))
+        layers = self._layers(ctx, eid, listing)
+        tags = [metadata.scalar_tag(layer.name, s) for layer in layers for s in metadata.SCALAR_NAMES]
+        scalars = self._data.scalars(ctx, eid, listing.name, tags)
+        out = []
+        for layer in layers:
+            entry = {"name": layer.name, "index": layer.info.index, "steps": list(layer.steps)}
+            for name in metadata.SCALAR_NAMES:
+                values = scalars.get(metadata.scalar_tag(layer.name, name), {})
+                entry[name] = [_number(values.get(step)) for step in layer.steps]
+            out.append(entry)
+        return _json(request, {"run": listing.name, "layers": out})
+
+    @_route
+    def _serve_topk(self, request, params):
+        ctx, eid = _context(request)
+        listing, layer = self._layer(ctx, eid, params)
+        step = _step(listing, layer, params)
+        offset = params.bounded("offset", 0, 1 << 31, default=0)
+        limit = params.bounded("limit", 1, MAX_LIMIT, default=MAX_LIMIT)
+        probe = self._data.probe(ctx, eid, listing)
+        units = slice(offset, min(offset + limit, layer.info.units))
+        records = layer.records(step)[units]
+        previous = layer.previous_step(step)
+        overlaps = (
+            metadata.topk_overlap(records["image"], layer.records(previous)[units]["image"])
+            if previous is not None else [None] * len(records)
+        )
+        return _json(request, {
+            "run": listing.name, "layer": layer.name, "step": step, "previous_step": previous,
+            "total_units": layer.info.units, "offset": offset,
+            "units": [
+                {"unit": offset + i, **_unit_summary(row), "overlap": _number(overlap),
+                 "records": _records_json(row, layer, probe)}
+                for i, (row, overlap) in enumerate(zip(records, overlaps))
+            ],
+        })
+
+    @_route
+    def _serve_patch(self, request, params):
+        ctx, eid = _context(request)
+        listing, layer = self._layer(ctx, eid, params)
+        step = _step(listing, layer, params)
+        unit = _unit(layer, params)
+        rank = _rank(layer, params)
+        size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
+        record = _record(layer, step, unit, rank)
+        probe = self._data.probe(ctx, eid, listing)
+        return _png(request, self._render.patch(ctx, eid, listing, probe, layer, record, size))
+
+    @_route
+    def _serve_mosaic(self, request, params):
+        ctx, eid = _context(request)
+        listing, layer = self._layer(ctx, eid, params)
+        step = _step(listing, layer, params)
+        unit = _unit(layer, params)
+        size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
+        probe = self._data.probe(ctx, eid, listing)
+        records = layer.records(step)[unit]
+        return _png(request, self._render.mosaic(ctx, eid, listing, probe, layer, records, size))
+
+    @_route
+    def _serve_evolution(self, request, params):
+        ctx, eid = _context(request)
+        listing, layer = self._layer(ctx, eid, params)
+        unit = _unit(layer, params)
+        probe = self._data.probe(ctx, eid, listing)
+        rows = [layer.records(step)[unit] for step in layer.steps]
+        checkpoints = []
+        for i, (step, row) in enumerate(zip(layer.steps, rows)):
+            before = rows[i - 1] if i else None
+            checkpoints.append({
+                "step": step, **_unit_summary(row), "records": _records_json(row, layer, probe),
+                "overlap": None if before is None else _number(
+                    metadata.topk_overlap(row["image"][None], before["image"][None])[0]
+                ),
+                "top1_changed": before is not None and int(row["image"][0]) != int(before["image"][0]),
+            })
+        return _json(request, {"run": listing.name, "layer": layer.name, "unit": unit, "checkpoints": checkpoints})
+
+    @_route
+    def _serve_compare(self, request, params):
+        ctx, eid = _context(request)
+        listing, layer = self._layer(ctx, eid, params)
+        step = _step(listing, layer, params)
+        other_name = params.text("other_run", required=False)
+        other_listing = listing if other_name is None else self._data.listing(ctx, eid, other_name)
+        if other_listing.name != listing.name:
+            _check_comparable(listing, other_listing, layer)
+        other_layer = self._data.layer(ctx, eid, other_listing, layer.name)
+        if (other_layer.info.units, other_layer.info.k) != (layer.info.units, layer.info.k):
+            raise errors.InvalidArgumentError(
+                f"layer {layer.name!r} has {layer.info.units} units, k={layer.info.k} in run {listing.name!r} "
+                f"but {other_layer.info.units} units, k={other_layer.info.k} in run {other_listing.name!r}"
+            )
+        other_step = _step(other_listing, other_layer, params, name="other_step", required=True)
+        a, b = layer.records(step)["image"], other_layer.records(other_step)["image"]
+        overlaps = metadata.topk_overlap(a, b)
+        units = [
+            {"unit": u, "overlap": _number(overlaps[u]),
+             "shared": sorted(int(i) for i in set(a[u].tolist()) & set(b[u].tolist()) if i >= 0)}
+            for u in range(layer.info.units)
+        ]
+        return _json(request, {
+            "run": listing.name, "step": step, "other_run": other_listing.name, "other_step": other_step,
+            "layer": layer.name, "mean_overlap": _number(overlaps.mean()), "units": units,
+        })
+
+    @_route
+    def _serve_probe_image(self, request, params):
+        ctx, eid = _context(request)
+        listing = self._data.listing(ctx, eid, params.text("run"))
+        index = params.integer("index", required=False)
+        box = None
+        if any(params.text(name, required=False) is not None for name in ("layer", "unit", "rank", "step")):
+            layer = self._data.layer(ctx, eid, listing, params.text("layer"))
+            step = _step(listing, layer, params)
+            unit = _unit(layer, params)
+            rank = _rank(layer, params)
+            record = _record(layer, step, unit, rank)
+            if index is not None and index != int(record["image"]):
+                raise errors.InvalidArgumentError(
+                    f"index {index} does not match the record's probe image {int(record['image'])}; omit index"
+                )
+            index = int(record["image"])
+            box = render.record_box(layer.field, layer.positional, int(record["y"]), int(record["x"]))
+        elif index is None:
+            raise errors.InvalidArgumentError("parameter 'index' is required unless layer, unit and rank name a record")
+        probe = self._data.probe(ctx, eid, listing)
+        return _png(request, self._render.probe_image(ctx, eid, listing, probe, index, box))
+
+    @wrappers.Request.application
+    def _serve_static(self, request):
+        relative = request.path[len(_STATIC_ROUTE):] if request.path.startswith(_STATIC_ROUTE) else ""
+        path = self._static_file(relative)
+        if path is None:
+            return _json(request, {"error": f"no frontend file {_short(relative)}"}, code=404)
+        with open(path, "rb") as f:
+            return http_util.Respond(request, f.read(), _STATIC_TYPES[os.path.splitext(path)[1].lower()])
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _static_file(self, relative: str) -> str | None:
+        """The file ``relative`` names inside the frontend folder, or None (also for any path trick)."""
+        parts = relative.split("/")
+        if os.path.splitext(relative)[1].lower() not in _STATIC_TYPES or any(
+            p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts
+        ):
+            return None
+        path = os.path.realpath(os.path.join(self._static_dir, *parts))
+        inside = os.path.commonpath([path, self._static_dir]) == self._static_dir
+        return path if inside and os.path.isfile(path) else None
+
+    def _layers(self, ctx, eid: str, listing: RunListing) -> list[Layer]:
+        layers = [self._data.layer(ctx, eid, listing, name) for name in listing.layers]
+        return sorted(layers, key=lambda layer: (layer.info.index, layer.name))
+
+    def _layer(self, ctx, eid: str, params: _Params) -> tuple[RunListing, Layer]:
+        listing = self._data.listing(ctx, eid, params.text("run"))
+        return listing, self._data.layer(ctx, eid, listing, params.text("layer"))
+
+
+def _context(request):
+    return plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
+
+
+def _json(request, payload, code: int = 200):
+    return http_util.Respond(request, payload, "application/json", code=code)
+
+
+def _png(request, data: bytes):
+    return http_util.Respond(request, data, "image/png")
+
+
+def _step(listing: RunListing, layer: Layer, params: _Params, *, name: str = "step", required: bool = False) -> int:
+    step = params.integer(name, required=required)
+    if not layer.steps:
+        raise errors.NotFoundError(f"layer {layer.name!r} of run {listing.name!r} has no readable checkpoint yet")
+    if step is None:
+        return layer.steps[-1]
+    if step not in layer.records_by_step:
+        i = bisect.bisect_left(layer.steps, step)
+        near = sorted({layer.steps[j] for j in (i - 1, i) if 0 <= j < len(layer.steps)})
+        raise errors.NotFoundError(
+            f"step {step} is not a checkpoint of layer {layer.name!r} in run {listing.name!r}: it has "
+            f"{len(layer.steps)} checkpoints from {layer.steps[0]} to {layer.steps[-1]}; "
+            f"nearest: {', '.join(map(str, near))}"
+        )
+    return step
+
+
+def _index_param(params: _Params, name: str, count: int, what: str) -> int:
+    value = params.integer(name)
+    if not 0 <= value < count:
+        raise errors.NotFoundError(f"{name} {value} does not exist: there are {count} {what}, 0..{count - 1}")
+    return value
+
+
+def _unit(layer: Layer, params: _Params) -> int:
+    return _index_param(params, "unit", layer.info.units, f"units in layer {layer.name!r}")
+
+
+def _rank(layer: Layer, params: _Params) -> int:
+    return _index_param(params, "rank", layer.info.k, f"records per unit (k) in layer {layer.name!r}")
+
+
+def _record(layer: Layer, step: int, unit: int, rank: int) -> np.void:
+    record = layer.records(step)[unit, rank]
+    if int(record["image"]) < 0:
+        raise errors.NotFoundError(
+            f"unit {unit} of layer {layer.name!r} has no record at rank {rank} at step {step}: "
+            "fewer probe images than k gave it a value"
+        )
+    return record
+
+
+def _check_comparable(listing: RunListing, other: RunListing, layer: Layer) -> None:
+    if layer.name not in other.layers:
+        raise errors.InvalidArgumentError(
+            f"layer {layer.name!r} is not logged in run {other.name!r}, so it cannot be compared across runs"
+        )
+    mine = layer.info.probe_fingerprint or (listing.probe.fingerprint if listing.probe else "")
+    theirs = other.layers[layer.name][0].probe_fingerprint or (other.probe.fingerprint if other.probe else "")
+    if not mine or mine != theirs:
+        raise errors.InvalidArgumentError(
+            f"runs {listing.name!r} and {other.name!r} were logged with different probe sets "
+            f"(fingerprints {mine or 'unknown'!s} and {theirs or 'unknown'!s}): their top-k images "
+            "index different images and cannot be compared"
+        )
+
+
+def _layer_json(layer: Layer) -> dict:
+    info, rf = layer.info, layer.field
+    return {
+        "name": layer.name, "index": info.index, "units": info.units, "k": info.k,
+        "receptive_field": {"size": list(rf.size), "stride": list(rf.stride), "center": list(rf.offset),
+                            "method": rf.method},
+        "fmap": [info.fmap_h, info.fmap_w] if layer.positional else None,
+        "input": [info.input_h, info.input_w],
+        "steps": list(layer.steps),
+    }
+
+
+def _probe_json(probe: Probe) -> dict | None:
+    info = probe.info
+    if info is None:
+        return None
+    return {
+        "n": info.n, "height": info.height, "width": info.width, "channels": info.channels,
+        "class_names": list(info.class_names), "fingerprint": info.fingerprint,
+        "stored_images": len(probe.blob_keys),
+    }
+
+
+def _records_json(row: np.ndarray, layer: Layer, probe: Probe) -> list[dict]:
+    out = []
+    for rank, record in enumerate(row.tolist()):
+        value, image, y, x = record
+        if image < 0:
+            continue  # no record: fewer probe images than k had a value
+        label = probe.labels.get(image)
+        label = label if label is not None and label >= 0 else None
+        positional = layer.positional and y >= 0 and x >= 0
+        out.append({
+            "rank": rank, "image": image, "y": y if positional else None, "x": x if positional else None,
+            "value": _number(value), "label": label, "label_name": probe.label_name(label),
+        })
+    return out
+
+
+def _unit_summary(row: np.ndarray) -> dict:
+    values = row["value"][(row["image"] >= 0) & np.isfinite(row["value"])]
+    peak = float(values.max()) if values.size else None
+    return {"peak": peak, "dead": not (peak is not None and peak > 0)}
+
+
+def _number(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _summarise(problems: list[str], shown: int = 5) -> str | None:
+    if not problems:
+        return None
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
