@@ -433,3 +433,13 @@ def test_a_blob_tensor_of_the_wrong_shape_is_skipped(tmp_path):
     run = Served(tmp_path).json("runs")["runs"][0]
     assert run["steps"] == [0, 10]
     assert "not a string scalar" in run["error"]
+
+
+def test_images_of_an_explicit_step_may_be_cached_latest_may_not(served, logs):
+    step = logs[1]["a"].steps[1]
+    pinned = served.get(f"mosaic?run=a&layer=conv1&step={step}&unit=0")
+    latest = served.get("mosaic?run=a&layer=conv1&unit=0")
+    assert "max-age=600" in pinned.headers["Cache-Control"]
+    assert "max-age" not in latest.headers.get("Cache-Control", "") or "max-age=0" in latest.headers["Cache-Control"]
+    boxed_latest = served.get("probe_image?run=a&layer=conv1&unit=0&rank=0")
+    assert "max-age=600" not in boxed_latest.headers.get("Cache-Control", "")

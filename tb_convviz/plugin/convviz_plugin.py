@@ -313,8 +313,16 @@ def _json(request, payload, code: int = 200):
     return http_util.Respond(request, payload, "application/json", code=code)
 
 
+# A checkpoint's images never change once logged (the logger never rewrites a step), so
+# the browser may reuse them when the step is explicit; "latest" must be revalidated.
+# Short, because a user may delete a run and log a new one under the same name.
+PINNED_IMAGE_MAX_AGE_S = 600
+
+
 def _png(request, data: bytes):
-    return http_util.Respond(request, data, "image/png")
+    args = request.args
+    pinned = "step" in args or (request.path.endswith("/probe_image") and "layer" not in args)
+    return http_util.Respond(request, data, "image/png", expires=PINNED_IMAGE_MAX_AGE_S if pinned else 0)
 
 
 def _step(listing: RunListing, layer: Layer, params: _Params, *, name: str = "step", required: bool = False) -> int:

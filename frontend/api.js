@@ -1,0 +1,71 @@
+// Client for the convviz HTTP API (tb_convviz/plugin/http_api.md). URLs are built relative to
+// this module, which TensorBoard serves at data/plugin/convviz/static/, so --path_prefix and
+// reverse proxies keep working.
+
+const BASE = new URL("../", import.meta.url);
+const CACHE_LIMIT = 64;
+
+/** An answer from the backend that the UI shows as a message. */
+export class ApiError extends Error {}
+
+/** Absolute URL of a route with its query parameters; `null`/`undefined` values are left out. */
+export function routeUrl(route, params = {}) {
+  const url = new URL(route, BASE);
+  for (const [key, value] of Object.entries(params)) {
+    if (value != null) url.searchParams.set(key, String(value));
+  }
+  return url.href;
+}
+
+const cache = new Map();
+
+/** GET a JSON route; backend errors become an `ApiError` carrying the backend's reason. */
+export async function getJson(route, params = {}, { cached = false } = {}) {
+  const url = routeUrl(route, params);
+  if (cached && cache.has(url)) return cache.get(url);
+  const pending = fetchJson(url, route);
+  if (cached) {
+    cache.set(url, pending);
+    pending.catch(() => cache.delete(url));
+    if (cache.size > CACHE_LIMIT) cache.delete(cache.keys().next().value);
+  }
+  return pending;
+}
+
+async function fetchJson(url, route) {
+  let response;
+  try {
+    response = await fetch(url, { headers: { Accept: "application/json" } });
+  } catch (e) {
+    throw new ApiError(`Cannot reach TensorBoard (${e.message}). Is it still running?`);
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    // A non-JSON body (a proxy's error page, say) is reported below with the status.
+  }
+  if (!response.ok) {
+    throw new ApiError(body?.error ?? `The ${route} request failed with HTTP ${response.status}.`);
+  }
+  if (body === null) throw new ApiError(`The ${route} response is not JSON.`);
+  return body;
+}
+
+/** Every unit of a layer at a step, paging through layers larger than one response. */
+export async function topk(run, layer, step) {
+  const first = await getJson("topk", { run, layer, step }, { cached: true });
+  if (first.units.length >= first.total_units) return first;
+  const units = [...first.units];
+  while (units.length < first.total_units) {
+    const page = await getJson("topk", { run, layer, step, offset: units.length }, { cached: true });
+    if (!page.units.length) break;
+    units.push(...page.units);
+  }
+  return { ...first, units };
+}
+
+export const mosaicUrl = (run, layer, step, unit) => routeUrl("mosaic", { run, layer, step, unit });
+export const patchUrl = (run, layer, step, unit, rank) => routeUrl("patch", { run, layer, step, unit, rank });
+export const probeImageUrl = (run, layer, step, unit, rank, index) =>
+  routeUrl("probe_image", { run, index, layer, step, unit, rank });

@@ -1,0 +1,140 @@
+// Layer grid (Zeiler & Fergus Fig. 2): one tile per unit with its top-k mosaic at a checkpoint.
+
+import { h, fill, select, message, formatValue, formatPercent } from "./dom.js";
+import { topk, mosaicUrl } from "./api.js";
+import { layerTabs, StepSlider, ImageFeed, fitImage, fitScale, mosaicSide, recordsAlt } from "./widgets.js";
+
+// From this many units on, mosaics load only near the viewport so the page stays responsive.
+export const LAZY_UNITS = 512;
+const TILE_PX = 128;
+export const SORTS = [["unit", "Unit index"], ["peak", "Peak activation"], ["change", "Change since previous"]];
+
+/** Order of units for a sort key; "change" puts the units that changed most first. */
+export function sortUnits(units, sort) {
+  const byUnit = (a, b) => a.unit - b.unit;
+  const compare = {
+    unit: byUnit,
+    peak: (a, b) => b.peak - a.peak || byUnit(a, b),
+    change: (a, b) => (a.overlap ?? 1) - (b.overlap ?? 1) || byUnit(a, b),
+  }[sort] ?? byUnit;
+  return [...units].sort(compare);
+}
+
+/** "n new" chip: how many of the unit's top-k images were not in its top-k at the previous checkpoint. */
+function changeChip(overlap, k, previousStep) {
+  if (overlap == null) return null;
+  const fresh = Math.round((1 - overlap) * k);
+  return h("span", {
+    class: fresh ? "cv-chip cv-chip-changed" : "cv-chip",
+    style: { "--change": String(1 - overlap) },
+    title: `${k - fresh} of its top-${k} images were also in its top-${k} at step ${previousStep}`,
+  }, fresh ? `${fresh} new` : "same");
+}
+
+export class GridView {
+  constructor(app) {
+    this.app = app;
+    this.seq = 0;
+    this.layerKey = null;
+    this.tiles = new Map();
+    this.feed = null;
+    this.slider = new StepSlider({ onChange: (step) => app.navigate({ step }) });
+    this.tabs = h("div", { class: "cv-tabs-slot" });
+    this.sort = select(SORTS, "unit", (sort) => app.navigate({ sort }), { "aria-label": "Sort units by" });
+    this.summary = h("p", { class: "cv-summary" });
+    this.notice = h("div", { class: "cv-notice" });
+    this.grid = h("div", { class: "cv-grid", "aria-busy": "true", "aria-label": "Units" });
+    this.el = h("section", { class: "cv-view cv-grid-view" },
+      this.tabs,
+      h("div", { class: "cv-toolbar" }, this.slider.el, h("label", { class: "cv-field" }, "Sort by", this.sort)),
+      this.summary, this.notice, this.grid);
+  }
+
+  destroy() {
+    this.slider.stop();
+    this.feed?.disconnect();
+  }
+
+  onKey(event) {
+    if (event.key === "ArrowLeft") this.slider.move(-1);
+    else if (event.key === "ArrowRight") this.slider.move(1);
+    else return false;
+    return true;
+  }
+
+  async update() {
+    const { state, run, layer } = this.app;
+    fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
+    this.slider.update(layer.steps, state.step);
+    this.sort.value = state.sort;
+    const layerKey = JSON.stringify([run.run, layer.name, layer.units]);
+    if (layerKey !== this.layerKey) this.build(layer, layerKey);
+    const seq = ++this.seq;
+    this.grid.setAttribute("aria-busy", "true");
+    let data;
+    try {
+      data = await topk(run.run, layer.name, state.step);
+    } catch (e) {
+      if (seq === this.seq) {
+        fill(this.notice, message("error", "Could not load this layer", e.message));
+        this.grid.setAttribute("aria-busy", "false");
+      }
+      return;
+    }
+    if (seq !== this.seq) return;
+    fill(this.notice);
+    this.showUnits(run, layer, data, state.sort);
+    await this.feed.settle();
+    if (seq === this.seq) this.grid.setAttribute("aria-busy", "false");
+  }
+
+  build(layer, layerKey) {
+    this.feed?.disconnect();
+    this.feed = new ImageFeed({ lazy: layer.units >= LAZY_UNITS });
+    this.layerKey = layerKey;
+    this.tiles.clear();
+    const side = mosaicSide(layer);
+    this.grid.style.setProperty("--tile", `${Math.round(side * fitScale(side, TILE_PX))}px`);
+    const tiles = [];
+    for (let unit = 0; unit < layer.units; unit++) {
+      const img = fitImage(h("img", { class: "cv-mosaic", alt: `Unit ${unit}`, decoding: "async" }), TILE_PX);
+      const meta = h("span", { class: "cv-tile-meta" });
+      const el = h("button", {
+        type: "button", class: "cv-tile", dataset: { unit: String(unit) },
+        onclick: () => this.app.navigate({ view: "unit", unit }),
+      }, h("span", { class: "cv-tile-image" }, img), meta);
+      img.addEventListener("error", () => el.classList.add("cv-broken"));
+      img.addEventListener("load", () => el.classList.remove("cv-broken"));
+      this.tiles.set(unit, { el, img, meta });
+      tiles.push(el);
+    }
+    fill(this.grid, ...tiles);
+  }
+
+  showUnits(run, layer, data, sort) {
+    const step = data.step;
+    for (const unit of data.units) {
+      const tile = this.tiles.get(unit.unit);
+      if (!tile) continue;
+      tile.img.alt = recordsAlt(unit.unit, step, unit.records);
+      this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, step, unit.unit));
+      tile.el.classList.toggle("cv-dead", unit.dead);
+      tile.el.title = `Unit ${unit.unit}: open its evolution over training`;
+      fill(tile.meta,
+        h("span", { class: "cv-unit" }, `#${unit.unit}`),
+        unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
+          : changeChip(unit.overlap, layer.k, data.previous_step),
+        h("span", { class: "cv-peak", title: "peak activation over the probe set" }, formatValue(unit.peak)),
+      );
+    }
+    this.grid.append(...sortUnits(data.units, sort).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
+    const dead = data.units.filter((u) => u.dead).length;
+    const overlaps = data.units.map((u) => u.overlap).filter((o) => o != null);
+    const mean = overlaps.length ? overlaps.reduce((a, b) => a + b, 0) / overlaps.length : null;
+    fill(this.summary,
+      `${data.total_units} units · top-${layer.k} over ${run.probe?.n ?? "?"} probe images · `,
+      mean == null ? "first checkpoint" : `${formatPercent(mean)} of top-${layer.k} kept since step ${data.previous_step}`,
+      ` · ${dead} dead`,
+    );
+  }
+}

@@ -1,0 +1,206 @@
+// ConvViz dashboard entry point: TensorBoard's plugin_entry.html imports this module and
+// calls render(). The App owns the state (mirrored in the URL hash), the runs list (polled
+// for live runs) and the current view.
+
+import { h, fill, select, message } from "./dom.js";
+import { getJson } from "./api.js";
+import { readState, writeState } from "./state.js";
+import { GridView, SORTS } from "./grid.js";
+import { StabilityView } from "./stability.js";
+import { UnitView } from "./unit.js";
+import { CompareView, ORDERS } from "./compare.js";
+
+const POLL_MS = 12000;
+const VIEWS = { grid: GridView, stability: StabilityView, unit: UnitView, compare: CompareView };
+const NAV = [["grid", "Layers"], ["stability", "Stability"], ["compare", "Compare"]];
+
+function emptyState() {
+  return message("info", "No ConvViz data in this log directory yet.",
+    h("span", {}, "1. Pick fixed probe images: ", h("code", {}, "probe = ProbeSet.from_dataset(val_set, n=1024)")),
+    h("span", {}, "2. Next to your SummaryWriter: ", h("code", {}, "cv = ConvVizLogger(model, probe, log_dir=writer.log_dir)")),
+    h("span", {}, "3. In the training loop call ", h("code", {}, "cv.maybe_log(step)"),
+      ", and point TensorBoard at the same directory. To see it work first, run ", h("code", {}, "tb-convviz demo"), "."));
+}
+
+class App {
+  constructor(root) {
+    this.root = root;
+    this.runs = [];
+    this.loaded = false;
+    this.state = {};
+    this.view = null;
+    this.viewName = null;
+    this.pollTimer = null;
+    this.runSlot = h("div", { class: "cv-run-slot" });
+    this.nav = h("nav", { class: "cv-nav", "aria-label": "Views" });
+    this.live = h("span", { class: "cv-live", "aria-live": "polite" });
+    this.banner = h("div", { class: "cv-banner" });
+    this.main = h("main", { class: "cv-main" });
+    fill(root,
+      h("header", { class: "cv-header" },
+        h("span", { class: "cv-brand" }, "ConvViz"), this.runSlot, this.nav, h("span", { class: "cv-spacer" }), this.live),
+      this.banner, this.main);
+  }
+
+  get run() {
+    return this.runs.find((r) => r.run === this.state.run);
+  }
+
+  get layer() {
+    return this.run?.layers.find((l) => l.name === this.state.layer);
+  }
+
+  async start() {
+    window.addEventListener("hashchange", () => this.navigate(readState(), { replace: true }));
+    document.addEventListener("keydown", (e) => this.onKey(e));
+    fill(this.main, h("p", { class: "cv-dim cv-loading" }, "Loading runs…"));
+    await this.refresh();
+    this.schedulePoll();
+  }
+
+  /** Valid state closest to `wanted`: unknown runs, layers, steps and units fall back to defaults. */
+  normalize(wanted) {
+    const state = { ...wanted };
+    const run = this.runs.find((r) => r.run === state.run) ?? this.runs[0];
+    state.run = run.run;
+    const layer = run.layers.find((l) => l.name === state.layer) ?? run.layers[0];
+    state.layer = layer?.name;
+    const steps = layer?.steps ?? [];
+    if (!steps.includes(state.step)) state.step = steps.at(-1);
+    if (!(state.view in VIEWS)) state.view = "grid";
+    if (!SORTS.some(([key]) => key === state.sort)) state.sort = "unit";
+    if (state.view === "unit" && !(Number.isInteger(state.unit) && state.unit >= 0 && state.unit < (layer?.units ?? 0))) {
+      state.view = "grid";
+    }
+    if (state.view !== "unit") delete state.unit;
+    if (state.view === "compare") {
+      if (!ORDERS.some(([key]) => key === state.order)) state.order = "change";
+      const other = this.runs.find((r) => r.run === state.other_run) ?? run;
+      state.other_run = other.run;
+      const otherSteps = other.layers.find((l) => l.name === state.layer)?.steps ?? [];
+      if (!otherSteps.includes(state.other_step)) {
+        // By default: what changed since the previous checkpoint, or since the same step of the other run.
+        const i = steps.indexOf(state.step);
+        const reference = other === run ? steps[i > 0 ? i - 1 : Math.min(1, steps.length - 1)] : state.step;
+        state.other_step = otherSteps.includes(reference) ? reference : otherSteps.at(-1);
+      }
+    } else {
+      delete state.other_run;
+      delete state.other_step;
+      delete state.order;
+    }
+    return state;
+  }
+
+  /** Merge `patch` into the state (or replace it), show it, and resolve once the view shows it. */
+  navigate(patch, { replace = false } = {}) {
+    if (!this.loaded) return Promise.resolve();
+    if (!this.runs.length) {
+      this.showView(null);
+      fill(this.main, emptyState());
+      return Promise.resolve();
+    }
+    const wanted = replace ? patch : { ...this.state, ...patch };
+    for (const key of Object.keys(wanted)) if (wanted[key] == null) delete wanted[key];
+    this.state = this.normalize(wanted);
+    writeState(this.state);
+    this.renderChrome();
+    if (!this.layer) {
+      this.showView(null);
+      fill(this.main, message("info", `Run ${this.state.run} has no layers yet`,
+        "Its first checkpoint has not been written, or it could not be read (see the message above)."));
+      return Promise.resolve();
+    }
+    this.showView(this.state.view);
+    return this.view.update();
+  }
+
+  showView(name) {
+    if (name === this.viewName) return;
+    this.view?.destroy();
+    this.viewName = name;
+    this.view = name ? new VIEWS[name](this) : null;
+    fill(this.main, this.view?.el);
+  }
+
+  renderChrome() {
+    const run = this.run;
+    fill(this.runSlot, h("label", { class: "cv-field" }, "Run",
+      select(this.runs.map((r) => [r.run, r.error ? `${r.run} (read errors)` : r.run]), run.run,
+        (value) => this.navigate({ run: value }), { class: "cv-run-select", "aria-label": "Run" })));
+    const current = this.state.view === "unit" ? "grid" : this.state.view;
+    fill(this.nav, ...NAV.map(([name, label]) => h("button", {
+      type: "button", class: "cv-nav-item", "aria-current": name === current ? "page" : null,
+      onclick: () => this.navigate({ view: name }),
+    }, label)));
+    fill(this.banner, run.error && message("error", `Some ConvViz data of run ${run.run} could not be read`, run.error));
+  }
+
+  onKey(event) {
+    const target = event.target;
+    if (event.defaultPrevented || event.altKey || event.ctrlKey || event.metaKey) return;
+    if (target.closest?.("input, select, textarea, dialog")) return;
+    if (this.view?.onKey?.(event)) event.preventDefault();
+  }
+
+  schedulePoll() {
+    clearTimeout(this.pollTimer);
+    this.pollTimer = setTimeout(() => this.poll(), POLL_MS);
+  }
+
+  /** Pick up new runs and checkpoints of runs still training, without a reload. */
+  async poll() {
+    try {
+      if (document.visibilityState !== "hidden") await this.refresh();
+    } finally {
+      this.schedulePoll();
+    }
+  }
+
+  /** Fetch the runs; show them at once the first time, and later only what changed. */
+  async refresh() {
+    let runs;
+    try {
+      runs = (await getJson("runs")).runs;
+    } catch (e) {
+      if (this.loaded) {
+        this.live.textContent = "Connection lost, retrying…";
+        this.live.title = e.message;
+      } else {
+        fill(this.main, message("error", "Could not list the ConvViz runs", e.message, "Retrying shortly."));
+      }
+      return;
+    }
+    this.live.textContent = "";
+    this.live.title = "";
+    const first = !this.loaded;
+    if (!first && JSON.stringify(runs) === JSON.stringify(this.runs)) return;
+    this.loaded = true;
+    const before = this.layer?.steps ?? [];
+    const wasLatest = this.state.step === before.at(-1);
+    this.runs = runs;
+    const after = this.layer?.steps ?? [];
+    if (after.length > before.length && before.length) {
+      this.live.textContent = `New checkpoint: step ${after.at(-1)}`;
+    }
+    if (first) return this.navigate(readState(), { replace: true });
+    // A user watching the latest checkpoint keeps watching the latest one.
+    return this.navigate(wasLatest && this.state.view !== "compare" ? { step: after.at(-1) } : {});
+  }
+}
+
+function loadStylesheet() {
+  const href = new URL("./style.css", import.meta.url).href;
+  if ([...document.styleSheets].some((s) => s.href === href)) return;
+  document.head.append(h("link", { rel: "stylesheet", href }));
+}
+
+/** Called by TensorBoard's plugin_entry.html inside the ConvViz iframe. */
+export function render() {
+  loadStylesheet();
+  document.documentElement.lang ||= "en";
+  document.title = "ConvViz";
+  const app = new App(document.body);
+  app.start();
+  return app;
+}

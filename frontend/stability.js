@@ -1,0 +1,100 @@
+// Stability overview (Zeiler & Fergus Fig. 4's finding): which layers have settled, and dead units.
+
+import { h, fill, message, formatPercent } from "./dom.js";
+import { getJson } from "./api.js";
+import { lineChart } from "./chart.js";
+import { layerTitle } from "./widgets.js";
+
+// A layer counts as settled from the first checkpoint after which its overlap stays at or above this.
+const SETTLED_OVERLAP = 0.8;
+
+/** The step from which `overlap` stays >= SETTLED_OVERLAP, or null while it still changes. */
+function settledSince(steps, overlap) {
+  let since = null;
+  for (let i = steps.length - 1; i >= 0 && overlap[i] != null && overlap[i] >= SETTLED_OVERLAP; i--) since = steps[i];
+  return since;
+}
+
+const seriesClass = (layer) => `cv-layer-${((layer.index - 1) % 5) + 1}`;
+const last = (values) => values.length ? values[values.length - 1] : null;
+
+export class StabilityView {
+  constructor(app) {
+    this.app = app;
+    this.seq = 0;
+    this.body = h("div", { class: "cv-stability-body", "aria-busy": "true" });
+    this.el = h("section", { class: "cv-view cv-stability-view" }, this.body);
+  }
+
+  destroy() {}
+
+  async update() {
+    const { run } = this.app;
+    const seq = ++this.seq;
+    this.body.setAttribute("aria-busy", "true");
+    let stats;
+    try {
+      stats = await getJson("stats", { run: run.run });
+    } catch (e) {
+      if (seq === this.seq) fill(this.body, message("error", "Could not load the stability statistics", e.message));
+      return;
+    }
+    if (seq !== this.seq) return;
+    fill(this.body, ...this.render(stats));
+    this.body.setAttribute("aria-busy", "false");
+  }
+
+  render(stats) {
+    const layers = stats.layers.filter((l) => l.steps.length);
+    if (!layers.length) return [message("info", "No checkpoints yet", "The statistics appear after the first logged checkpoint.")];
+    const openLayer = (layer, step) => this.app.navigate({ view: "grid", layer: layer.name, step });
+    const series = (key) => layers.map((layer) => ({
+      label: `${layerTitle(layer)} (${layer.name})`, className: seriesClass(layer), layer,
+      points: layer.steps.map((step, i) => [step, layer[key][i]]),
+    }));
+    const maxDead = Math.max(0, ...layers.flatMap((l) => l.dead_fraction.filter((v) => v != null)));
+    const deadMax = Math.min(1, Math.max(0.1, Math.ceil(maxDead * 10) / 10));
+    const onPoint = (s, step) => openLayer(s.layer, step);
+    const legend = h("div", { class: "cv-legend" }, layers.map((layer) =>
+      h("button", { type: "button", class: `cv-legend-item ${seriesClass(layer)}`, onclick: () => openLayer(layer) },
+        h("span", { class: "cv-swatch", "aria-hidden": "true" }), layerTitle(layer), h("span", { class: "cv-dim" }, layer.name))));
+    return [
+      h("div", { class: "cv-cards" },
+        h("div", { class: "cv-card cv-card-wide" },
+          h("h2", {}, "Top-k overlap with the previous checkpoint"),
+          h("p", { class: "cv-caption" },
+            "Mean fraction of each unit's top-k probe images that were already in its top-k one checkpoint earlier. ",
+            "A layer whose line stays near 100% has settled; in Zeiler & Fergus (Fig. 4) lower layers settle within a few epochs, higher ones much later."),
+          lineChart({
+            series: series("topk_overlap"), title: "Top-k overlap with the previous checkpoint, per layer",
+            yFormat: formatPercent, xLabel: "step", onPoint,
+          }),
+          legend),
+        h("div", { class: "cv-card" },
+          h("h2", {}, "Dead units"),
+          h("p", { class: "cv-caption" }, "Fraction of units whose peak activation over the probe set is not positive."),
+          lineChart({
+            series: series("dead_fraction"), yMax: deadMax, width: 400, height: 170,
+            title: "Dead-unit fraction per layer", yFormat: formatPercent, xLabel: "step", onPoint,
+          }))),
+      h("div", { class: "cv-card" }, h("h2", {}, "Per layer, at the latest checkpoint"), this.table(layers, openLayer)),
+    ];
+  }
+
+  table(layers, openLayer) {
+    return h("table", { class: "cv-table" },
+      h("thead", {}, h("tr", {}, ["Layer", "Units", "Overlap now", "Dead now", `Settled (≥ ${formatPercent(SETTLED_OVERLAP)})`]
+        .map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, layers.map((layer) => {
+        const info = this.app.run.layers.find((l) => l.name === layer.name);
+        const since = settledSince(layer.steps, layer.topk_overlap);
+        return h("tr", {},
+          h("th", { scope: "row" }, h("button", { type: "button", class: `cv-link ${seriesClass(layer)}`, onclick: () => openLayer(layer) },
+            h("span", { class: "cv-swatch", "aria-hidden": "true" }), layerTitle(layer), " ", h("span", { class: "cv-dim" }, layer.name))),
+          h("td", {}, String(info?.units ?? "–")),
+          h("td", {}, formatPercent(last(layer.topk_overlap))),
+          h("td", {}, formatPercent(last(layer.dead_fraction))),
+          h("td", {}, since == null ? "still changing" : `since step ${since}`));
+      })));
+  }
+}

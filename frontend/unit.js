@@ -1,0 +1,160 @@
+// Unit view (Zeiler & Fergus Fig. 4): one unit's top patches at every checkpoint.
+
+import { h, fill, message, formatValue, formatPercent } from "./dom.js";
+import { getJson, mosaicUrl, patchUrl } from "./api.js";
+import { ImageFeed, fitImage, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
+
+const PATCH_PX = 64;
+const MOSAIC_PX = 224;
+const LAZY_PATCHES = 256;
+
+/** Counts of class labels among records, most frequent first; null when nothing has a label. */
+function labelCounts(records) {
+  const counts = new Map();
+  for (const r of records) if (r.label_name != null) counts.set(r.label_name, (counts.get(r.label_name) ?? 0) + 1);
+  return counts.size ? [...counts].sort((a, b) => b[1] - a[1] || String(a[0]).localeCompare(String(b[0]))) : null;
+}
+
+export class UnitView {
+  constructor(app) {
+    this.app = app;
+    this.seq = 0;
+    this.evolutionKey = null;
+    this.evolution = null;
+    this.feed = null;
+    this.head = h("div", { class: "cv-unit-head" });
+    this.body = h("div", { class: "cv-unit-body", "aria-busy": "true" });
+    this.el = h("section", { class: "cv-view cv-unit-view" }, this.head, this.body);
+  }
+
+  destroy() {
+    this.feed?.disconnect();
+  }
+
+  onKey(event) {
+    const { layer, state } = this.app;
+    if (event.key === "Escape") {
+      this.app.navigate({ view: "grid" });
+      return true;
+    }
+    const delta = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
+    const next = layer.steps[layer.steps.indexOf(state.step) + (delta ?? 0)];
+    if (!delta || next == null) return false;
+    this.app.navigate({ step: next });
+    return true;
+  }
+
+  async update() {
+    const { run, layer, state } = this.app;
+    const unit = state.unit;
+    this.renderHead(run, layer, unit);
+    const seq = ++this.seq;
+    this.body.setAttribute("aria-busy", "true");
+    // The step count is part of the key so that a live run's new checkpoints are fetched.
+    const key = JSON.stringify([run.run, layer.name, unit, layer.steps.length]);
+    if (key !== this.evolutionKey) {
+      this.evolutionKey = key;
+      this.evolution = getJson("evolution", { run: run.run, layer: layer.name, unit });
+    }
+    let evolution;
+    try {
+      evolution = await this.evolution;
+    } catch (e) {
+      this.evolutionKey = null;
+      if (seq === this.seq) fill(this.body, message("error", `Could not load unit ${unit}`, e.message));
+      return;
+    }
+    if (seq !== this.seq) return;
+    const current = evolution.checkpoints.find((c) => c.step === state.step) ?? evolution.checkpoints.at(-1);
+    this.feed?.disconnect();
+    // Expanded, a long run has thousands of patches: then they load as they scroll into view.
+    const expanded = state.expand === "1";
+    this.feed = new ImageFeed({ lazy: evolution.checkpoints.length * (expanded ? layer.k : 1) > LAZY_PATCHES });
+    fill(this.body,
+      h("div", { class: "cv-cards" }, this.renderCurrent(run, layer, unit, current), this.renderLabels(layer, current)),
+      this.renderStrip(run, layer, unit, evolution.checkpoints, current, expanded),
+    );
+    this.body.querySelector(".cv-evo-col.cv-selected")?.scrollIntoView({ block: "nearest", inline: "center" });
+    await this.feed.settle();
+    if (seq === this.seq) this.body.setAttribute("aria-busy", "false");
+  }
+
+  image(src, alt, box, className) {
+    const img = fitImage(h("img", { class: className, alt, decoding: "async" }), box);
+    this.feed.assign(img, src);
+    return img;
+  }
+
+  renderHead(run, layer, unit) {
+    const go = (delta) => this.app.navigate({ unit: unit + delta });
+    fill(this.head,
+      h("button", { type: "button", class: "cv-back", onclick: () => this.app.navigate({ view: "grid" }) },
+        `← ${layerTitle(layer)} grid`),
+      h("h2", {}, `Unit ${unit}`),
+      h("span", { class: "cv-dim cv-unit-sub", title: layer.name }, `${layerTitle(layer)} · ${rfText(layer)} · top-${layer.k} · `,
+        h("span", { class: "cv-name" }, layer.name)),
+      h("button", { type: "button", class: "cv-button", disabled: unit <= 0, onclick: () => go(-1) }, "‹ Previous unit"),
+      h("button", { type: "button", class: "cv-button", disabled: unit >= layer.units - 1, onclick: () => go(1) }, "Next unit ›"),
+    );
+  }
+
+  renderCurrent(run, layer, unit, checkpoint) {
+    const records = checkpoint.records;
+    const peak = records[0]?.value;
+    return h("div", { class: "cv-card cv-unit-current" },
+      h("h3", {}, `Top-${layer.k} at step ${checkpoint.step}`),
+      h("div", { class: "cv-unit-current-body" },
+        h("div", { class: "cv-mosaic-frame" }, this.image(mosaicUrl(run.run, layer.name, checkpoint.step, unit),
+          recordsAlt(unit, checkpoint.step, records), MOSAIC_PX, "cv-mosaic")),
+        h("dl", { class: "cv-facts" },
+          h("dt", {}, "Peak activation"), h("dd", {}, formatValue(peak)),
+          h("dt", {}, "Kept since previous"), h("dd", {}, checkpoint.overlap == null ? "first checkpoint" : formatPercent(checkpoint.overlap)),
+          h("dt", {}, "Top-1 image"), h("dd", {}, records[0] ? `#${records[0].image}${checkpoint.top1_changed ? " (new)" : ""}` : "–"),
+          h("dt", {}, "Status"), h("dd", {}, peak != null && peak > 0 ? "active" : "dead (no positive activation)"))));
+  }
+
+  renderLabels(layer, checkpoint) {
+    const counts = labelCounts(checkpoint.records);
+    const body = counts
+      ? h("ul", { class: "cv-histogram" }, counts.map(([label, count]) =>
+          h("li", {},
+            h("span", { class: "cv-hist-label", title: label }, label),
+            h("span", { class: "cv-hist-bar" }, h("span", { style: { width: `${(100 * count) / checkpoint.records.length}%` } })),
+            h("span", { class: "cv-hist-count" }, String(count)))))
+      : h("p", { class: "cv-dim" }, "The probe set was logged without class labels.");
+    return h("div", { class: "cv-card" }, h("h3", {}, `Classes of its top-${layer.k} images`), body);
+  }
+
+  renderStrip(run, layer, unit, checkpoints, current, expanded) {
+    const columns = checkpoints.map((c) => {
+      const records = expanded ? c.records : c.records.slice(0, 1);
+      return h("li", {
+        class: ["cv-evo-col", c.top1_changed && "cv-changed", c === current && "cv-selected"].filter(Boolean).join(" "),
+        dataset: { step: String(c.step) },
+      },
+      h("button", {
+        type: "button", class: "cv-evo-step", "aria-label": `Select step ${c.step}`,
+        onclick: () => this.app.navigate({ step: c.step }),
+      }, c.top1_changed ? h("span", { class: "cv-marker", title: "top-1 image changed" }, "●") : null, String(c.step)),
+      records.map((r) => h("button", {
+        type: "button", class: "cv-evo-patch", title: "Show the whole probe image",
+        onclick: () => showProbeImage({ run: run.run, layer, step: c.step, unit, record: r }),
+      },
+      this.image(patchUrl(run.run, layer.name, c.step, unit, r.rank), recordAlt(unit, c.step, r), PATCH_PX),
+      h("span", { class: "cv-evo-value" }, formatValue(r.value)))));
+    });
+    const changes = checkpoints.filter((c) => c.top1_changed).length;
+    return h("div", { class: "cv-card" },
+      h("div", { class: "cv-card-head" },
+        h("h3", {}, expanded ? `Top-${layer.k} at every checkpoint` : "Top-1 patch at every checkpoint"),
+        h("span", { class: "cv-dim" }, `${checkpoints.length} checkpoints · top-1 changed ${changes} times (`,
+          h("span", { class: "cv-marker" }, "●"), ")"),
+        h("span", { class: "cv-spacer" }),
+        h("button", {
+          type: "button", class: "cv-button", "aria-pressed": String(expanded),
+          onclick: () => this.app.navigate({ expand: expanded ? null : "1" }),
+        }, expanded ? "Show top-1 only" : `Show top-${layer.k}`)),
+      h("p", { class: "cv-caption" }, "Click a patch to see the whole probe image with the unit's receptive field; click a step to select it."),
+      h("ol", { class: "cv-evo-strip", "aria-label": `Unit ${unit} over training` }, columns));
+  }
+}

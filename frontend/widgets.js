@@ -1,0 +1,232 @@
+// Pieces shared by the views: layer tabs, the checkpoint slider, image sizing, lazy images.
+
+import { h, formatValue } from "./dom.js";
+import { probeImageUrl } from "./api.js";
+
+const PLAY_PAUSE_MS = 450;
+
+export const layerTitle = (layer) => `Layer ${layer.index}`;
+
+export function rfText(layer) {
+  const [height, width] = layer.receptive_field?.size ?? [];
+  return height == null ? "RF ?" : `RF ${height}×${width}`;
+}
+
+/** Tabs "Layer 1".."Layer N", each with its module name and receptive-field size. */
+export function layerTabs(run, selected, onSelect) {
+  return h(
+    "div",
+    { class: "cv-layer-tabs", role: "tablist", "aria-label": "Layers" },
+    run.layers.map((layer) =>
+      h(
+        "button",
+        {
+          type: "button",
+          role: "tab",
+          class: "cv-layer-tab",
+          "aria-selected": String(layer.name === selected),
+          title: `${layer.name}: ${layer.units} units, top-${layer.k}, receptive field ${rfText(layer).slice(3)} px`,
+          onclick: () => onSelect(layer.name),
+        },
+        h("span", { class: "cv-tab-title" }, layerTitle(layer)),
+        h("span", { class: "cv-tab-sub" }, h("span", { class: "cv-tab-name" }, layer.name), ` · ${rfText(layer)}`),
+      ),
+    ),
+  );
+}
+
+/**
+ * A slider over checkpoint steps with a play button. `onChange(step)` returns a promise that
+ * settles once the view shows that step, so playback waits for the images instead of racing.
+ */
+export class StepSlider {
+  constructor({ onChange, label = "Checkpoint" }) {
+    this.onChange = onChange;
+    this.steps = [];
+    this.playing = false;
+    this.playButton = h("button", {
+      type: "button", class: "cv-play", "aria-label": "Play through training", onclick: () => this.toggle(),
+    }, "▶");
+    this.input = h("input", {
+      type: "range", min: 0, max: 0, step: 1, value: 0, "aria-label": label,
+      oninput: () => this.onChange(this.steps[Number(this.input.value)]),
+    });
+    this.readout = h("output", { class: "cv-step-readout", "aria-live": "polite" });
+    this.range = h("span", { class: "cv-step-range" });
+    this.el = h("div", { class: "cv-slider" }, this.playButton,
+      h("div", { class: "cv-slider-track" }, this.input, this.range), this.readout);
+  }
+
+  update(steps, step) {
+    this.steps = steps;
+    const index = Math.max(0, steps.indexOf(step));
+    this.input.max = String(Math.max(0, steps.length - 1));
+    this.input.value = String(index);
+    this.input.disabled = steps.length < 2;
+    this.playButton.disabled = steps.length < 2;
+    this.readout.textContent = steps.length ? `step ${step}` : "no checkpoints";
+    this.readout.title = `checkpoint ${index + 1} of ${steps.length}`;
+    this.range.textContent = steps.length ? `${index + 1} / ${steps.length}` : "";
+  }
+
+  /** Move by `delta` checkpoints (arrow keys). */
+  move(delta) {
+    const index = Number(this.input.value) + delta;
+    if (index < 0 || index >= this.steps.length) return Promise.resolve();
+    return this.onChange(this.steps[index]);
+  }
+
+  toggle() {
+    this.playing ? this.stop() : this.play();
+  }
+
+  stop() {
+    this.playing = false;
+    this.playButton.textContent = "▶";
+    this.playButton.setAttribute("aria-label", "Play through training");
+  }
+
+  async play() {
+    this.playing = true;
+    this.playButton.textContent = "❚❚";
+    this.playButton.setAttribute("aria-label", "Pause");
+    if (Number(this.input.value) >= this.steps.length - 1) await this.onChange(this.steps[0]);
+    while (this.playing && this.el.isConnected) {
+      await new Promise((resolve) => setTimeout(resolve, PLAY_PAUSE_MS));
+      if (!this.playing || Number(this.input.value) >= this.steps.length - 1) break;
+      await this.move(1);
+    }
+    this.stop();
+  }
+}
+
+/**
+ * Display scale for an image of `natural` pixels in a box of `box` CSS pixels: small images
+ * (layer-1 patches are a few pixels wide) grow by a whole factor so every pixel stays a crisp
+ * square; large ones shrink to fit.
+ */
+export function fitScale(natural, box) {
+  if (!natural) return 1;
+  return natural >= box * 0.75 ? Math.min(1, box / natural) : Math.round(box / natural);
+}
+
+/** Size `img` for `box` once its real size is known, and mark it for pixelated upscaling. */
+export function fitImage(img, box) {
+  const apply = () => {
+    const scale = fitScale(img.naturalWidth, box);
+    img.style.width = `${Math.round(img.naturalWidth * scale)}px`;
+    img.style.height = `${Math.round(img.naturalHeight * scale)}px`;
+    img.classList.toggle("cv-pixelated", scale >= 2);
+  };
+  img.addEventListener("load", apply);
+  if (img.complete && img.naturalWidth) apply();
+  return img;
+}
+
+/** Expected mosaic width in pixels: a near-square grid of k patches with 1-pixel separators. */
+export function mosaicSide(layer) {
+  const cols = Math.ceil(Math.sqrt(layer.k));
+  const [height, width] = layer.receptive_field?.size ?? [0, 0];
+  return cols * Math.max(height, width) + (cols - 1);
+}
+
+const nextFrame = () => new Promise((resolve) => requestAnimationFrame(resolve));
+
+/**
+ * Gives images their source, either at once or (`lazy`) when they come near the viewport;
+ * `settle()` resolves once every image given a source so far has decoded or failed.
+ */
+export class ImageFeed {
+  constructor({ lazy }) {
+    this.pending = [];
+    this.observer = lazy ? new IntersectionObserver((entries) => this.reveal(entries), { rootMargin: "400px" }) : null;
+  }
+
+  assign(img, src) {
+    img.dataset.src = src;
+    if (!this.observer) this.load(img);
+    else if (!img.dataset.observed) {
+      img.dataset.observed = "1";
+      this.observer.observe(img);
+    } else if (img.hasAttribute("data-near")) this.load(img);
+  }
+
+  reveal(entries) {
+    for (const entry of entries) {
+      entry.target.toggleAttribute("data-near", entry.isIntersecting);
+      if (entry.isIntersecting) this.load(entry.target);
+    }
+  }
+
+  load(img) {
+    if (img.getAttribute("src") === img.dataset.src) return;
+    img.src = img.dataset.src;
+    this.pending.push(img.decode().catch(() => {}));
+  }
+
+  async settle() {
+    if (this.observer) {
+      // Intersections of newly observed images are computed during the next rendering.
+      await nextFrame();
+      await nextFrame();
+      this.reveal(this.observer.takeRecords());
+    }
+    const pending = this.pending;
+    this.pending = [];
+    await Promise.all(pending);
+  }
+
+  disconnect() {
+    this.observer?.disconnect();
+  }
+}
+
+/** Alt text naming unit, rank, value and label of each record shown. */
+export function recordsAlt(unit, step, records) {
+  const parts = records.map((r) =>
+    `${r.rank + 1}: ${formatValue(r.value)}${r.label_name != null ? ` ${r.label_name}` : ""}`);
+  return `Unit ${unit} at step ${step}, top ${records.length} patches (rank: activation label) ${parts.join(", ")}`;
+}
+
+export function recordAlt(unit, step, record) {
+  const label = record.label_name != null ? `, label ${record.label_name}` : "";
+  return `Unit ${unit}, rank ${record.rank + 1}, activation ${formatValue(record.value)}${label}, step ${step}, probe image ${record.image}`;
+}
+
+/** A modal with the whole probe image and the record's receptive-field box. */
+export function showProbeImage({ run, layer, step, unit, record }) {
+  const img = fitImage(h("img", {
+    class: "cv-probe-image",
+    src: probeImageUrl(run, layer.name, step, unit, record.rank, record.image),
+    alt: `Probe image ${record.image} with the receptive field of ${recordAlt(unit, step, record)}`,
+  }), 320);
+  const failure = h("p", { class: "cv-dim", hidden: true });
+  img.addEventListener("error", () => {
+    failure.hidden = false;
+    failure.textContent = "The probe image could not be loaded (see the TensorBoard log).";
+  });
+  const dialog = h(
+    "dialog",
+    { class: "cv-dialog", "aria-label": `Probe image ${record.image}` },
+    h("div", { class: "cv-dialog-head" },
+      h("strong", {}, `Probe image #${record.image}`),
+      h("button", { type: "button", class: "cv-close", "aria-label": "Close", onclick: () => dialog.close() }, "✕")),
+    h("div", { class: "cv-dialog-body" }, img, failure),
+    h("dl", { class: "cv-facts" },
+      fact("Unit", `${unit} · ${layerTitle(layer)} (${layer.name})`),
+      fact("Rank", `${record.rank + 1} of ${layer.k}`),
+      fact("Activation", formatValue(record.value)),
+      fact("Label", record.label_name ?? "–"),
+      fact("Position", record.y == null ? "whole image" : `feature map (${record.y}, ${record.x})`),
+      fact("Step", String(step))),
+  );
+  dialog.addEventListener("close", () => dialog.remove());
+  dialog.addEventListener("click", (e) => { if (e.target === dialog) dialog.close(); });
+  document.body.append(dialog);
+  dialog.showModal();
+  return dialog;
+}
+
+function fact(term, value) {
+  return [h("dt", {}, term), h("dd", {}, value)];
+}
