@@ -1,0 +1,91 @@
+"""ConvVizCallback: convviz for Lightning training, in the same run as Lightning's TensorBoard scalars.
+
+Needs ``pip install "tb-convviz[lightning]"``; nothing else in tb_convviz imports lightning.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from tb_convviz.logger import ConvVizLogger
+from tb_convviz.probe import ProbeSet
+from tb_convviz.schedule import Schedule
+
+FALLBACK_NAME = "convviz_logs"
+
+
+class ConvVizCallback(Callback):
+    """Logs the top-``k`` probe images of each unit of ``layers`` at scheduled ``trainer.global_step`` values.
+
+    Writes into the run directory of the trainer's ``TensorBoardLogger``; without one,
+    into ``<default_root_dir>/convviz_logs/version_N`` (it warns), or into ``log_dir`` if
+    given. The schedule (``every_n_steps``, ``steps`` or ``total_steps``; by default 0, 1,
+    2, 5, 10, 20, ...), ``layers`` (names within the LightningModule) and ``batch_size``
+    are those of :class:`~tb_convviz.ConvVizLogger`. The probe pass runs on the
+    LightningModule's device; under DDP every rank ranks its share of the probe set and
+    global rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        probe: ProbeSet | torch.Tensor,
+        layers: str | Sequence[str] = "auto",
+        k: int = 9,
+        every_n_steps: int | None = None,
+        *,
+        steps: Iterable[int] | None = None,
+        total_steps: int | None = None,
+        batch_size: int = 128,
+        log_dir: str | os.PathLike | None = None,
+    ) -> None:
+        steps = list(steps) if steps is not None else None
+        Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)  # fail at construction
+        self.probe, self.layers, self.k, self.batch_size = probe, layers, k, batch_size
+        self._schedule: dict[str, Any] = {"every_n_steps": every_n_steps, "steps": steps, "total_steps": total_steps}
+        self.log_dir = os.fspath(log_dir) if log_dir is not None else None
+        self._logger: ConvVizLogger | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close()
+        self._logger = ConvVizLogger(
+            pl_module, self.probe, self._run_dir(trainer), layers=self.layers, k=self.k,
+            batch_size=self.batch_size, device=pl_module.device, **self._schedule,
+        )
+        self._logger.maybe_log(trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._logger is not None:
+            self._logger.maybe_log(trainer.global_step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def _run_dir(self, trainer: Trainer) -> str:
+        # Called on every rank: TensorBoardLogger picks its version on rank 0 only, so rank 0's choice
+        # is broadcast (the other ranks do not write, but must agree on what is already logged).
+        if self.log_dir is not None:
+            return self.log_dir
+        tensorboard = next((l for l in trainer.loggers if isinstance(l, TensorBoardLogger)), None)
+        if tensorboard is None:
+            tensorboard = TensorBoardLogger(trainer.default_root_dir, name=FALLBACK_NAME)
+            rank_zero_warn(
+                f"ConvVizCallback: the Trainer has no TensorBoardLogger, so convviz writes to "
+                f"{tensorboard.log_dir!r}; see it with `tensorboard --logdir {tensorboard.root_dir}`, or pass "
+                "Trainer(logger=TensorBoardLogger(...)) to put Lightning's scalars in the same run"
+            )
+        return trainer.strategy.broadcast(tensorboard.log_dir)
+
+    def _close(self) -> None:
+        if self._logger is not None:
+            self._logger.close()
+            self._logger = None

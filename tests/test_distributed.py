@@ -1,0 +1,119 @@
+"""torch.distributed: 2 gloo processes on the CPU log exactly what one process logs, ties included."""
+
+import datetime
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from tb_convviz import ConvVizLogger, ProbeSet, read_run
+from tb_convviz.reader import event_files
+
+WORLD = 2
+LAYERS = ["conv1", "relu2", "fc"]
+K = 6
+BATCH = 7
+STEPS = [0, 1, 3]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu2(self.bn2(self.conv2(self.pool(self.conv1(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def make_probe(n=45):
+    images = torch.rand(n, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    # Copies of one bright, flat image tie on every unit (and over space); they sit in both
+    # ranks' shares, as do two duplicated random images.
+    images[[3, 9, 30, 41]] = 1.5
+    images[[25, 38]] = images[[2, 20]]
+    return ProbeSet(images, labels=torch.arange(n) % 4)
+
+
+def _worker(rank, root):
+    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    if rank == 0:
+        (pathlib.Path(root) / "rank0.pid").write_text(str(os.getpid()))
+    try:
+        # The second phase resumes a multi-node job whose log dir is on node 0's disk only:
+        # rank 1 sees an empty directory, yet must skip exactly what rank 0 skips.
+        for phase, log_dir, steps in (("train", "ddp", STEPS), ("resume", "ddp" if rank == 0 else "empty", [2, 3, 5])):
+            torch.manual_seed(0)
+            model = nn.parallel.DistributedDataParallel(Net())
+            logger = ConvVizLogger(model, make_probe(), os.path.join(root, log_dir), layers=LAYERS, k=K,
+                                   batch_size=BATCH, steps=steps)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            for step in range(6):
+                logger.maybe_log(step)
+                if rank == 0 and phase == "train":
+                    torch.save(model.module.state_dict(), os.path.join(root, f"{step}.pt"))
+                # Each rank trains on a batch of its own, so its BatchNorm statistics differ from rank 0's
+                # until DDP's next forward.
+                torch.manual_seed(100 * rank + step)
+                loss = model(torch.rand(8, 3, 12, 12)).logsumexp(1).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            logger.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(str(root),), nprocs=WORLD)
+    return root
+
+
+def single_process_run(root, log_dir, steps):
+    model = Net()
+    with ConvVizLogger(model, make_probe(), log_dir, layers=LAYERS, k=K, batch_size=BATCH, steps=steps) as logger:
+        for step in steps:
+            model.load_state_dict(torch.load(root / f"{step}.pt"))
+            assert logger.log(step)
+    return read_run(log_dir)
+
+
+def test_two_gloo_ranks_with_ddp_equal_one_process_exactly(spawned, tmp_path):
+    ddp = read_run(spawned / "ddp")
+    single = single_process_run(spawned, tmp_path, STEPS + [5])
+    assert ddp.steps == single.steps == STEPS + [5]
+    assert [l.name for l in ddp.layers] == LAYERS
+    for layer in LAYERS:
+        for step in ddp.steps:
+            a, b = ddp.topk(layer, step), single.topk(layer, step)
+            for field in ("values", "image", "y", "x", "label"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{layer} {field}")
+    assert ddp.stored_images == single.stored_images
+    assert ddp.scalars == single.scalars
+    # The tie rule was exercised across ranks: the flat copies rank together, in index order.
+    tied = [row[np.isin(row, [3, 9, 30, 41])] for row in ddp.topk("conv1", 0).image]
+    assert any(list(row) == [3, 9, 30, 41] for row in tied)
+    assert all((np.diff(row) > 0).all() for row in tied)
+
+
+def test_only_rank_0_writes_and_a_resume_follows_rank_0(spawned):
+    pid = (spawned / "rank0.pid").read_text()
+    files = event_files(str(spawned / "ddp"))
+    assert len(files) == 2 and all(os.path.basename(f).split(".")[-3] == pid for f in files)  # one per phase
+    assert not os.path.exists(spawned / "empty") or not os.listdir(spawned / "empty")
+    # The resumed phase skipped 2 and 3 (already logged by rank 0) and logged 5 on both ranks;
+    # had rank 1 logged 2, the gathers would have mismatched and the job failed.
+    assert read_run(spawned / "ddp").steps == STEPS + [5]
