@@ -85,16 +85,13 @@ def trace_calls(model: nn.Module, batch: torch.Tensor) -> list[Call]:
 
 def auto_layers(model: nn.Module, calls: list[Call]) -> list[str]:
     """Module names picked by the ``layers="auto"`` rule (see module docstring)."""
-    kind = type(model).__name__
-    modules = dict(model.named_modules())
-    if kind == "AlexNet" and isinstance(getattr(model, "features", None), nn.Sequential):
-        return _after_convs(calls, _conv_positions(calls))
-    if kind == "VGG" and isinstance(getattr(model, "features", None), nn.Sequential):
-        pools = [n for n, m in model.features.named_children() if isinstance(m, nn.MaxPool2d)]
-        if len(pools) == 5:
-            return [f"features.{n}" for n in pools]
-    if all(n in modules for n in ("relu", "layer1", "layer2", "layer3", "layer4")):
-        return ["relu", "layer1", "layer2", "layer3", "layer4"]
+    known = _known_architecture(model, "", calls)
+    # A wrapper such as a LightningModule holding `self.model = resnet18()`.
+    children = [(n, m) for n, m in model.named_children() if next(m.parameters(), None) is not None]
+    if known is None and len(children) == 1:
+        known = _known_architecture(children[0][1], children[0][0] + ".", calls)
+    if known is not None:
+        return known
     convs = _conv_positions(calls)
     if not convs:
         raise ValueError(
@@ -104,6 +101,21 @@ def auto_layers(model: nn.Module, calls: list[Call]) -> list[str]:
         step = (len(convs) - 1) / (AUTO_LAYERS - 1)
         convs = [convs[round(i * step)] for i in range(AUTO_LAYERS)]
     return _after_convs(calls, convs)
+
+
+def _known_architecture(model: nn.Module, prefix: str, calls: list[Call]) -> list[str] | None:
+    """Names for torchvision's AlexNet, VGG and ResNet layouts (``model`` is the root's ``prefix``), else None."""
+    kind = type(model).__name__
+    modules = dict(model.named_modules())
+    if kind == "AlexNet" and isinstance(getattr(model, "features", None), nn.Sequential):
+        return _after_convs(calls, _conv_positions(calls))  # call names are the root's already
+    if kind == "VGG" and isinstance(getattr(model, "features", None), nn.Sequential):
+        pools = [n for n, m in model.features.named_children() if isinstance(m, nn.MaxPool2d)]
+        if len(pools) == 5:
+            return [f"{prefix}features.{n}" for n in pools]
+    if all(n in modules for n in ("relu", "layer1", "layer2", "layer3", "layer4")):
+        return [prefix + n for n in ("relu", "layer1", "layer2", "layer3", "layer4")]
+    return None
 
 
 def _conv_positions(calls: list[Call]) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import itertools
 import os
 import warnings
@@ -78,6 +79,8 @@ class ConvVizLogger:
         self.model, self.probe, self.k, self.batch_size = model, probe, k, batch_size
         self._net = layer_select.unwrap(model)
         self.device = torch.device(device) if device is not None else _device_of(self._net)
+        # Probe images follow the model's dtype, e.g. under Lightning's "16-true" precision.
+        self._dtype = next((p.dtype for p in self._net.parameters() if p.is_floating_point()), None)
         self.schedule = Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)
         self.log_dir = os.fspath(log_dir) if log_dir is not None else _writer_log_dir(writer)
         self._user_writer = writer
@@ -103,7 +106,7 @@ class ConvVizLogger:
         _, sample = next(self.probe.batches(min(2, len(self.probe))))
         try:
             with preserved(self._net):
-                calls = layer_select.trace_calls(self._net, sample.to(self.device))
+                calls = layer_select.trace_calls(self._net, sample.to(self.device, self._dtype))
         except Exception as e:
             raise ValueError(
                 f"the model failed on probe images of shape {tuple(sample.shape)} ({type(e).__name__}: {e}). "
@@ -169,11 +172,17 @@ class ConvVizLogger:
         if run.steps:
             self._last_step = run.steps[-1]
             for layer in run.layers:
-                if layer.name in self._layer_infos and self._last_step in run._payloads[layer.name]:
-                    self._previous[layer.name] = run.topk(layer.name, self._last_step).image
+                if layer.name in self._layer_infos:
+                    with contextlib.suppress(KeyError):  # a layer missing at that step
+                        self._previous[layer.name] = run.topk(layer.name, self._last_step).image
         self._stored, self._chunk = run.stored_images, run.last_chunk
 
     # -- logging ------------------------------------------------------------------------
+
+    @property
+    def last_step(self) -> int:
+        """The last step logged in ``log_dir`` (by this logger or an earlier run), -1 if none."""
+        return self._last_step
 
     def maybe_log(self, step: int) -> bool:
         """Log if ``step`` has reached the next scheduled checkpoint; returns whether it logged."""
@@ -247,7 +256,7 @@ class ConvVizLogger:
                 for first, batch in self.probe.batches(self.batch_size, start, stop):
                     batch_state.update(first=first, seen=0)
                     try:
-                        self._net(batch.to(self.device, non_blocking=True))
+                        self._net(batch.to(self.device, self._dtype, non_blocking=True))
                     except _StopForward:
                         pass
         finally:

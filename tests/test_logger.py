@@ -368,3 +368,26 @@ def test_records_are_framed_exactly_like_tensorboards_record_writer():
         buf = io.BytesIO()
         RecordWriter(buf).write(data)
         assert summary.frame_record(data) == buf.getvalue()
+
+
+def test_auto_layers_look_inside_a_single_wrapped_torchvision_model(tmp_path):
+    import torchvision
+
+    class Wrapper(nn.Module):  # e.g. a LightningModule with `self.model = resnet18()`
+        def __init__(self):
+            super().__init__()
+            self.model = torchvision.models.resnet18(weights=None, num_classes=3)
+
+        def forward(self, x):
+            return self.model(x)
+
+    logger = ConvVizLogger(Wrapper(), torch.rand(4, 3, 32, 32), tmp_path, k=2)
+    assert logger.layers == ["model.relu", "model.layer1", "model.layer2", "model.layer3", "model.layer4"]
+
+
+def test_probe_images_follow_the_model_dtype(tmp_path):
+    model = trained_model().to(torch.bfloat16)
+    probe = make_probe()  # float32 images, as a dataset gives them
+    with ConvVizLogger(model, probe, tmp_path, layers=LAYERS, k=3) as logger:
+        assert logger.log(0)
+    assert read_run(tmp_path).topk("block2", 0).values.dtype == np.float32
