@@ -10,6 +10,7 @@ activation module that runs after it and before the next conv, else the conv.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import torch
 from torch import nn
@@ -39,9 +40,11 @@ def resolve(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"layer names must be strings, got {name!r}")
-        key = strip_prefix(name)
+        key = name if name in modules else strip_prefix(name)
         if key not in modules or key == "":
-            raise ValueError(f"unknown layer {name!r}. {_available(modules)}")
+            close = difflib.get_close_matches(key, [n for n in modules if n], n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown layer {name!r}.{hint} {_available(modules)}")
         if key in resolved:
             raise ValueError(f"layer {name!r} is listed twice")
         resolved[key] = modules[key]
@@ -51,7 +54,7 @@ def resolve(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
 
 
 def _available(modules: dict[str, nn.Module]) -> str:
-    names = [n for n in modules if n]
+    names = sorted((n for n in modules if n), key=lambda n: n.count("."))  # the outline first
     shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
     return f"Available layers: {shown}. Pass layers=[...] with module names from model.named_modules()."
 

@@ -298,7 +298,7 @@ def test_write_error_warns_once_training_goes_on_and_retries(tmp_path, monkeypat
 # -- errors at construction ------------------------------------------------------------
 
 def test_unknown_layer_lists_available(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown layer 'blok1'.*Available layers: stem, stem\.0"):
+    with pytest.raises(ValueError, match=r"unknown layer 'blok1'. Did you mean 'block1'.*Available layers: stem, block1, block2"):
         ConvVizLogger(trained_model(), make_probe(), tmp_path, layers=["blok1"])
 
 
