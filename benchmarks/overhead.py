@@ -10,12 +10,13 @@ at 64x64 and batch size 128:
 * the peak memory a checkpoint adds at 512 and at 4096 probe images, each size
   in a fresh subprocess, next to what a plain forward pass adds.
 
-    python benchmarks/overhead.py [--repeats 7]
+    python benchmarks/overhead.py [--repeats 7] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -118,25 +119,29 @@ def memory_in_subprocess(n: int, mode: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the text")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         n, mode = args.memory_child.split(":")
         print(memory(int(n), mode))
         return
+    t = timing(args.repeats)
+    mem = {n: {mode: memory_in_subprocess(n, mode) for mode in ("checkpoint", "forward")} for n in (512, 4096)}
+    ratio = mem[4096]["checkpoint"] / max(mem[512]["checkpoint"], 1)
+    if args.json:
+        print(json.dumps({"benchmark": "overhead", "threads": torch.get_num_threads(), "repeats": args.repeats, **t,
+                          "peak_extra_bytes": mem, "memory_ratio_4096_512": ratio}))
+        return
     mib = 1 << 20
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, DemoAlexNet 64x64, batch {BATCH}, k=9")
-    t = timing(args.repeats)
     print(f"plain no_grad forward, 1024 images : {t['forward_s'] * 1e3:8.1f} ms (median of {args.repeats})")
     print(f"convviz checkpoint, 1024 images    : {t['checkpoint_s'] * 1e3:8.1f} ms (median of {args.repeats})")
     print(f"checkpoint / forward ratio         : {t['ratio']:8.3f}   (target <= 1.15)")
     print(f"event file after {t['checkpoints']} checkpoints    : {t['log_bytes'] / 1024:8.1f} KiB")
-    mem = {}
     for n in (512, 4096):
-        mem[n] = {mode: memory_in_subprocess(n, mode) for mode in ("checkpoint", "forward")}
         print(f"peak extra memory, {n:4d} images     : checkpoint {mem[n]['checkpoint'] / mib:7.1f} MiB, "
               f"plain forward {mem[n]['forward'] / mib:7.1f} MiB")
-    ratio = mem[4096]["checkpoint"] / max(mem[512]["checkpoint"], 1)
     print(f"checkpoint peak memory 4096 / 512   : {ratio:8.2f}   (target: flat, ~1)")
 
 

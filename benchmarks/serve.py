@@ -1,6 +1,6 @@
 """Mosaic serving latency vs TensorBoard's own images plugin, side by side in one real TensorBoard.
 
-    python benchmarks/serve.py [--load_fast false] [--requests 200]
+    python benchmarks/serve.py [--load_fast false] [--requests 200] [--json]
 
 Writes a synthetic convviz run plus, in the same log dir, an ordinary images-plugin
 series whose PNGs are mosaics of the same size; starts ``tensorboard`` on it; then
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--probe_size", type=int, default=2048)
     parser.add_argument("--chunk_bytes", type=int, default=summary.CHUNK_BYTES,
                         help="cap on one probe-image chunk (the logger's default unless given)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as logdir:
         run, png_bytes = write_logs(logdir, args)
@@ -111,6 +112,15 @@ def main() -> None:
             peak = tb.peak_rss_bytes()
 
     base = np.percentile(times["images plugin blob"], [50, 95])
+    if args.json:
+        print(json.dumps({
+            "benchmark": "serve", "load_fast": args.load_fast == "true", "checkpoints": args.checkpoints,
+            "units": args.units, "probe_size": args.probe_size, "requests": args.requests,
+            "mosaic_png_bytes": len(body), "images_plugin_png_bytes": png_bytes, "peak_rss_bytes": peak,
+            "ms": {name: dict(zip(("p50", "p95"), np.percentile(values, [50, 95]) * 1e3))
+                   for name, values in times.items()},
+        }))
+        return
     print(f"load_fast={args.load_fast}; {args.checkpoints} checkpoints x 5 layers x {args.units} units, k=9, "
           f"{args.probe_size} probe images 64x64 in chunks of <= {args.chunk_bytes} B; "
           f"{args.requests} requests each, interleaved")

@@ -6,13 +6,15 @@ import dataclasses
 import glob
 import io
 import os
+import struct
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
-from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.compat.proto import event_pb2
 from tensorboard.util import tensor_util
 
-from tb_convviz import metadata, plugin_data_pb2
+from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz.geometry import ReceptiveField
 
 
@@ -148,6 +150,24 @@ def event_files(path: str) -> list[str]:
     return sorted(f for f in glob.glob(os.path.join(glob.escape(path), "*")) if "tfevents" in os.path.basename(f))
 
 
+def read_events(path: str) -> Iterator[event_pb2.Event]:
+    """The events of one event file, up to a record that is cut short or fails its checksum.
+
+    Stops there quietly, as TensorBoard's loaders do; unlike tensorboard's
+    ``EventFileLoader``, checksums use C code rather than pure Python (~1 s per MB).
+    """
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12 or struct.unpack("<I", header[8:])[0] != summary.masked_crc(header[:8]):
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length + 4)
+            if len(data) < length + 4 or struct.unpack("<I", data[length:])[0] != summary.masked_crc(data[:length]):
+                return
+            yield event_pb2.Event.FromString(data[:length])
+
+
 def read_run(path: str | os.PathLike) -> Run:
     """Read the convviz data of the run in log dir ``path`` (its event files, not subdirectories)."""
     path = os.fspath(path)
@@ -158,9 +178,11 @@ def read_run(path: str | os.PathLike) -> Run:
         raise FileNotFoundError(f"{path!r} has no TensorBoard event files")
     run = Run(path)
     for file in files:
-        # The loader stops quietly at a truncated last record, keeping what came before it.
-        for event in event_file_loader.EventFileLoader(file).Load():
+        for event in read_events(file):
             if event.HasField("summary"):
-                run._add(event)
+                try:
+                    run._add(event)
+                except ValueError as e:  # unusable plugin data: say where
+                    raise type(e)(f"{file}, step {event.step}: {e}") from None
     run.layers.sort(key=lambda l: l.index)
     return run

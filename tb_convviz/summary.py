@@ -148,10 +148,11 @@ _file_ids = itertools.count()
 def frame_record(data: bytes) -> bytes:
     """TFRecord framing: length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
     header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+    return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
 
 
-def _masked_crc(data: bytes) -> int:
+def masked_crc(data: bytes) -> int:
+    """The masked CRC-32C of TFRecord framing."""
     # google_crc32c is C code; tensorboard's own crc32c is pure Python at ~1 s per MB.
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

@@ -175,8 +175,10 @@ class ConvVizData:
     def layer(self, ctx, eid: str, listing: RunListing, name: str) -> Layer:
         """Layer ``name`` of the listed run, read once per version of its series."""
         if name not in listing.layers:
+            # A layer whose plugin data is unusable is listed in `errors`: say why here too.
+            why = "".join(f" ({p})" for p in listing.errors if p.startswith(metadata.topk_tag(name) + ":"))
             raise errors.NotFoundError(
-                f"run {listing.name!r} has no readable layer {name!r}; layers: {_names(listing.layers)}"
+                f"run {listing.name!r} has no readable layer {name!r}{why}; layers: {_names(listing.layers)}"
             )
         info, version = listing.layers[name]
         return self._cached(

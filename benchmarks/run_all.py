@@ -1,0 +1,147 @@
+"""Run every benchmark and print one markdown table of the README's figures, with the machine it ran on.
+
+    python benchmarks/run_all.py [--skip page scale] [--scale_checkpoints 50 200]
+
+Each figure is measured side by side within its own script (see their docstrings);
+this runner starts them one after another, reads the JSON line each prints with
+``--json`` (``page.py``'s text lines when it has no ``--json``), and prints the table.
+Progress goes to stderr. Expect tens of minutes on two cores, mostly ``scale.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIB = 1 << 20
+
+
+def run(script: str, *args: str) -> dict | str:
+    """Run ``benchmarks/<script>``; its JSON line as a dict (or, without ``--json``, its stdout)."""
+    path = os.path.join(HERE, script)
+    with open(path, encoding="utf-8") as f:
+        has_json = '"--json"' in f.read()
+    command = [sys.executable, path, *args, *(["--json"] if has_json else [])]
+    print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    print(f"  done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(out.strip().splitlines()[-1]) if has_json else out
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores (load average {load}), {platform.system()} {platform.release()}, " \
+           f"Python {platform.python_version()}"
+
+
+def overhead_rows(o: dict) -> list[tuple[str, str, str]]:
+    mem = o["peak_extra_bytes"]
+    return [
+        ("checkpoint cost ÷ plain forward pass", "≤ 1.15",
+         f"{o['ratio']:.3f} ({o['checkpoint_s'] * 1e3:.0f} ms vs {o['forward_s'] * 1e3:.0f} ms over 1024 images, "
+         f"median of {o['repeats']}, {o['threads']} threads)"),
+        ("peak extra memory at 512 vs 4096 probe images", "flat",
+         f"{mem['512']['checkpoint'] / MIB:.1f} MiB vs {mem['4096']['checkpoint'] / MIB:.1f} MiB "
+         f"(×{o['memory_ratio_4096_512']:.2f}; a plain forward adds {mem['512']['forward'] / MIB:.1f} vs "
+         f"{mem['4096']['forward'] / MIB:.1f} MiB)"),
+    ]
+
+
+def storage_rows(s: dict) -> list[tuple[str, str, str]]:
+    return [("bytes per checkpoint vs the same top-9 crops as `add_image` grids", "≥ 50× smaller",
+             f"{s['later_ratio']:.0f}× after the first checkpoint ({s['convviz_bytes_per_later_checkpoint'] / 1024:.0f} "
+             f"vs {s['add_image_bytes_per_later_checkpoint'] / 1024:.0f} KiB); {s['ratio']:.1f}× over all "
+             f"{s['checkpoints']} including the first, which stores the probe images; {s['records_ratio']:.0f}× "
+             f"once every probe image is stored ({s['convviz_record_bytes_per_checkpoint'] / 1024:.0f} KiB of records)")]
+
+
+def serve_rows(v: dict) -> list[tuple[str, str, str]]:
+    ms = v["ms"]
+    base, warm, cold = ms["images plugin blob"], ms["mosaic warm"], ms["mosaic cold"]
+    return [(f"mosaic serving vs TensorBoard's image plugin (`--load_fast={str(v['load_fast']).lower()}`)", "—",
+             f"p50 warm {warm['p50']:.1f} ms (×{warm['p50'] / base['p50']:.2f}), cold {cold['p50']:.1f} ms "
+             f"(×{cold['p50'] / base['p50']:.2f}), image plugin {base['p50']:.1f} ms; p95 warm {warm['p95']:.1f}, "
+             f"cold {cold['p95']:.1f}, image plugin {base['p95']:.1f} ms")]
+
+
+def page_rows(out: dict | str) -> list[tuple[str, str, str]]:
+    if isinstance(out, dict):
+        figures = ", ".join(f"{k} {v}" for k, v in out.items() if k != "benchmark")
+    else:  # page.py's text lines: "page load, TensorBoard cold : 0.812 s  ..."
+        found = re.findall(r"^(page load[^:]*|checkpoint switch[^:]*?)\s*:\s*([0-9.]+) s", out, re.M)
+        figures = "; ".join(f"{name.strip()}: {value} s" for name, value in found) or out.strip()
+    return [("page load (headless Chromium, real TensorBoard)", "—", figures)]
+
+
+def scale_rows(sc: dict) -> list[tuple[str, str, str]]:
+    setup, rows = sc["setup"], []
+    counts = sorted({r["checkpoints"] for r in sc["results"]})
+    low, high = counts[0], counts[-1]
+    for loader in ("rust", "python"):
+        r = {row["checkpoints"]: row for row in sc["results"] if row["loader"] == loader}
+        if high not in r:
+            continue
+        b, a = r[high], r[low]
+        growth = "" if low == high else (
+            f"; {low}→{high} checkpoints (×{high / low:.0f}): load ×{b['load_s'] / a['load_s']:.2f}, "
+            f"RSS ×{b['peak_rss_mib'] / a['peak_rss_mib']:.2f}, evolution ×{b['evolution_ms'] / a['evolution_ms']:.2f}")
+        rows.append((
+            f"scale, {high} checkpoints × {setup['layers']} layers × {setup['units']} units, k={setup['k']}, "
+            f"{setup['probe_images']} probe images ({loader} loader)", "—",
+            f"load {b['load_s']:.1f} s (scalars only {b['bare_load_s']:.1f} s), peak RSS {b['peak_rss_mib']:.0f} MiB "
+            f"(scalars only {b['bare_peak_rss_mib']:.0f} MiB); runs {b['runs_ms']:.0f} ms, topk of "
+            f"{setup['units']} units {b['topk_ms']:.0f} ms, mosaic cold {b['mosaic_cold_ms']:.0f} / warm "
+            f"{b['mosaic_warm_ms']:.0f} ms, evolution {b['evolution_ms']:.0f} ms" + growth))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "storage", "serve", "page", "scale"])
+    parser.add_argument("--serve_requests", type=int, default=200)
+    parser.add_argument("--scale_checkpoints", type=int, nargs="+", default=[50, 200])
+    args = parser.parse_args()
+    requests = ["--requests", str(args.serve_requests)]
+    benchmarks = [
+        ("overhead", ["overhead.py"], overhead_rows),
+        ("storage", ["storage.py"], storage_rows),
+        ("serve", ["serve.py", "--load_fast", "true", *requests], serve_rows),
+        ("serve", ["serve.py", "--load_fast", "false", *requests], serve_rows),
+        ("page", ["page.py"], page_rows),
+        ("scale", ["scale.py", "--checkpoints", *map(str, args.scale_checkpoints)], scale_rows),
+    ]
+    before = machine()
+    rows = []
+    for name, command, to_rows in benchmarks:
+        if name in args.skip or not os.path.exists(os.path.join(HERE, command[0])):
+            continue
+        try:
+            rows += to_rows(run(*command))
+        except subprocess.CalledProcessError as e:  # one broken benchmark should not cost the others
+            reason = (e.stderr or "").strip().splitlines()[-1:] or [f"exit status {e.returncode}"]
+            rows.append((" ".join(command), "—", f"failed: {reason[0]}"))
+
+    print(f"Machine: {before}; load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print()
+    print("| figure | target | measured |")
+    print("|---|---|---|")
+    for figure, target, measured in rows:
+        print(f"| {figure} | {target} | {measured} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Bytes per checkpoint: convviz's log vs the same top-9 crops logged as ``SummaryWriter.add_image`` grids.
+
+Side by side in one run: the demo's AlexNet-style net at 64x64 over 1024 Shapes
+probe images, its five ReLU layers, k=9; weights are perturbed between checkpoints,
+as training would move them. ConvVizLogger writes its own log dir; for the same
+checkpoints, each unit's top-9 receptive-field crops (read back from that log) are
+tiled into a 3x3 grid and logged with torch's ``SummaryWriter.add_image``, one image
+per unit, into a second log dir. Prints the bytes each needs per checkpoint (all
+checkpoints, and those after the first, which stores most winning probe images) and
+the ratio, and convviz's bytes without probe images: each image is stored once, so in
+a long run the records are what each further checkpoint costs.
+
+    python benchmarks/storage.py [--checkpoints 4] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+from tensorboard.backend.event_processing import event_file_loader
+from torch.utils.tensorboard import SummaryWriter
+
+from tb_convviz import ConvVizLogger, ProbeSet, metadata, read_run
+from tb_convviz.demo.model import DemoAlexNet
+from tb_convviz.demo.shapes import Shapes
+from tb_convviz.geometry import crop
+from tb_convviz.plugin import render
+from tb_convviz.reader import event_files
+
+LAYERS = [f"features.relu{i}" for i in range(1, 6)]
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+
+
+def log_grids(writer: SummaryWriter, run, probe: ProbeSet, step: int) -> None:
+    """Each unit's top-k crops at ``step`` as one ``add_image`` grid (what one would log by hand)."""
+    for name in LAYERS:
+        layer, records = run.layer(name), run.topk(name, step)
+        positional = layer.fmap is not None
+        for unit in range(layer.units):
+            tiles = [
+                crop(probe.display(int(i)), render.record_box(layer.receptive_field, positional, int(y), int(x)))
+                for i, y, x in zip(records.image[unit], records.y[unit], records.x[unit]) if i >= 0
+            ]
+            grid = render.mosaic(tiles, layer.receptive_field.size)[:, :, :3]
+            writer.add_image(f"{name}/unit{unit}", grid, step, dataformats="HWC")
+
+
+def record_bytes(log_dir: str) -> int:
+    """Bytes of the records of events other than probe-image chunks (the top-k and scalars)."""
+    total = 0
+    for path in event_files(log_dir):
+        for event in event_file_loader.EventFileLoader(path).Load():
+            if not any(v.tag in (metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG) for v in event.summary.value):
+                total += event.ByteSize() + 16  # TFRecord framing
+    return total
+
+
+def measure(checkpoints: int) -> dict:
+    torch.manual_seed(0)
+    model = DemoAlexNet()
+    probe = ProbeSet.from_dataset(Shapes(1024, seed=0), n=1024, class_names=Shapes.class_names)
+    with tempfile.TemporaryDirectory() as convviz_dir, tempfile.TemporaryDirectory() as images_dir:
+        convviz_sizes, image_sizes = [], []
+        writer = SummaryWriter(images_dir)
+        with ConvVizLogger(model, probe, convviz_dir, layers=LAYERS, k=9) as logger:
+            for step in range(checkpoints):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.mul_(1 + 0.05 * torch.randn_like(p))
+                assert logger.log(step)
+                convviz_sizes.append(dir_bytes(convviz_dir))
+                log_grids(writer, read_run(convviz_dir), probe, step)
+                writer.flush()
+                image_sizes.append(dir_bytes(images_dir))
+        writer.close()
+        units = sum(read_run(convviz_dir).layer(name).units for name in LAYERS)
+        records = record_bytes(convviz_dir) / checkpoints
+    convviz, images = np.diff([0] + convviz_sizes), np.diff([0] + image_sizes)
+    return {
+        "checkpoints": checkpoints, "units": units,
+        "convviz_bytes_per_checkpoint": float(convviz.mean()),
+        "add_image_bytes_per_checkpoint": float(images.mean()),
+        "ratio": float(images.mean() / convviz.mean()),
+        "convviz_bytes_per_later_checkpoint": float(convviz[1:].mean()),
+        "add_image_bytes_per_later_checkpoint": float(images[1:].mean()),
+        "later_ratio": float(images[1:].mean() / convviz[1:].mean()),
+        "convviz_record_bytes_per_checkpoint": records,
+        "records_ratio": float(images.mean() / records),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoints", type=int, default=4, help="at least 2")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the text")
+    args = parser.parse_args()
+    result = measure(max(args.checkpoints, 2))
+    if args.json:
+        print(json.dumps({"benchmark": "storage", **result}))
+        return
+    kib = 1024
+    print(f"DemoAlexNet 64x64, {result['units']} units in 5 layers, k=9, 1024 Shapes probe images, "
+          f"{result['checkpoints']} checkpoints")
+    print(f"{'':34s} {'convviz':>12s} {'add_image':>12s} {'ratio':>8s}")
+    print(f"{'KiB per checkpoint, all':34s} {result['convviz_bytes_per_checkpoint'] / kib:12.1f} "
+          f"{result['add_image_bytes_per_checkpoint'] / kib:12.1f} {result['ratio']:8.1f}")
+    print(f"{'KiB per checkpoint, after the first':34s} {result['convviz_bytes_per_later_checkpoint'] / kib:12.1f} "
+          f"{result['add_image_bytes_per_later_checkpoint'] / kib:12.1f} {result['later_ratio']:8.1f}   "
+          "(target >= 50)")
+    print(f"{'KiB per checkpoint, records only':34s} {result['convviz_record_bytes_per_checkpoint'] / kib:12.1f} "
+          f"{result['add_image_bytes_per_checkpoint'] / kib:12.1f} {result['records_ratio']:8.1f}   "
+          "(once every probe image is stored)")
+
+
+if __name__ == "__main__":
+    main()
