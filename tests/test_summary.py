@@ -1,0 +1,35 @@
+"""Probe-image encoding and chunking of the log format."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from tb_convviz import summary
+from tb_convviz.demo.shapes import Shapes
+
+
+def test_large_images_are_jpeg_under_30_kb_on_average_small_ones_lossless_png():
+    # Textured, gradient-lit 224x224 scenes; the budget is what a 50,000-image probe set needs.
+    large = Shapes(12, seed=3, train=False, size=224).images.permute(0, 2, 3, 1).numpy()
+    encoded = [summary.encode_image(image) for image in large]
+    assert all(Image.open(io.BytesIO(b)).format == "JPEG" for b in encoded)
+    assert np.mean([len(b) for b in encoded]) <= 30_000, [len(b) for b in encoded]
+    small = Shapes(4, seed=3, train=False, size=64).images.permute(0, 2, 3, 1).numpy()
+    for image in small:
+        decoded = Image.open(io.BytesIO(summary.encode_image(image)))
+        assert decoded.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(decoded), image)
+
+
+def test_grayscale_images_stay_single_channel():
+    image = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    decoded = np.asarray(Image.open(io.BytesIO(summary.encode_image(image))))
+    np.testing.assert_array_equal(decoded, image[:, :, 0])
+
+
+def test_chunks_respect_the_byte_limit_and_keep_order():
+    sizes = [100, 200, 300, 50, 900, 10]
+    chunks = summary.split_chunks(sizes, limit=400)
+    assert [list(range(len(sizes)))[c] for c in chunks] == [[0, 1], [2, 3], [4], [5]]
+    assert summary.split_chunks([], limit=400) == []
