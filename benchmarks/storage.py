@@ -10,7 +10,10 @@ checkpoints, and those after the first, which stores most winning probe images) 
 the ratio, and convviz's bytes without probe images: each image is stored once, so in
 a long run the records are what each further checkpoint costs.
 
-    python benchmarks/storage.py [--checkpoints 4] [--json]
+With ``--run DIR`` it instead replays the checkpoints of a run logged by real
+training (all of them, the first included) as ``add_image`` grids.
+
+    python benchmarks/storage.py [--checkpoints 4] [--run runs/demo/seed0] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tempfile
 import numpy as np
 import torch
 from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.compat.proto import event_pb2, summary_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from tb_convviz import ConvVizLogger, ProbeSet, metadata, read_run
@@ -39,14 +43,17 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
 
 
-def log_grids(writer: SummaryWriter, run, probe: ProbeSet, step: int) -> None:
-    """Each unit's top-k crops at ``step`` as one ``add_image`` grid (what one would log by hand)."""
-    for name in LAYERS:
+def log_grids(writer: SummaryWriter, run, image, step: int) -> None:
+    """Each unit's top-k crops at ``step`` as one ``add_image`` grid (what one would log by hand).
+
+    ``image(i)`` gives probe image i as displayed.
+    """
+    for name in [layer.name for layer in run.layers]:
         layer, records = run.layer(name), run.topk(name, step)
         positional = layer.fmap is not None
         for unit in range(layer.units):
             tiles = [
-                crop(probe.display(int(i)), render.record_box(layer.receptive_field, positional, int(y), int(x)))
+                crop(image(int(i)), render.record_box(layer.receptive_field, positional, int(y), int(x)))
                 for i, y, x in zip(records.image[unit], records.y[unit], records.x[unit]) if i >= 0
             ]
             grid = render.mosaic(tiles, layer.receptive_field.size)[:, :, :3]
@@ -77,7 +84,7 @@ def measure(checkpoints: int) -> dict:
                         p.mul_(1 + 0.05 * torch.randn_like(p))
                 assert logger.log(step)
                 convviz_sizes.append(dir_bytes(convviz_dir))
-                log_grids(writer, read_run(convviz_dir), probe, step)
+                log_grids(writer, read_run(convviz_dir), probe.display, step)
                 writer.flush()
                 image_sizes.append(dir_bytes(images_dir))
         writer.close()
@@ -97,11 +104,44 @@ def measure(checkpoints: int) -> dict:
     }
 
 
+def measure_run(run_dir: str) -> dict:
+    """The same comparison over the checkpoints of a run logged by real training."""
+    run = read_run(run_dir)
+    convviz = 0
+    for path in event_files(run_dir):
+        for event in event_file_loader.EventFileLoader(path).Load():
+            ours = [v for v in event.summary.value if v.tag.startswith("convviz/")]
+            if ours:
+                convviz += event_pb2.Event(step=event.step, wall_time=event.wall_time,
+                                           summary=summary_pb2.Summary(value=ours)).ByteSize() + 16
+    with tempfile.TemporaryDirectory() as images_dir:
+        with SummaryWriter(images_dir) as writer:
+            for step in run.steps:
+                log_grids(writer, run, run.probe_image, step)
+        images = dir_bytes(images_dir)
+    n = len(run.steps)
+    return {"run": run_dir, "checkpoints": n, "units": sum(layer.units for layer in run.layers),
+            "convviz_bytes_per_checkpoint": convviz / n, "add_image_bytes_per_checkpoint": images / n,
+            "ratio": images / convviz}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", type=int, default=4, help="at least 2")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the text")
+    parser.add_argument("--run", help="instead, compare over the checkpoints of this logged run "
+                        "(e.g. runs/demo/seed0 from `tb-convviz demo`)")
     args = parser.parse_args()
+    if args.run:
+        result = measure_run(args.run)
+        if args.json:
+            print(json.dumps({"benchmark": "storage_run", **result}))
+        else:
+            print(f"{args.run}: {result['checkpoints']} checkpoints of real training, {result['units']} units; "
+                  f"convviz {result['convviz_bytes_per_checkpoint'] / 1024:.1f} KiB, add_image grids "
+                  f"{result['add_image_bytes_per_checkpoint'] / 1024:.1f} KiB per checkpoint: "
+                  f"{result['ratio']:.1f}x smaller (target >= 50)")
+        return
     result = measure(max(args.checkpoints, 2))
     if args.json:
         print(json.dumps({"benchmark": "storage", **result}))
