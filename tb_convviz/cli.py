@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -271,9 +272,13 @@ class _TensorBoard:
         raise CommandError(f"TensorBoard exited with status {self._proc.returncode}:\n{output}")
 
     def __enter__(self) -> "_TensorBoard":
+        # TensorBoard has a session of its own, so a plain `kill` of this process must
+        # unwind through __exit__ to stop it too, instead of leaving it running.
+        self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
         self._proc.terminate()
         try:
             self._proc.wait(timeout=10)
@@ -281,6 +286,10 @@ class _TensorBoard:
             self._proc.kill()
             self._proc.wait()
         self._log.close()
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _port(requested: int | None) -> int:

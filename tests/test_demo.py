@@ -281,3 +281,33 @@ def test_fashion_mnist_files_present_locally(tmp_path, capsys):
     assert [layer.name for layer in run.layers] == LAYERS
     assert run.probe.channels == 1 and run.probe.n == 32
     assert run.probe.class_names[0] == "T-shirt/top" and len(run.probe.class_names) == 10
+
+
+def test_served_tensorboard_stops_when_the_demo_is_killed(tmp_path):
+    """`kill` (SIGTERM) of `tb-convviz demo --serve` must not leave its TensorBoard running."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import sys, time; from pathlib import Path; from tb_convviz.cli import _TensorBoard\n"
+        f"with _TensorBoard(Path({str(tmp_path)!r}), {port}):\n"
+        "    print('serving', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "serving"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "TensorBoard did not start"
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=5)
