@@ -85,7 +85,20 @@ export class GridView {
     fill(this.notice);
     this.showUnits(run, layer, data, state.sort);
     await this.feed.settle();
-    if (seq === this.seq) this.grid.setAttribute("aria-busy", "false");
+    if (seq !== this.seq) return;
+    this.grid.setAttribute("aria-busy", "false");
+    this.prefetchNext(run, layer, data.step);
+  }
+
+  /** Warm the browser's cache with the next checkpoint's mosaics, so stepping forward and play are quick. */
+  prefetchNext(run, layer, step) {
+    const next = layer.steps[layer.steps.indexOf(step) + 1];
+    if (next === undefined || layer.units >= LAZY_UNITS) return;
+    for (let unit = 0; unit < layer.units; unit++) {
+      const img = new Image();
+      img.fetchPriority = "low";
+      img.src = mosaicUrl(run.run, layer.name, next, unit);
+    }
   }
 
   build(layer, layerKey) {
