@@ -3,8 +3,8 @@
 
 import { h, fill, select, message, formatPercent } from "./dom.js";
 import { getJson, mosaicUrl } from "./api.js";
-import { layerTabs, ImageFeed, fitImage, fitScale, mosaicSide, layerTitle } from "./widgets.js";
-import { LAZY_UNITS, sortUnits } from "./grid.js";
+import { layerTabs, startMosaicGrid, fitImage, layerTitle } from "./widgets.js";
+import { sortUnits } from "./grid.js";
 
 const MOSAIC_PX = 104;
 // Units that keep fewer than half of their top-k images count as changed.
@@ -92,12 +92,7 @@ export class CompareView {
   }
 
   build(layer, layerKey) {
-    this.feed?.disconnect();
-    this.feed = new ImageFeed({ lazy: layer.units >= LAZY_UNITS });
-    this.layerKey = layerKey;
-    this.tiles.clear();
-    const side = mosaicSide(layer);
-    this.grid.style.setProperty("--tile", `${Math.round(side * fitScale(side, MOSAIC_PX))}px`);
+    startMosaicGrid(this, layer, layerKey, MOSAIC_PX);
     const tiles = [];
     for (let unit = 0; unit < layer.units; unit++) {
       const mosaic = () => fitImage(h("img", { class: "cv-mosaic", alt: "", decoding: "async" }), MOSAIC_PX);

@@ -2,10 +2,8 @@
 
 import { h, fill, select, message, formatValue, formatPercent } from "./dom.js";
 import { topk, mosaicUrl } from "./api.js";
-import { layerTabs, StepSlider, ImageFeed, fitImage, fitScale, mosaicSide, recordsAlt } from "./widgets.js";
+import { layerTabs, StepSlider, LAZY_UNITS, startMosaicGrid, fitImage, recordsAlt } from "./widgets.js";
 
-// From this many units on, mosaics load only near the viewport so the page stays responsive.
-export const LAZY_UNITS = 512;
 const TILE_PX = 128;
 export const SORTS = [["unit", "Unit index"], ["peak", "Peak activation"], ["change", "Change since previous"]];
 
@@ -102,12 +100,7 @@ export class GridView {
   }
 
   build(layer, layerKey) {
-    this.feed?.disconnect();
-    this.feed = new ImageFeed({ lazy: layer.units >= LAZY_UNITS });
-    this.layerKey = layerKey;
-    this.tiles.clear();
-    const side = mosaicSide(layer);
-    this.grid.style.setProperty("--tile", `${Math.round(side * fitScale(side, TILE_PX))}px`);
+    startMosaicGrid(this, layer, layerKey, TILE_PX);
     const tiles = [];
     for (let unit = 0; unit < layer.units; unit++) {
       const img = fitImage(h("img", { class: "cv-mosaic", alt: `Unit ${unit}`, decoding: "async" }), TILE_PX);

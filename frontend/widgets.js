@@ -130,6 +130,22 @@ export function mosaicSide(layer) {
   return cols * Math.max(height, width) + (cols - 1);
 }
 
+/**
+ * Start a grid of mosaic tiles for `layer`: a fresh ImageFeed (lazy from LAZY_UNITS units on,
+ * so large layers stay responsive) and the tile size, scaled so a mosaic fits `px` pixels.
+ */
+export function startMosaicGrid(view, layer, layerKey, px) {
+  view.feed?.disconnect();
+  view.feed = new ImageFeed({ lazy: layer.units >= LAZY_UNITS });
+  view.layerKey = layerKey;
+  view.tiles.clear();
+  const side = mosaicSide(layer);
+  view.grid.style.setProperty("--tile", `${Math.round(side * fitScale(side, px))}px`);
+}
+
+// From this many units on, mosaics load only near the viewport so the page stays responsive.
+export const LAZY_UNITS = 512;
+
 const nextFrame = () => new Promise((resolve) => requestAnimationFrame(resolve));
 
 /**
