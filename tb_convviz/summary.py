@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
 import socket
 import struct
 import time
@@ -119,7 +120,7 @@ class EventWriter:
         if self._summaries is None:
             # The name format of tensorboard's EventFileWriter, which TensorBoard globs for.
             name = "events.out.tfevents.%010d.%s.%s.%s%s" % (
-                time.time(), socket.gethostname(), os.getpid(), next(_file_ids), filename_suffix)
+                _file_time(target), socket.gethostname(), os.getpid(), next(_file_ids), filename_suffix)
             self._file = open(os.path.join(target, name), "wb")
             self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
@@ -143,6 +144,19 @@ class EventWriter:
 
 
 _file_ids = itertools.count()
+_FILE_TIME = re.compile(r"tfevents\.(\d+)\.")
+
+
+def _file_time(log_dir: str) -> int:
+    """Now, in seconds, but later than every event file already in ``log_dir``.
+
+    TensorBoard reads a run's files in name order, and the Rust loader lets a record at
+    step s replace that series' records at steps >= s. A new file (a resumed run, a retry
+    after a write error) must therefore sort after the old ones, which a file from the
+    same second may not do (its pid or counter decides, as text).
+    """
+    times = [int(m.group(1)) for name in os.listdir(log_dir) if (m := _FILE_TIME.search(name))]
+    return max([int(time.time())] + [t + 1 for t in times])
 
 
 def frame_record(data: bytes) -> bytes:

@@ -33,3 +33,20 @@ def test_chunks_respect_the_byte_limit_and_keep_order():
     chunks = summary.split_chunks(sizes, limit=400)
     assert [list(range(len(sizes)))[c] for c in chunks] == [[0, 1], [2, 3], [4], [5]]
     assert summary.split_chunks([], limit=400) == []
+
+
+def test_a_new_event_file_sorts_after_the_ones_already_there(tmp_path):
+    import time
+
+    from tb_convviz.reader import event_files
+
+    later = int(time.time()) + 100  # e.g. an earlier process of the same second, with a larger pid
+    (tmp_path / f"events.out.tfevents.{later:010d}.host.99999.0.convviz").write_bytes(b"")
+    first = summary.EventWriter(str(tmp_path))
+    second = summary.EventWriter(str(tmp_path))  # a retry in the same second and process
+    first.close()
+    second.close()
+    names = [f.rsplit("/", 1)[-1] for f in event_files(str(tmp_path))]
+    assert names[0].startswith(f"events.out.tfevents.{later:010d}.host.99999")
+    assert names[1].startswith(f"events.out.tfevents.{later + 1:010d}.")
+    assert names[2].startswith(f"events.out.tfevents.{later + 2:010d}.")
