@@ -1,8 +1,7 @@
 """The ConvViz tab in real headless Chromium, against a real ``tensorboard`` process.
 
-Needs Debian's ``chromium`` and Playwright's Python package. Without them the tests
-skip, saying why; with the ``CI`` environment variable set they fail instead.
-Screenshots of every view go to ``$CONVVIZ_SCREENSHOT_DIR`` (default
+Chromium, the watched page and screenshots come from ``browser_support.py`` and
+``conftest.py``. Screenshots of every view go to ``$CONVVIZ_SCREENSHOT_DIR`` (default
 ``tests/artifacts/``, git-ignored). With ``CONVVIZ_SCREENSHOT_LOGDIR`` pointing at a
 real run (``tb-convviz demo``), ``test_screenshots_of_a_real_run`` saves the README's
 ``dashboard.png`` from it.
@@ -12,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import shutil
 import urllib.parse
 
 import numpy as np
@@ -22,11 +19,10 @@ import pytest
 from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz.metadata import topk_overlap
 from tb_convviz.synthetic_run import write_synthetic_run
+from browser_support import (IDLE, Watched, assert_images_loaded, hash_state, mosaic_sources,
+                             screenshot)
 from tb_server import get, tensorboard_server, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 HOSTILE_RUN = "<img src=x onerror=alert(1)>"
 HOSTILE_LAYER = "<img src=x onerror=alert(2)>\"'" + "-long" * 60
 HOSTILE_CLASSES = ["<b>bold</b> & 'quoted'", "\"><script>alert(3)</script>"]
@@ -35,35 +31,8 @@ WIDE_RUN, WIDE_UNITS = "wide", 512
 RUN = "seed0"
 CHECKPOINTS = 8
 UNITS = 16
-ARTIFACTS = pathlib.Path(os.environ.get("CONVVIZ_SCREENSHOT_DIR")
-                         or pathlib.Path(__file__).parent / "artifacts")
-# Set on any element that shows data once everything it asked for has loaded.
-IDLE = "[aria-busy='false']"
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so the browser tests must run)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import Error, sync_playwright
-    except ImportError:
-        _unavailable("Playwright is not installed: pip install playwright")
-    if not shutil.which(CHROMIUM):
-        _unavailable(f"no Chromium at {CHROMIUM}: apt-get install chromium")
-    with sync_playwright() as playwright:
-        try:
-            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        except Error as e:
-            _unavailable(f"Chromium at {CHROMIUM} does not start: {e}")
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -118,68 +87,6 @@ def server(written):
 
         wait_for(loaded)
         yield url
-
-
-class Watched:
-    """A page whose console errors, CSP violations, uncaught exceptions and alerts are recorded."""
-
-    def __init__(self, browser, color_scheme: str = "light"):
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme=color_scheme)
-        # Runs in every frame, TensorBoard's plugin iframe included; it only listens.
-        self.context.add_init_script(
-            "window.__csp = []; document.addEventListener('securitypolicyviolation',"
-            " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
-        self.page = self.context.new_page()
-        self.problems: list[str] = []
-        self.page.on("console", self._console)
-        self.page.on("pageerror", lambda e: self.problems.append(f"uncaught: {e}"))
-        self.page.on("dialog", self._dialog)
-
-    def _console(self, message):
-        # Opening the iframe URL as a top-level page makes Chromium ask for a favicon,
-        # which TensorBoard serves only at its root page; that is not the plugin's error.
-        if message.type == "error" and not message.location.get("url", "").endswith("/favicon.ico"):
-            self.problems.append(f"console: {message.text}")
-
-    def _dialog(self, dialog):
-        self.problems.append(f"a script opened a dialog: {dialog.message}")
-        dialog.dismiss()
-
-    def open(self, server: str, hash_: str = ""):
-        """The plugin's iframe document itself, at ``#hash_``."""
-        self.page.goto(f"{server}data/plugin_entry.html?name=convviz#{hash_}")
-        return self.page
-
-    def assert_clean(self, frame=None):
-        csp = (frame or self.page).evaluate("window.__csp")
-        assert not csp, f"CSP violations: {csp}"
-        assert not self.problems, self.problems
-
-
-@pytest.fixture
-def watched(browser):
-    w = Watched(browser)
-    yield w
-    w.context.close()
-
-
-def screenshot(page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
-
-
-def hash_state(page) -> dict[str, str]:
-    return dict(urllib.parse.parse_qsl(page.evaluate("location.hash.slice(1)")))
-
-
-def mosaic_sources(page) -> list[str]:
-    return page.eval_on_selector_all(".cv-grid .cv-mosaic", "els => els.map(e => e.currentSrc)")
-
-
-def assert_images_loaded(page, selector: str, count: int) -> None:
-    sizes = page.eval_on_selector_all(selector, "els => els.map(e => [e.complete, e.naturalWidth])")
-    assert len(sizes) == count
-    assert all(complete and width > 0 for complete, width in sizes), sizes
 
 
 def test_tab_loads_inside_tensorboard(watched, server, written):
