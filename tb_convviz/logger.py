@@ -20,6 +20,8 @@ from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
 from tb_convviz.probe import ProbeSet
+from tb_convviz.projection import LayerProjections, Target, check_options, project_checkpoint
+from tb_convviz.projection_format import DOMINANT_RATIO, ENCODING, NEAR_ZERO_RATIO, encode_index, filter_flags
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.schedule import Schedule
@@ -45,6 +47,10 @@ class ConvVizLogger:
     depth) or module names. The schedule is ``every_n_steps``, an explicit ``steps``
     list, or ``total_steps`` (checkpoints dense early); by default 0, 1, 2, 5, 10, 20, ...
     Under ``torch.distributed`` each rank ranks its share of the probe set and rank 0 writes.
+    ``projections`` ("top1", "topk" or None) projects each unit's strongest record (or all k)
+    back to pixel space with ``projection_rule`` ("deconvnet", "guided" or "gradient");
+    ``projections_topk_every`` (n, or "last") projects all k at every n-th checkpoint, or at
+    the schedule's last one. The first convolution's weights are logged at every checkpoint.
     """
 
     def __init__(
@@ -61,6 +67,9 @@ class ConvVizLogger:
         steps: Iterable[int] | None = None,
         total_steps: int | None = None,
         device: torch.device | str | None = None,
+        projections: str | None = "top1",
+        projection_rule: str = "deconvnet",
+        projections_topk_every: int | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -82,6 +91,14 @@ class ConvVizLogger:
         # Probe images follow the model's dtype, e.g. under Lightning's "16-true" precision.
         self._dtype = next((p.dtype for p in self._net.parameters() if p.is_floating_point()), None)
         self.schedule = Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)
+        check_options(projections, projection_rule, projections_topk_every)
+        if projections_topk_every == "last" and steps is None and total_steps is None:
+            raise ValueError("projections_topk_every='last' needs a schedule with a last checkpoint: pass steps= "
+                             "or total_steps=, or an int n for every n-th checkpoint")
+        self.projections, self.projection_rule = projections, projection_rule
+        self.projections_topk_every = projections_topk_every
+        self._last_scheduled = max(steps) if steps is not None else total_steps
+        self._checkpoints = 0
         self.log_dir = os.fspath(log_dir) if log_dir is not None else _writer_log_dir(writer)
         self._user_writer = writer
         self._writer: summary.EventWriter | None = None
@@ -135,6 +152,8 @@ class ConvVizLogger:
             if len(shape) == 4 and max(shape[2:]) > MAX_FMAP_SIDE:
                 raise ValueError(f"layer {name!r} has a feature map of {shape[2:]}, larger than {MAX_FMAP_SIDE}")
             self._shapes[name] = shape
+        self._first_conv = next((c.name for c in calls if isinstance(c.module, nn.Conv2d)
+                                 and c.module.in_channels == self.probe.shape[0]), None)
         return names
 
     def _describe_layers(self) -> dict[str, plugin_data_pb2.LayerInfo]:
@@ -208,6 +227,7 @@ class ConvVizLogger:
             return False
         try:
             results = self._collect()
+            projections = self._project(step, results)
         except Exception as e:
             warnings.warn(f"convviz: the checkpoint at step {step} failed and was skipped: {e}",
                           ConvVizWarning, stacklevel=2)
@@ -216,7 +236,7 @@ class ConvVizLogger:
         if _rank() != 0:
             return True
         try:
-            self._write(step, results)
+            self._write(step, results, projections)
         except Exception as e:
             if not self._failing:
                 warnings.warn(
@@ -268,7 +288,59 @@ class ConvVizLogger:
             results[name] = (_gather(topk, self.k) if world > 1 else topk).to("cpu")
         return results
 
-    def _write(self, step: int, results: dict[str, TopK]) -> None:
+    def _projection_ranks(self, step: int) -> int:
+        if self.projections is None:
+            return 0
+        every = self.projections_topk_every
+        if self.projections == "topk" or (every == "last" and step >= self._last_scheduled) or (
+                isinstance(every, int) and self._checkpoints % every == 0):
+            return self.k
+        return 1
+
+    def _project(self, step: int, results: dict[str, TopK]) -> dict[str, LayerProjections]:
+        """This checkpoint's projections (on rank 0; other ranks compute their share and get {})."""
+        ranks = self._projection_ranks(step)
+        self._checkpoints += 1
+        if not ranks:
+            return {}
+        targets = [Target(name, ReceptiveField.from_proto(info.receptive_field), info.fmap_w)
+                   for name, info in self._layer_infos.items()]
+        with preserved(self._net, no_grad=False), _buffers_of_rank_0(self._net):
+            mine = project_checkpoint(
+                self._net, self.probe, targets, {n: t.image.numpy() for n, t in results.items()},
+                {n: t.position.numpy() for n, t in results.items()}, ranks=ranks, rule=self.projection_rule,
+                batch_size=self.batch_size, device=self.device, dtype=self._dtype, share=(_rank(), _world()),
+            )
+        if _world() == 1:
+            return mine
+        shares = [None] * _world() if _rank() == 0 else None
+        dist.gather_object(mine, shares, dst=0)
+        return {name: LayerProjections.concat([s[name] for s in shares]) for name in mine} if _rank() == 0 else {}
+
+    def _filter_values(self, scalars: dict[str, float]) -> list[summary_pb2.Summary.Value]:
+        if self._first_conv is None:
+            return []
+        weight = dict(self._net.named_modules())[self._first_conv].weight.detach().float().cpu().numpy()
+        dominant, near_zero = filter_flags(weight)
+        scalars[metadata.scalar_tag(self._first_conv, "dominant_filters")] = float(dominant.sum())
+        scalars[metadata.scalar_tag(self._first_conv, "near_zero_filters")] = float(near_zero.sum())
+        info = plugin_data_pb2.FilterInfo(module=self._first_conv, dominant_ratio=DOMINANT_RATIO,
+                                          near_zero_ratio=NEAR_ZERO_RATIO)
+        return list(summary.filters_pb(info, weight).value)
+
+    def _projection_values(self, projections: dict[str, LayerProjections]) -> list[summary_pb2.Summary.Value]:
+        values = []
+        channels = self.probe.shape[0]
+        for name, layer in projections.items():
+            rf = self._layer_infos[name].receptive_field
+            info = plugin_data_pb2.ProjectionInfo(
+                layer=name, rule=self.projection_rule, channels=channels, height=rf.size_h, width=rf.size_w,
+                uncovered=layer.uncovered, encoding=ENCODING,
+            )
+            values.extend(summary.projections_pb(info, encode_index(layer.index), layer.images).value)
+        return values
+
+    def _write(self, step: int, results: dict[str, TopK], projections: dict[str, LayerProjections] | None = None) -> None:
         winners = set()
         for topk in results.values():
             winners.update(topk.image[topk.image >= 0].unique().tolist())
@@ -292,6 +364,8 @@ class ConvVizLogger:
             values.extend(summary.topk_pb(info, payload).value)
             scalars.update(self._layer_scalars(name, topk.values.numpy(), image))
             images[name] = image
+        values.extend(self._projection_values(projections or {}))
+        values.extend(self._filter_values(scalars))
         values.extend(summary.scalars_pb(scalars).value)
         writer.write(summary_pb2.Summary(value=values), step)
         writer.flush()

@@ -16,7 +16,18 @@ and, at steps of their own (a chunk counter, strictly increasing):
   of that chunk, in the same order. Both carry a ``ProbeInfo``.
 
 Each probe image is stored once, in the first chunk written after the first
-checkpoint whose records name it. This module imports no torch.
+checkpoint whose records name it.
+
+With projections on, in the checkpoint's event as well:
+
+* ``convviz/projection/<layer>`` (BLOB_SEQUENCE): the layer's projections, blob 0
+  an index, the rest 8-bit images (see ``projection_format``). Its PluginData
+  carries a ``ProjectionInfo``.
+* ``convviz/filters/<module>`` (TENSOR): float32 ``[out, in, kh, kw]`` weights of
+  the first convolution, with a ``FilterInfo``; and the SCALARs
+  ``convviz/<module>/{dominant_filters,near_zero_filters}``.
+
+This module imports no torch.
 """
 
 from __future__ import annotations
@@ -33,7 +44,10 @@ PROTO_VERSION = 1
 TOPK_TAG_PREFIX = "convviz/topk/"
 PROBE_INDEX_TAG = "convviz/probe/index"
 PROBE_IMAGES_TAG = "convviz/probe/images"
+PROJECTION_TAG_PREFIX = "convviz/projection/"
+FILTERS_TAG_PREFIX = "convviz/filters/"
 SCALAR_NAMES = ("topk_overlap", "dead_fraction", "mean_peak")
+FILTER_SCALAR_NAMES = ("dominant_filters", "near_zero_filters")
 
 RECORD_DTYPE = np.dtype([("value", "<f4"), ("image", "<i4"), ("y", "<i2"), ("x", "<i2")])
 
@@ -50,20 +64,28 @@ def layer_of_tag(tag: str) -> str | None:
     return tag[len(TOPK_TAG_PREFIX):] if tag.startswith(TOPK_TAG_PREFIX) else None
 
 
+def projection_tag(layer: str) -> str:
+    return PROJECTION_TAG_PREFIX + layer
+
+
+def filters_tag(module: str) -> str:
+    return FILTERS_TAG_PREFIX + module
+
+
 def scalar_tag(layer: str, name: str) -> str:
     return f"convviz/{layer}/{name}"
 
 
 def create_summary_metadata(
-    content: plugin_data_pb2.LayerInfo | plugin_data_pb2.ProbeInfo,
+    content: plugin_data_pb2.LayerInfo | plugin_data_pb2.ProbeInfo | plugin_data_pb2.ProjectionInfo
+    | plugin_data_pb2.FilterInfo,
     data_class: int,
 ) -> summary_pb2.SummaryMetadata:
     """SummaryMetadata for a convviz series; ``data_class`` is a summary_pb2.DATA_CLASS_*."""
     data = plugin_data_pb2.PluginData(version=PROTO_VERSION)
-    if isinstance(content, plugin_data_pb2.LayerInfo):
-        data.layer.CopyFrom(content)
-    else:
-        data.probe.CopyFrom(content)
+    field = {plugin_data_pb2.LayerInfo: data.layer, plugin_data_pb2.ProbeInfo: data.probe,
+             plugin_data_pb2.ProjectionInfo: data.projection, plugin_data_pb2.FilterInfo: data.filters}
+    field[type(content)].CopyFrom(content)
     return summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(
             plugin_name=PLUGIN_NAME, content=data.SerializeToString()

@@ -15,6 +15,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.util import tensor_util
 
 from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz import projection_format as fmt
 from tb_convviz.geometry import ReceptiveField
 
 
@@ -78,6 +79,10 @@ class Run:
         self._labels: dict[int, int] = {}
         # (index, label) rows of the chunk whose images come next in the same event.
         self._pending_index = np.zeros((0, 2), np.int32)
+        # layer -> step -> (info, index rows, image blobs): one self-contained record each.
+        self._projections: dict[str, dict[int, tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]]] = {}
+        self.filter_module: str | None = None
+        self._filters: dict[int, np.ndarray] = {}
 
     @property
     def steps(self) -> list[int]:
@@ -115,11 +120,66 @@ class Run:
     def label(self, index: int) -> int:
         return self._labels.get(index, -1)
 
+    def projection_steps(self, layer: str) -> list[int]:
+        """Steps at which ``layer``'s projections were logged, ascending (empty if never)."""
+        return sorted(self._projections.get(self.layer(layer).name, {}))
+
+    def projection_info(self, layer: str) -> plugin_data_pb2.ProjectionInfo | None:
+        """How ``layer``'s projections were made (rule, crop size, uncovered nonlinearities), or None."""
+        per_step = self._projections.get(self.layer(layer).name)
+        return next(iter(per_step.values()))[0] if per_step else None
+
+    def projection(self, layer: str, step: int, unit: int, rank: int = 0) -> np.ndarray:
+        """The stored projection of a record, float32 ``[C, h, w]`` on its receptive-field box (zero-padded).
+
+        De-quantised with its normalisation constant; KeyError if that record was not projected.
+        """
+        name = self.layer(layer).name
+        per_step = self._projections.get(name, {})
+        if step not in per_step:
+            raise KeyError(f"layer {layer!r} has no projections at step {step}; "
+                           f"steps with projections: {sorted(per_step) or 'none (not logged in this run)'}")
+        info, index, blobs = per_step[step]
+        found = np.flatnonzero((index["unit"] == unit) & (index["rank"] == rank))
+        if not found.size:
+            raise KeyError(f"unit {unit} rank {rank} of layer {layer!r} was not projected at step {step}")
+        row = index[found[-1]]
+        q = fmt.decode_pixels(blobs[found[-1]], info.channels, info.height, info.width)
+        return fmt.dequantize(q, float(row["scale"]))
+
+    def projection_record(self, layer: str, step: int, unit: int, rank: int = 0) -> np.void:
+        """The index row (unit, rank, image, y, x, scale) of a stored projection."""
+        per_step = self._projections.get(self.layer(layer).name, {})
+        if step not in per_step:
+            raise KeyError(f"layer {layer!r} has no projections at step {step}")
+        index = per_step[step][1]
+        found = np.flatnonzero((index["unit"] == unit) & (index["rank"] == rank))
+        if not found.size:
+            raise KeyError(f"unit {unit} rank {rank} of layer {layer!r} was not projected at step {step}")
+        return index[found[-1]]
+
+    @property
+    def filter_steps(self) -> list[int]:
+        """Steps at which the first convolution's weights were logged."""
+        return sorted(self._filters)
+
+    def filters(self, step: int | None = None) -> np.ndarray:
+        """The first convolution's weights ``[out, in, kh, kw]`` at ``step`` (the latest if None)."""
+        if not self._filters:
+            raise KeyError(f"no filters were logged in {self.path} (not logged in this run)")
+        step = max(self._filters) if step is None else step
+        if step not in self._filters:
+            raise KeyError(f"no filters at step {step}; steps with filters: {sorted(self._filters)}")
+        return self._filters[step].copy()
+
     def _add(self, event) -> None:
         for value in event.summary.value:
             content = value.metadata.plugin_data.content if value.HasField("metadata") else None
             if value.metadata.plugin_data.plugin_name == "scalars" and value.tag.startswith("convviz/"):
                 self.scalars.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
+                continue
+            if value.tag.startswith((metadata.PROJECTION_TAG_PREFIX, metadata.FILTERS_TAG_PREFIX)):
+                self._add_figure_data(value, event.step)
                 continue
             layer = metadata.layer_of_tag(value.tag)
             if layer is None and value.tag not in (metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG):
@@ -143,6 +203,30 @@ class Run:
                     self._images.setdefault(index, blob)
                     self._labels.setdefault(index, label)
                 self._pending_index = np.zeros((0, 2), np.int32)
+
+
+    def _add_figure_data(self, value, step: int) -> None:
+        """A projections blob sequence or a filters tensor; a series' metadata comes with its first value."""
+        content = value.metadata.plugin_data.content if value.HasField("metadata") else None
+        data = metadata.parse_plugin_metadata(content) if content else None
+        if value.tag.startswith(metadata.FILTERS_TAG_PREFIX):
+            if data is not None:
+                self.filter_module = data.filters.module
+            if self.filter_module == value.tag[len(metadata.FILTERS_TAG_PREFIX):]:
+                self._filters[step] = tensor_util.make_ndarray(value.tensor).astype(np.float32)
+            return
+        layer = value.tag[len(metadata.PROJECTION_TAG_PREFIX):]
+        per_step = self._projections.setdefault(layer, {})
+        info = data.projection if data is not None else next(iter(per_step.values()))[0] if per_step else None
+        if info is None:
+            return
+        blobs = list(tensor_util.make_ndarray(value.tensor).reshape(-1))
+        if not blobs:
+            return
+        index = fmt.decode_index(blobs[0])
+        if len(index) != len(blobs) - 1:
+            raise ValueError(f"projections of {layer!r}: {len(index)} index rows but {len(blobs) - 1} images")
+        per_step[step] = (info, index, blobs[1:])
 
 
 def event_files(path: str) -> list[str]:

@@ -75,6 +75,22 @@ def probe_chunk_pb(
     )
 
 
+def projections_pb(info: plugin_data_pb2.ProjectionInfo, index: bytes, images: Sequence[bytes]) -> summary_pb2.Summary:
+    """One layer's projections at one checkpoint: blob 0 the index, then the images (see ``projection_format``)."""
+    md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+    blobs = tensor_util.make_tensor_proto(np.array([index, *images], dtype=object), shape=[len(images) + 1])
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=metadata.projection_tag(info.layer),
+                                                                metadata=md, tensor=blobs)])
+
+
+def filters_pb(info: plugin_data_pb2.FilterInfo, weights: np.ndarray) -> summary_pb2.Summary:
+    """The first convolution's weights, float32 ``[out, in, kh, kw]``."""
+    md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_TENSOR)
+    tensor = tensor_util.make_tensor_proto(np.asarray(weights, np.float32))
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=metadata.filters_tag(info.module),
+                                                                metadata=md, tensor=tensor)])
+
+
 def scalars_pb(values: dict[str, float]) -> summary_pb2.Summary:
     """Scalars for the Scalars dashboard (plugin ``scalars``, data class SCALAR)."""
     md = summary_pb2.SummaryMetadata(

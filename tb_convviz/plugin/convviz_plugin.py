@@ -101,6 +101,9 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         self._data = ConvVizData(context.data_provider)
         self._render = render.Renderer(self._data)
         self._static_dir = os.path.realpath(frontend_dir())
+        from tb_convviz.plugin.figure_routes import FigureRoutes  # it builds on this module's helpers
+
+        self._figures = FigureRoutes(self)
 
     def get_plugin_apps(self):
         return {
@@ -113,6 +116,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             "/compare": self._serve_compare,
             "/probe_image": self._serve_probe_image,
             "/static/*": self._serve_static,
+            **self._figures.apps(),
         }
 
     def is_active(self) -> bool:
@@ -131,10 +135,12 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             layers = self._layers(ctx, eid, listing)
             probe = self._data.probe(ctx, eid, listing)
             problems = list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
+            projections, filters = self._figures.describe(ctx, eid, listing, layers)
             runs.append({
                 "run": listing.name,
                 "steps": sorted({s for layer in layers for s in layer.steps}),
-                "layers": [_layer_json(layer) for layer in layers],
+                "layers": [{**_layer_json(layer), "projections": projections[layer.name]} for layer in layers],
+                "filters": filters,
                 "probe": _probe_json(probe),
                 "error": _summarise(problems),
             })

@@ -1,0 +1,322 @@
+"""Routes for the paper's own pictures: projections (Fig. 2), the Fig. 4 grid and layer-1 filters (Fig. 6).
+
+See ``http_api.md``. Every response is bounded: a row holds at most ``MAX_ROW_CELLS`` cells
+and ``MAX_ROW_PIXELS`` pixels of width, a grid at most ``MAX_GRID_UNITS`` units.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tensorboard import errors
+
+from tb_convviz import projection_format as fmt
+from tb_convviz.geometry import crop
+from tb_convviz.plugin import convviz_plugin as base
+from tb_convviz.plugin import render
+from tb_convviz.plugin.data import ByteLRU
+from tb_convviz.plugin.figures import FigureData, projections_json
+
+MAX_ROW_CELLS = 128
+MAX_ROW_PIXELS = 16384
+MAX_GRID_UNITS = 256
+MAX_LIST_TEXT = 4096
+SCALES = ("own", "common")
+KINDS = ("projection", "patch")
+ROW_ORDERS = ("changed", "random", "units")
+FILTER_TILE_DEFAULT = 32
+
+
+class FigureRoutes:
+    """The figure routes of a :class:`~tb_convviz.plugin.convviz_plugin.ConvVizPlugin`."""
+
+    def __init__(self, plugin) -> None:
+        self._plugin = plugin
+        self._data = plugin._data
+        self.figures = FigureData(plugin._data)
+        self._pngs = ByteLRU(32 << 20)
+
+    def apps(self) -> dict:
+        return {
+            "/projection": self._serve_projection,
+            "/projection_mosaic": self._serve_projection_mosaic,
+            "/row": self._serve_row,
+            "/fig4": self._serve_fig4,
+            "/filters": self._serve_filters,
+            "/filter_mosaic": self._serve_filter_mosaic,
+        }
+
+    def describe(self, ctx, eid: str, listing, layers) -> tuple[dict, dict | None]:
+        """For the ``runs`` listing: per layer name its projections (or None), and the run's filters (or None)."""
+        projections = self.figures.projections(ctx, eid, listing.name)
+        per_layer = {layer.name: projections_json(projections.get(layer.name), layer.info.units) for layer in layers}
+        try:
+            filters = self.figures.filters(ctx, eid, listing.name)
+        except errors.NotFoundError:
+            return per_layer, None
+        shape = next(iter(filters.weights.values())).shape if filters.weights else None
+        return per_layer, {"module": filters.info.module, "steps": filters.steps,
+                           "shape": list(shape) if shape is not None else None}
+
+    # --- projections ------------------------------------------------------------------------
+
+    def _scaled(self, ctx, eid, listing, layer, step, position, scale: str) -> np.ndarray:
+        """``[h, w, C]`` uint8 display image of a stored projection, on its own or the layer's common scale."""
+        q = self.figures.projection(ctx, eid, listing, layer, step, position)
+        if scale == "common":
+            rows = self.figures.index(ctx, eid, listing, layer, step)
+            finite = rows["scale"][np.isfinite(rows["scale"])]
+            q = fmt.rescale(q, float(rows["scale"][position]), float(finite.max()) if finite.size else 0.0)
+        return _display(q)
+
+    @base._route
+    def _serve_projection(self, request, params):
+        ctx, eid = base._context(request)
+        listing, layer = self._plugin._layer(ctx, eid, params)
+        step = base._step(listing, layer, params)
+        unit = base._unit(layer, params)
+        rank = base._rank(layer, params) if params.text("rank", required=False) is not None else 0
+        size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
+        scale = _choice(params, "scale", SCALES)
+        position = self.figures.find(ctx, eid, listing, layer, step, unit, rank)
+        if position is None:
+            raise errors.NotFoundError(
+                f"unit {unit} rank {rank} of layer {layer.name!r} was not projected at step {step}"
+                + (" (only the top-1 record is projected there)" if rank else ""))
+        key = ("projection", eid, listing.name, layer.name, step, position, size, scale)
+        return base._png(request, self._cached(key, lambda: render.encode_png(render.resize(
+            self._scaled(ctx, eid, listing, layer, step, position, scale), size))))
+
+    @base._route
+    def _serve_projection_mosaic(self, request, params):
+        ctx, eid = base._context(request)
+        listing, layer = self._plugin._layer(ctx, eid, params)
+        step = base._step(listing, layer, params)
+        unit = base._unit(layer, params)
+        size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
+        scale = _choice(params, "scale", SCALES)
+        rows = self.figures.index(ctx, eid, listing, layer, step)
+        mine = np.flatnonzero(rows["unit"] == unit)
+        count = int(rows["rank"][mine].max()) + 1 if mine.size else 1
+        by_rank = {int(rows["rank"][i]): int(i) for i in mine}
+
+        def draw() -> bytes:
+            tiles = [render.resize(self._scaled(ctx, eid, listing, layer, step, by_rank[r], scale), size)
+                     if r in by_rank else None for r in range(count)]
+            tile = render.resize(np.zeros(layer.field.size, np.uint8), size).shape[:2]
+            return render.encode_png(render.mosaic(tiles, tile))
+
+        key = ("projection_mosaic", eid, listing.name, layer.name, step, unit, size, scale)
+        return base._png(request, self._cached(key, draw))
+
+    @base._route
+    def _serve_row(self, request, params):
+        """One unit's top-1 projection (or patch) at each of ``steps``: one row of the Fig. 4 grid."""
+        ctx, eid = base._context(request)
+        listing, layer = self._plugin._layer(ctx, eid, params)
+        unit = base._unit(layer, params)
+        steps = _steps(params, layer, required=True)
+        size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
+        kind = _choice(params, "kind", KINDS)
+        scale = _choice(params, "scale", SCALES)
+        tile = render.resize(np.zeros(layer.field.size, np.uint8), size).shape[:2]
+        if len(steps) * (tile[1] + 1) > MAX_ROW_PIXELS:
+            raise errors.InvalidArgumentError(
+                f"a row of {len(steps)} cells of {tile[1]} px is wider than {MAX_ROW_PIXELS} px: "
+                "ask for fewer steps or a smaller size")
+        probe = self._data.probe(ctx, eid, listing) if kind == "patch" else None
+
+        def draw() -> bytes:
+            if kind == "projection" and scale == "common":
+                return render.encode_png(_strip(self._common_row(ctx, eid, listing, layer, steps, unit, size), tile))
+            cells = []
+            for step in steps:
+                if kind == "patch":
+                    record = layer.records(step)[unit, 0]
+                    ok = int(record["image"]) in probe.blob_keys
+                    cells.append(render.resize(crop(
+                        self._data.image(ctx, eid, listing, probe, int(record["image"])),
+                        render.record_box(layer.field, layer.positional, int(record["y"]), int(record["x"]))),
+                        size) if ok else None)
+                    continue
+                position = self._find_or_none(ctx, eid, listing, layer, step, unit)
+                cells.append(None if position is None else render.resize(_display(
+                    self.figures.projection(ctx, eid, listing, layer, step, position)), size))
+            return render.encode_png(_strip(cells, tile))
+
+        key = ("row", eid, listing.name, layer.name, unit, tuple(steps), size, kind, scale,
+               layer.steps[-1] if layer.steps else None)
+        return base._png(request, self._cached(key, draw))
+
+    def _find_or_none(self, ctx, eid, listing, layer, step, unit):
+        try:
+            return self.figures.find(ctx, eid, listing, layer, step, unit, 0)
+        except errors.NotFoundError:
+            return None  # no projections at that step: an empty cell
+
+    def _common_row(self, ctx, eid, listing, layer, steps, unit, size):
+        found = [(step, self._find_or_none(ctx, eid, listing, layer, step, unit)) for step in steps]
+        scales = [float(self.figures.index(ctx, eid, listing, layer, s)["scale"][p]) if p is not None else 0.0
+                  for s, p in found]
+        common = max([s for s in scales if math.isfinite(s)], default=0.0)
+        return [None if p is None else render.resize(_display(fmt.rescale(
+            self.figures.projection(ctx, eid, listing, layer, s, p), scale, common)), size)
+            for (s, p), scale in zip(found, scales)]
+
+    @base._route
+    def _serve_fig4(self, request, params):
+        """The rows and columns of the Fig. 4 grid: which units, which steps, and what changed."""
+        ctx, eid = base._context(request)
+        listing, layer = self._plugin._layer(ctx, eid, params)
+        steps = _steps(params, layer, required=False) or list(layer.steps)
+        order = _choice(params, "rows", ROW_ORDERS)
+        count = params.bounded("count", 1, MAX_GRID_UNITS, default=16)
+        seed = params.bounded("seed", 0, 2 ** 31 - 1, default=0)
+        if not steps:
+            raise errors.NotFoundError(f"layer {layer.name!r} has no readable checkpoint yet")
+        top1 = np.stack([layer.records(s)["image"][:, 0] for s in steps], axis=1)  # [units, steps]
+        changes = (top1[:, 1:] != top1[:, :-1]).sum(axis=1)
+        if order == "units":
+            units = _int_list(params, "units", required=True)
+            if len(units) > MAX_GRID_UNITS or any(not 0 <= u < layer.info.units for u in units):
+                raise errors.InvalidArgumentError(
+                    f"units must be at most {MAX_GRID_UNITS} unit indices in 0..{layer.info.units - 1}")
+        elif order == "random":
+            rng = np.random.default_rng(seed)
+            units = sorted(rng.choice(layer.info.units, min(count, layer.info.units), replace=False).tolist())
+        else:
+            units = np.argsort(-changes, kind="stable")[:count].tolist()
+        try:
+            projected = self.figures.layer_projections(ctx, eid, listing, layer).steps
+        except errors.NotFoundError:
+            projected = []
+        return base._json(request, {
+            "run": listing.name, "layer": layer.name, "rows": order, "steps": steps,
+            "projection_steps": [s for s in steps if s in set(projected)],
+            "units": [{"unit": int(u), "changes": int(changes[u]), "top1": [int(i) for i in top1[u]]} for u in units],
+        })
+
+    # --- filters ----------------------------------------------------------------------------
+
+    def _filter_step(self, filters, params) -> int:
+        step = params.integer("step", required=False)
+        if step is None:
+            return filters.steps[-1]
+        if step not in filters.weights:
+            raise errors.NotFoundError(f"no filters at step {step}; steps with filters: "
+                                       + ", ".join(map(str, filters.steps[:20])))
+        return step
+
+    @base._route
+    def _serve_filters(self, request, params):
+        ctx, eid = base._context(request)
+        listing = self._data.listing(ctx, eid, params.text("run"))
+        filters = self.figures.filters(ctx, eid, listing.name)
+        if not filters.weights:
+            raise errors.NotFoundError(f"first-layer filters were not logged in this run ({listing.name!r})")
+        step = self._filter_step(filters, params)
+        info = filters.info
+        ratios = (info.dominant_ratio or fmt.DOMINANT_RATIO, info.near_zero_ratio or fmt.NEAR_ZERO_RATIO)
+        flags = {s: fmt.filter_flags(w, *ratios) for s, w in filters.weights.items()}
+        weights = filters.weights[step]
+        dominant, near_zero = flags[step]
+        return base._json(request, {
+            "run": listing.name, "module": info.module, "step": step, "steps": filters.steps,
+            "shape": list(weights.shape), "dominant_ratio": ratios[0], "near_zero_ratio": ratios[1],
+            "rms": [base._number(v) for v in fmt.filter_rms(weights)],
+            "dominant": np.flatnonzero(dominant).tolist(), "near_zero": np.flatnonzero(near_zero).tolist(),
+            "counts": {"dominant": [int(flags[s][0].sum()) for s in filters.steps],
+                       "near_zero": [int(flags[s][1].sum()) for s in filters.steps]},
+        })
+
+    @base._route
+    def _serve_filter_mosaic(self, request, params):
+        ctx, eid = base._context(request)
+        listing = self._data.listing(ctx, eid, params.text("run"))
+        filters = self.figures.filters(ctx, eid, listing.name)
+        if not filters.weights:
+            raise errors.NotFoundError(f"first-layer filters were not logged in this run ({listing.name!r})")
+        step = self._filter_step(filters, params)
+        size = params.bounded("size", render.MIN_SIZE, 128, default=FILTER_TILE_DEFAULT)
+        key = ("filters", eid, listing.name, step, size, filters.steps[-1])
+        return base._png(request, self._cached(key, lambda: render.encode_png(
+            filter_mosaic(filters.weights[step], size))))
+
+    def _cached(self, key, draw) -> bytes:
+        png = self._pngs.get(key)
+        if png is None:
+            png = draw()
+            self._pngs.put(key, png, len(png))
+        return png
+
+
+def filter_mosaic(weights: np.ndarray, size: int) -> np.ndarray:
+    """All filters as RGB tiles (each contrast-normalised on its own), ``size`` px each, in a near-square RGBA grid."""
+    tiles = [render.resize(t, size) for t in fmt.filter_tiles(weights)]
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    th, tw = tiles[0].shape[:2]
+    out = np.zeros((rows * (th + 1) - 1, cols * (tw + 1) - 1, 4), np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        out[r * (th + 1):r * (th + 1) + th, c * (tw + 1):c * (tw + 1) + tw, :3] = t
+        out[r * (th + 1):r * (th + 1) + th, c * (tw + 1):c * (tw + 1) + tw, 3] = 255
+    return out
+
+
+def _display(q: np.ndarray) -> np.ndarray:
+    """``[C, h, w]`` -> ``[h, w, 3]`` or ``[h, w]``: RGB as stored, one channel grey, others their mean around 128."""
+    if q.shape[0] == 3:
+        return np.ascontiguousarray(q.transpose(1, 2, 0))
+    if q.shape[0] == 1:
+        return q[0]
+    return np.rint(q.astype(np.float32).mean(axis=0)).astype(np.uint8)
+
+
+def _strip(cells: list, tile: tuple[int, int]) -> np.ndarray:
+    """Cells side by side with 1-px transparent separators; missing cells stay transparent."""
+    th, tw = tile
+    out = np.zeros((th, len(cells) * (tw + 1) - 1, 4), np.uint8)
+    for i, cell in enumerate(cells):
+        if cell is None:
+            continue
+        rgb = cell if cell.ndim == 3 else np.repeat(cell[:, :, None], 3, axis=2)
+        out[:, i * (tw + 1):i * (tw + 1) + tw, :3] = rgb[:, :, :3]
+        out[:, i * (tw + 1):i * (tw + 1) + tw, 3] = 255
+    return out
+
+
+def _choice(params, name: str, choices: tuple[str, ...]) -> str:
+    value = params.text(name, required=False)
+    if value is None:
+        return choices[0]
+    if value not in choices:
+        raise errors.InvalidArgumentError(f"parameter {name!r} must be one of {', '.join(choices)}, got {base._short(value)}")
+    return value
+
+
+def _int_list(params, name: str, *, required: bool) -> list[int] | None:
+    text = params.text(name, required=required)
+    if text is None:
+        return None
+    if len(text) > MAX_LIST_TEXT:
+        raise errors.InvalidArgumentError(f"parameter {name!r} is longer than {MAX_LIST_TEXT} characters")
+    parts = text.split(",")
+    if not all(base._INTEGER.fullmatch(p) for p in parts):
+        raise errors.InvalidArgumentError(f"parameter {name!r} must be comma-separated integers, got {base._short(text)}")
+    return [int(p) for p in parts]
+
+
+def _steps(params, layer, *, required: bool) -> list[int] | None:
+    steps = _int_list(params, "steps", required=required)
+    if steps is None:
+        return None
+    if len(steps) > MAX_ROW_CELLS:
+        raise errors.InvalidArgumentError(f"at most {MAX_ROW_CELLS} steps per request, got {len(steps)}")
+    missing = [s for s in steps if s not in layer.records_by_step]
+    if missing:
+        raise errors.NotFoundError(f"steps {missing[:5]} are not checkpoints of layer {layer.name!r}; it has "
+                                   f"{len(layer.steps)} checkpoints from {layer.steps[0] if layer.steps else '-'} "
+                                   f"to {layer.steps[-1] if layer.steps else '-'}")
+    return steps

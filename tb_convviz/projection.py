@@ -1,0 +1,244 @@
+"""Project single activations back to pixel space: deconvnet, guided backprop or the plain gradient.
+
+Zeiler & Fergus's Fig. 2 shows, beside each top-k patch, the signal that one activation
+sends back to the input when every other activation of its layer is zero. Here that is a
+backward pass seeded with 1 at the record's (unit, y, x), with ReLU's backward replaced
+by the rule's. Images do not interact in eval mode, so one forward and one backward over
+a batch in which each row carries its own record's image and seed projects every record
+of a checkpoint, whatever their layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from tb_convviz import projection_format as fmt
+from tb_convviz.geometry import ReceptiveField, crop
+
+RULES = ("deconvnet", "guided", "gradient")
+PROJECTIONS = ("top1", "topk", None)
+
+# Nonlinearities no rule rewrites: they pass the plain gradient, and the layer says so.
+_UNCOVERED = {
+    F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid, F.mish,
+    F.softplus, F.hardtanh, F.relu6, F.prelu, F.glu, F.logsigmoid, torch.sigmoid, torch.tanh,
+    torch.Tensor.sigmoid, torch.Tensor.tanh, F.tanh, F.sigmoid,
+}
+
+
+def check_options(projections: str | None, rule: str, topk_every: int | str | None) -> None:
+    """Raise ValueError (saying what is valid) for bad projection options."""
+    if projections not in PROJECTIONS:
+        raise ValueError(f"projections must be 'top1', 'topk' or None, got {projections!r}")
+    if rule not in RULES:
+        raise ValueError(f"projection_rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
+    if topk_every is not None:
+        if topk_every != "last" and (not isinstance(topk_every, int) or isinstance(topk_every, bool) or topk_every < 1):
+            raise ValueError("projections_topk_every must be a positive int (every n-th checkpoint) or 'last', "
+                             f"got {topk_every!r}")
+        if projections != "top1":
+            raise ValueError("projections_topk_every adds all-k checkpoints to projections='top1'; "
+                             f"it has no effect with projections={projections!r}")
+
+
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU whose backward rectifies the backward signal, ignoring the forward input (deconvnet)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp_min(0)
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward masks by both the forward input and the backward signal (guided backprop)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.relu(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad.clamp_min(0) * (out > 0).to(grad.dtype)
+
+
+class RuleMode(TorchFunctionMode):
+    """Inside: every ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``relu_``, in place or not) uses ``rule``'s backward.
+
+    ``uncovered`` collects the names of other nonlinearities seen, which keep their gradient.
+    """
+
+    def __init__(self, rule: str) -> None:
+        super().__init__()
+        self.rule = rule
+        self.uncovered: set[str] = set()
+        self._relu = {"deconvnet": _DeconvReLU, "guided": _GuidedReLU}.get(rule)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _UNCOVERED:
+            self.uncovered.add(getattr(func, "__name__", str(func)))
+        elif self._relu is not None and func in (F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_):
+            x = args[0]
+            inplace = func in (torch.relu_, torch.Tensor.relu_) or bool(
+                kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            out = self._relu.apply(x)
+            # In place as the model asked, so code that ignores the return value still sees it.
+            return x.copy_(out) if inplace else out
+        return func(*args, **kwargs)
+
+
+class _Stop(Exception):
+    """Raised by the last needed layer's hook: the rest of the forward pass is not needed."""
+
+
+@dataclasses.dataclass
+class Projection:
+    """The input-space signals of a batch of records, ``[B, C, H, W]`` float32, and per layer the uncovered nonlinearities."""
+
+    pixels: torch.Tensor
+    uncovered: dict[str, list[str]]
+
+
+def project(net: nn.Module, layers: Sequence[str], images: torch.Tensor, layer_of_row: Sequence[int],
+            unit: Sequence[int], position: Sequence[int], rule: str = "deconvnet") -> Projection:
+    """Project row b's activation (layer ``layers[layer_of_row[b]]``, ``unit[b]``, flat ``position[b]``) back onto ``images[b]``.
+
+    ``position`` is ``y * width + x`` (-1 for ``[N, F]`` outputs). One forward pass and one
+    backward pass, in eval mode as the caller sets it; gradients are taken with respect to the
+    input only, so no parameter's ``.grad`` changes.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    rows = len(layer_of_row)
+    wanted = sorted(set(layer_of_row))
+    modules = dict(net.named_modules())
+    outputs: dict[int, torch.Tensor] = {}
+    uncovered: dict[str, list[str]] = {}
+    mode = RuleMode(rule)
+
+    def hook_for(i: int):
+        def hook(_module, _inputs, output):
+            outputs[i] = output
+            uncovered[layers[i]] = sorted(mode.uncovered)
+            if len(outputs) == len(wanted):
+                raise _Stop
+            # Later in-place ops must not change the tensor the backward starts from.
+            return output.clone()
+        return hook
+
+    handles = [modules[layers[i]].register_forward_hook(hook_for(i)) for i in wanted]
+    x = images.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad(), mode:
+            net(x)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layers[i] for i in wanted if i not in outputs]
+    if missing:
+        raise RuntimeError(f"layers {missing} did not run in the forward pass")
+    rows_t = torch.arange(rows, device=x.device)
+    layer_t = torch.as_tensor(list(layer_of_row), device=x.device)
+    unit_t = torch.as_tensor(list(unit), device=x.device)
+    position_t = torch.as_tensor(list(position), device=x.device)
+    seeds = []
+    for i in wanted:
+        out = outputs[i]
+        seed = torch.zeros_like(out)
+        mine = layer_t == i
+        if out.dim() == 2:
+            seed[rows_t[mine], unit_t[mine]] = 1
+        else:
+            flat = seed.view(rows, out.shape[1], -1)
+            flat[rows_t[mine], unit_t[mine], position_t[mine]] = 1
+        seeds.append(seed)
+    (grad,) = torch.autograd.grad([outputs[i] for i in wanted], [x], seeds, allow_unused=True)
+    pixels = torch.zeros_like(x, dtype=torch.float32) if grad is None else grad.float()
+    return Projection(pixels=pixels, uncovered=uncovered)
+
+
+def crop_projection(pixels: np.ndarray, field: ReceptiveField, y: int, x: int, positional: bool) -> np.ndarray:
+    """Crop one ``[C, H, W]`` projection to the record's receptive-field box, zero-padded, as ``[C, h, w]``."""
+    box = field.box(y, x) if positional and y >= 0 and x >= 0 else field.box(None, None)
+    return crop(np.moveaxis(pixels, 0, -1), box, fill=0).transpose(2, 0, 1)
+
+
+@dataclasses.dataclass
+class Target:
+    """A logged layer as projections need it: name, receptive field, and feature-map width (0 if fully connected)."""
+
+    name: str
+    field: ReceptiveField
+    fmap_w: int
+
+
+@dataclasses.dataclass
+class LayerProjections:
+    """One layer's projections at a checkpoint, stored form: ``INDEX_DTYPE`` rows and their encoded images."""
+
+    index: np.ndarray
+    images: list[bytes]
+    uncovered: list[str]
+
+    @staticmethod
+    def concat(parts: Sequence["LayerProjections"]) -> "LayerProjections":
+        return LayerProjections(np.concatenate([p.index for p in parts]), [b for p in parts for b in p.images],
+                                sorted({u for p in parts for u in p.uncovered}))
+
+
+def project_checkpoint(net: nn.Module, probe, targets: Sequence[Target], image: dict[str, np.ndarray],
+                       position: dict[str, np.ndarray], *, ranks: int, rule: str, batch_size: int,
+                       device: torch.device, dtype: torch.dtype | None, share: tuple[int, int] = (0, 1),
+                       encoding: str = fmt.ENCODING) -> dict[str, LayerProjections]:
+    """Project the top-``ranks`` records of every unit of ``targets`` (``image``/``position``: ``[units, k]`` per layer).
+
+    Returns, per layer, this process's ``share`` = (rank, world) of the records, cropped to each
+    record's receptive-field box, quantised and encoded. Rows are ordered by layer, so a batch of
+    low layers stops its forward pass early. One forward and one backward pass per ``batch_size`` records.
+    """
+    rows = [(i, u, r, int(image[t.name][u, r]), int(position[t.name][u, r]))
+            for i, t in enumerate(targets) for u in range(image[t.name].shape[0])
+            for r in range(min(ranks, image[t.name].shape[1])) if image[t.name][u, r] >= 0]
+    rank, world = share
+    rows = rows[len(rows) * rank // world:len(rows) * (rank + 1) // world]
+    names = [t.name for t in targets]
+    out: dict[str, list] = {t.name: [] for t in targets}
+    uncovered: dict[str, list[str]] = {t.name: [] for t in targets}
+    cache: dict[int, torch.Tensor] = {}
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first:first + batch_size]
+        for row in chunk:
+            if row[3] not in cache:
+                cache[row[3]] = probe.image(row[3])
+        images = torch.stack([cache[row[3]] for row in chunk]).to(device, dtype)
+        result = project(net, names, images, [r[0] for r in chunk], [r[1] for r in chunk],
+                         [max(r[4], 0) for r in chunk], rule)
+        uncovered.update(result.uncovered)
+        pixels = result.pixels.cpu().numpy()
+        for (i, u, r, img, pos), p in zip(chunk, pixels):
+            t = targets[i]
+            positional = t.fmap_w > 0 and pos >= 0
+            y, x = divmod(pos, t.fmap_w) if positional else (-1, -1)
+            q, scale = fmt.quantize(crop_projection(p, t.field, y, x, positional))
+            out[t.name].append(((u, r, img, y, x, scale), fmt.encode_pixels(q, encoding)))
+    return {
+        name: LayerProjections(np.array([e[0] for e in entries], fmt.INDEX_DTYPE), [e[1] for e in entries],
+                               uncovered[name])
+        for name, entries in out.items()
+    }

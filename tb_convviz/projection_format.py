@@ -1,0 +1,110 @@
+"""How projections and first-layer filters are stored: 8-bit quantisation, image encoding, index blobs, filter flags.
+
+numpy and Pillow only: the TensorBoard side, the reader and the logger share it.
+
+A layer's projections at one checkpoint are one BLOB_SEQUENCE value: blob 0 is the
+index (``INDEX_DTYPE`` rows: unit, rank, probe image, y, x, and the normalisation
+constant of each projection), blobs 1.. the images in index order. Everything a
+reader needs is in that one value, never paired with another record by step.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+INDEX_DTYPE = np.dtype([("unit", "<i4"), ("rank", "<i4"), ("image", "<i4"), ("y", "<i2"), ("x", "<i2"),
+                        ("scale", "<f4")])
+# Lossless WebP is 25-40% smaller than PNG on projections at the same (exact) 8-bit pixels;
+# see benchmarks/projections.py, which measures both.
+ENCODING = "webp"
+# A filter is flagged dominant when its RMS is this many times the layer's median (the
+# paper's Fig. 6(b)), and near zero below this fraction of it.
+DOMINANT_RATIO = 4.0
+NEAR_ZERO_RATIO = 0.05
+
+
+def quantize(projection: np.ndarray) -> tuple[np.ndarray, float]:
+    """Contrast-normalise one projection: uint8 with 128 = zero and 128 ± 127 = ± max|p|; returns it and max|p|."""
+    scale = float(np.abs(projection).max()) if projection.size else 0.0
+    if not np.isfinite(scale) or scale == 0.0:
+        return np.full(projection.shape, 128, np.uint8), (0.0 if scale == 0.0 else float("nan"))
+    q = np.rint(128 + 127 * (projection / scale))
+    return np.clip(q, 1, 255).astype(np.uint8), scale
+
+
+def dequantize(q: np.ndarray, scale: float) -> np.ndarray:
+    """The inverse of :func:`quantize`, float32 (zeros stay exactly zero)."""
+    return ((q.astype(np.float32) - 128) / 127) * np.float32(scale)
+
+
+def rescale(q: np.ndarray, scale: float, common: float) -> np.ndarray:
+    """A quantised projection redrawn on a common scale (``common`` ≥ ``scale``), still uint8 around 128."""
+    if not common > 0 or not np.isfinite(scale):
+        return np.full_like(q, 128)
+    return np.clip(np.rint(128 + (q.astype(np.float32) - 128) * (scale / common)), 1, 255).astype(np.uint8)
+
+
+def encode_pixels(q: np.ndarray, encoding: str = ENCODING) -> bytes:
+    """Encode a uint8 ``[C, h, w]`` projection losslessly: RGB for 3 channels, else channels stacked in grey."""
+    image = q.transpose(1, 2, 0) if q.shape[0] == 3 else q.reshape(-1, q.shape[2])
+    buf = io.BytesIO()
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    if encoding == "webp":
+        pil.save(buf, format="WEBP", lossless=True, quality=50, method=2)
+    elif encoding == "png":
+        pil.save(buf, format="PNG", compress_level=9)
+    else:
+        raise ValueError(f"unknown projection encoding {encoding!r}")
+    return buf.getvalue()
+
+
+def decode_pixels(data: bytes, channels: int, height: int, width: int) -> np.ndarray:
+    """Decode :func:`encode_pixels` output back to uint8 ``[channels, height, width]``; ValueError if it does not fit."""
+    with Image.open(io.BytesIO(data)) as pil:
+        if pil.width * pil.height * len(pil.getbands()) != channels * height * width:
+            raise ValueError(f"a {pil.width}x{pil.height} projection image does not hold {channels}x{height}x{width}")
+        image = np.asarray(pil.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    return image.transpose(2, 0, 1) if channels == 3 else image.reshape(channels, height, width)
+
+
+def encode_index(rows: np.ndarray) -> bytes:
+    return np.ascontiguousarray(rows, INDEX_DTYPE).tobytes()
+
+
+def decode_index(data: bytes) -> np.ndarray:
+    if len(data) % INDEX_DTYPE.itemsize:
+        raise ValueError(f"a projection index of {len(data)} bytes is not whole {INDEX_DTYPE.itemsize}-byte rows")
+    return np.frombuffer(data, INDEX_DTYPE)
+
+
+def filter_rms(weights: np.ndarray) -> np.ndarray:
+    """Per filter of ``[out, in, kh, kw]`` weights, the root mean square."""
+    w = weights.astype(np.float64).reshape(weights.shape[0], -1)
+    return np.sqrt((w * w).mean(axis=1)) if w.shape[1] else np.zeros(len(w))
+
+
+def filter_flags(weights: np.ndarray, dominant_ratio: float = DOMINANT_RATIO,
+                 near_zero_ratio: float = NEAR_ZERO_RATIO) -> tuple[np.ndarray, np.ndarray]:
+    """(dominant, near_zero) boolean masks over filters, relative to the layer's median RMS."""
+    rms = filter_rms(weights)
+    median = float(np.median(rms)) if rms.size else 0.0
+    if not np.isfinite(median) or median == 0.0:
+        return np.zeros(rms.shape, bool), rms == 0
+    return rms > dominant_ratio * median, rms < near_zero_ratio * median
+
+
+def filter_tiles(weights: np.ndarray) -> np.ndarray:
+    """uint8 ``[out, kh, kw, 3]`` tiles, each filter contrast-normalised to 0..255 on its own.
+
+    3 input channels are shown as RGB; any other number as grey (their mean).
+    """
+    w = weights.astype(np.float32)
+    w = w if w.shape[1] == 3 else np.repeat(w.mean(axis=1, keepdims=True), 3, axis=1)
+    low = w.min(axis=(1, 2, 3), keepdims=True)
+    span = w.max(axis=(1, 2, 3), keepdims=True) - low
+    span[~(span > 0)] = 1.0
+    tiles = np.rint(255 * (w - low) / span)
+    return np.nan_to_num(tiles, nan=0).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
