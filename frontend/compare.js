@@ -5,6 +5,7 @@ import { h, fill, select, message, formatPercent } from "./dom.js";
 import { getJson, mosaicUrl } from "./api.js";
 import { layerTabs, startMosaicGrid, fitImage, layerTitle } from "./widgets.js";
 import { sortUnits } from "./grid.js";
+import { effectiveShow, projectionMosaicUrl, showToggle } from "./show.js";
 
 const MOSAIC_PX = 104;
 // Units that keep fewer than half of their top-k images count as changed.
@@ -41,7 +42,7 @@ export class CompareView {
       this.showError(`Run ${other.run} has no layer ${layer.name}`, "Pick another run for A, or a layer both runs logged.");
       return;
     }
-    const layerKey = JSON.stringify([run.run, other.run, layer.name, layer.units]);
+    const layerKey = JSON.stringify([run.run, other.run, layer.name, layer.units, effectiveShow(state.show, layer)]);
     if (layerKey !== this.layerKey) this.build(layer, layerKey);
     this.grid.setAttribute("aria-busy", "true");
     let data;
@@ -88,6 +89,7 @@ export class CompareView {
         select(stepOptions(layer.steps), state.step, (value) => this.app.navigate({ step: Number(value) }), { "aria-label": "Step B" })),
       h("label", { class: "cv-field" }, "Sort by",
         select(ORDERS, state.order, (order) => this.app.navigate({ order }), { "aria-label": "Sort units by" })),
+      showToggle(layer, state.show, (show) => this.app.navigate({ show })),
     );
   }
 
@@ -98,13 +100,17 @@ export class CompareView {
       const mosaic = () => fitImage(h("img", { class: "cv-mosaic", alt: "", decoding: "async" }), MOSAIC_PX);
       const a = mosaic();
       const b = mosaic();
+      // "both": each side's projections under its patches.
+      const both = effectiveShow(this.app.state.show, layer) === "both";
+      const pa = both ? mosaic() : null;
+      const pb = both ? mosaic() : null;
       const meta = h("span", { class: "cv-tile-meta" });
       const el = h("button", {
         type: "button", class: "cv-tile cv-pair", dataset: { unit: String(unit) },
         title: `Unit ${unit}: open its evolution over training`,
         onclick: () => this.app.navigate({ view: "unit", unit }),
-      }, h("span", { class: "cv-pair-images" }, h("span", { class: "cv-tile-image" }, a), h("span", { class: "cv-tile-image" }, b)), meta);
-      this.tiles.set(unit, { el, a, b, meta });
+      }, h("span", { class: "cv-pair-images" }, h("span", { class: "cv-tile-image" }, a, pa), h("span", { class: "cv-tile-image" }, b, pb)), meta);
+      this.tiles.set(unit, { el, a, b, pa, pb, meta });
       tiles.push(el);
     }
     fill(this.grid, ...tiles);
@@ -120,8 +126,12 @@ export class CompareView {
       changed += isChanged;
       tile.a.alt = `Unit ${unit.unit}, top-${k} patches of ${data.run} at step ${data.step}`;
       tile.b.alt = `Unit ${unit.unit}, top-${k} patches of ${data.other_run} at step ${data.other_step}`;
-      this.feed.assign(tile.a, mosaicUrl(data.run, data.layer, data.step, unit.unit));
-      this.feed.assign(tile.b, mosaicUrl(data.other_run, data.layer, data.other_step, unit.unit));
+      const show = effectiveShow(this.app.state.show, layer);
+      const url = show === "projection" ? projectionMosaicUrl : mosaicUrl;
+      this.feed.assign(tile.a, url(data.run, data.layer, data.step, unit.unit));
+      this.feed.assign(tile.b, url(data.other_run, data.layer, data.other_step, unit.unit));
+      if (tile.pa) this.feed.assign(tile.pa, projectionMosaicUrl(data.run, data.layer, data.step, unit.unit));
+      if (tile.pb) this.feed.assign(tile.pb, projectionMosaicUrl(data.other_run, data.layer, data.other_step, unit.unit));
       tile.el.classList.toggle("cv-changed", isChanged);
       const shared = unit.shared?.length ?? Math.round((unit.overlap ?? 0) * k);
       fill(tile.meta,

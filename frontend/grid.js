@@ -3,6 +3,8 @@
 import { h, fill, select, message, formatValue, formatPercent } from "./dom.js";
 import { topk, mosaicUrl } from "./api.js";
 import { layerTabs, StepSlider, LAZY_UNITS, startMosaicGrid, fitImage, recordsAlt } from "./widgets.js";
+import { effectiveShow, hasProjection, projectionMosaicUrl, showToggle } from "./show.js";
+import { FiltersPanel, filtersToggle } from "./filters.js";
 
 const TILE_PX = 128;
 export const SORTS = [["unit", "Unit index"], ["peak", "Peak activation"], ["change", "Change since previous"]];
@@ -41,16 +43,35 @@ export class GridView {
     this.sort = select(SORTS, "unit", (sort) => app.navigate({ sort }), { "aria-label": "Sort units by" });
     this.summary = h("p", { class: "cv-summary" });
     this.notice = h("div", { class: "cv-notice" });
+    this.showSlot = h("span", { class: "cv-show-slot" });
+    this.filtersSlot = h("div", { class: "cv-filters-slot" });
+    this.filters = null;
     this.grid = h("div", { class: "cv-grid", "aria-busy": "true", "aria-label": "Units" });
     this.el = h("section", { class: "cv-view cv-grid-view" },
       this.tabs,
-      h("div", { class: "cv-toolbar" }, this.slider.el, h("label", { class: "cv-field" }, "Sort by", this.sort)),
-      this.summary, this.notice, this.grid);
+      h("div", { class: "cv-toolbar" }, this.slider.el, h("label", { class: "cv-field" }, "Sort by", this.sort), this.showSlot),
+      this.filtersSlot, this.summary, this.notice, this.grid);
   }
 
   destroy() {
     this.slider.stop();
     this.feed?.disconnect();
+    this.filters?.destroy();
+  }
+
+  /** The Layer 1 tab's filter toggle and, when on, the filters panel (its own slider over training). */
+  updateFilters(run, layer, state) {
+    const on = state.filters === "1";
+    const toggle = layer.index === 1 ? filtersToggle(run, on, (value) => this.app.navigate({ filters: value ? "1" : null })) : null;
+    if (!(on && run.filters)) {
+      this.filters?.destroy();
+      this.filters = null;
+      fill(this.filtersSlot, toggle);
+      return null;
+    }
+    this.filters ??= new FiltersPanel(this.app);
+    fill(this.filtersSlot, toggle, this.filters.el);
+    return this.filters.update(run, state);
   }
 
   onKey(event) {
@@ -65,7 +86,9 @@ export class GridView {
     fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
     this.slider.update(layer.steps, state.step);
     this.sort.value = state.sort;
-    const layerKey = JSON.stringify([run.run, layer.name, layer.units]);
+    fill(this.showSlot, showToggle(layer, state.show, (show) => this.app.navigate({ show })));
+    const filtersShown = this.updateFilters(run, layer, state);
+    const layerKey = JSON.stringify([run.run, layer.name, layer.units, effectiveShow(state.show, layer)]);
     if (layerKey !== this.layerKey) this.build(layer, layerKey);
     const seq = ++this.seq;
     this.grid.setAttribute("aria-busy", "true");
@@ -82,7 +105,7 @@ export class GridView {
     if (seq !== this.seq) return;
     fill(this.notice);
     this.showUnits(run, layer, data, state.sort);
-    await this.feed.settle();
+    await Promise.all([this.feed.settle(), filtersShown]);
     if (seq !== this.seq) return;
     this.grid.setAttribute("aria-busy", "false");
     this.prefetchNext(run, layer, data.step);
@@ -102,16 +125,23 @@ export class GridView {
   build(layer, layerKey) {
     startMosaicGrid(this, layer, layerKey, TILE_PX);
     const tiles = [];
+    const show = effectiveShow(this.app.state.show, layer);
     for (let unit = 0; unit < layer.units; unit++) {
       const img = fitImage(h("img", { class: "cv-mosaic", alt: `Unit ${unit}`, decoding: "async" }), TILE_PX);
+      // "both": the projections' mosaic beside the patches', as in Fig. 2.
+      const projection = show === "both"
+        ? fitImage(h("img", { class: "cv-mosaic cv-projection", alt: "", decoding: "async" }), TILE_PX) : null;
       const meta = h("span", { class: "cv-tile-meta" });
       const el = h("button", {
-        type: "button", class: "cv-tile", dataset: { unit: String(unit) },
+        type: "button", class: show === "both" ? "cv-tile cv-pair" : "cv-tile", dataset: { unit: String(unit) },
         onclick: () => this.app.navigate({ view: "unit", unit }),
-      }, h("span", { class: "cv-tile-image" }, img), meta);
-      img.addEventListener("error", () => el.classList.add("cv-broken"));
-      img.addEventListener("load", () => el.classList.remove("cv-broken"));
-      this.tiles.set(unit, { el, img, meta });
+      }, projection ? h("span", { class: "cv-pair-images" }, h("span", { class: "cv-tile-image" }, img),
+        h("span", { class: "cv-tile-image" }, projection)) : h("span", { class: "cv-tile-image" }, img), meta);
+      for (const image of [img, projection].filter(Boolean)) {
+        image.addEventListener("error", () => el.classList.add("cv-broken"));
+        image.addEventListener("load", () => el.classList.remove("cv-broken"));
+      }
+      this.tiles.set(unit, { el, img, projection, meta });
       tiles.push(el);
     }
     fill(this.grid, ...tiles);
@@ -123,7 +153,14 @@ export class GridView {
       const tile = this.tiles.get(unit.unit);
       if (!tile) continue;
       tile.img.alt = recordsAlt(unit.unit, step, unit.records);
-      this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, step, unit.unit));
+      const show = effectiveShow(this.app.state.show, layer);
+      const projected = projectionMosaicUrl(run.run, layer.name, step, unit.unit);
+      this.feed.assign(tile.img, show === "projection" ? projected : mosaicUrl(run.run, layer.name, step, unit.unit));
+      if (tile.projection) {
+        tile.projection.alt = `Unit ${unit.unit} at step ${step}: projections of its top records`;
+        this.feed.assign(tile.projection, projected);
+      }
+      tile.el.classList.toggle("cv-unprojected", show !== "patch" && !hasProjection(layer, step));
       tile.el.classList.toggle("cv-dead", unit.dead);
       tile.el.title = `Unit ${unit.unit}: open its evolution over training`;
       fill(tile.meta,

@@ -9,10 +9,13 @@ import { GridView, SORTS } from "./grid.js";
 import { StabilityView } from "./stability.js";
 import { UnitView } from "./unit.js";
 import { CompareView, ORDERS } from "./compare.js";
+import { EvolutionGridView, ROW_ORDERS } from "./evolution_grid.js";
+import { SHOWS } from "./show.js";
 
 const POLL_MS = 12000;
-const VIEWS = { grid: GridView, stability: StabilityView, unit: UnitView, compare: CompareView };
-const NAV = [["grid", "Layers"], ["stability", "Stability"], ["compare", "Compare"]];
+const VIEWS = { grid: GridView, stability: StabilityView, unit: UnitView, compare: CompareView, evolution: EvolutionGridView };
+const NAV = [["grid", "Layers"], ["evolution", "Fig. 4 grid"], ["stability", "Stability"], ["compare", "Compare"]];
+const GRID_ROWS = [8, 16, 32];
 
 function emptyState() {
   return message("info", "No ConvViz data in this log directory yet.",
@@ -73,6 +76,24 @@ class App {
       state.view = "grid";
     }
     if (state.view !== "unit") delete state.unit;
+    if (!SHOWS.some(([key]) => key === state.show)) state.show = "patch";
+    if (state.view === "evolution") {
+      if (!ROW_ORDERS.some(([key]) => key === state.rows)) state.rows = "changed";
+      if (!GRID_ROWS.includes(state.count)) state.count = 16;
+      if (state.rows !== "random") delete state.seed;
+      else if (!(Number.isInteger(state.seed) && state.seed >= 0)) state.seed = 0;
+      if (state.rows !== "units" || !/^[0-9]{1,6}(,[0-9]{1,6}){0,255}$/.test(state.units ?? "")) {
+        if (state.rows === "units") state.units = "0";
+        else delete state.units;
+      }
+      if (state.cols != null && !/^(all|[0-9]{1,3}|-?[0-9]{1,18}(,-?[0-9]{1,18}){1,127},?)$/.test(state.cols)) delete state.cols;
+    } else {
+      for (const key of ["rows", "count", "seed", "units", "cols"]) delete state[key];
+    }
+    if (state.view !== "grid" || layer?.index !== 1 || !run.filters || state.filters !== "1") {
+      delete state.filters;
+      delete state.filter_step;
+    }
     if (state.view === "compare") {
       if (!ORDERS.some(([key]) => key === state.order)) state.order = "change";
       const other = this.runs.find((r) => r.run === state.other_run) ?? run;

@@ -1,8 +1,9 @@
 // View state lives in the iframe's URL hash, so it survives a reload and can be shared as a
 // link; the last state is also remembered for when TensorBoard recreates the iframe bare.
 
-const KEYS = ["view", "run", "layer", "step", "unit", "sort", "order", "other_run", "other_step", "expand"];
-const NUMBERS = new Set(["step", "unit", "other_step"]);
+const KEYS = ["view", "run", "layer", "step", "unit", "sort", "order", "other_run", "other_step", "expand",
+  "show", "rows", "count", "seed", "units", "cols", "filters", "filter_step"];
+const NUMBERS = new Set(["step", "unit", "other_step", "count", "seed", "filter_step"]);
 const STORAGE_KEY = "convviz.state";
 
 function parse(text) {

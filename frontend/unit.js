@@ -3,6 +3,7 @@
 import { h, fill, message, formatValue, formatPercent } from "./dom.js";
 import { getJson, mosaicUrl, patchUrl } from "./api.js";
 import { ImageFeed, fitImage, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
+import { effectiveShow, hasProjection, projectionMosaicUrl, projectionUrl, showToggle } from "./show.js";
 
 const PATCH_PX = 64;
 const MOSAIC_PX = 224;
@@ -95,6 +96,7 @@ export class UnitView {
         h("span", { class: "cv-name" }, layer.name)),
       h("button", { type: "button", class: "cv-button", disabled: unit <= 0, onclick: () => go(-1) }, "‹ Previous unit"),
       h("button", { type: "button", class: "cv-button", disabled: unit >= layer.units - 1, onclick: () => go(1) }, "Next unit ›"),
+      showToggle(layer, this.app.state.show, (show) => this.app.navigate({ show })),
     );
   }
 
@@ -104,13 +106,29 @@ export class UnitView {
     return h("div", { class: "cv-card cv-unit-current" },
       h("h3", {}, `Top-${layer.k} at step ${checkpoint.step}`),
       h("div", { class: "cv-unit-current-body" },
-        h("div", { class: "cv-mosaic-frame" }, this.image(mosaicUrl(run.run, layer.name, checkpoint.step, unit),
-          recordsAlt(unit, checkpoint.step, records), MOSAIC_PX, "cv-mosaic")),
+        this.mosaics(run, layer, unit, checkpoint, records),
         h("dl", { class: "cv-facts" },
           h("dt", {}, "Peak activation"), h("dd", {}, formatValue(peak)),
           h("dt", {}, "Kept since previous"), h("dd", {}, checkpoint.overlap == null ? "first checkpoint" : formatPercent(checkpoint.overlap)),
           h("dt", {}, "Top-1 image"), h("dd", {}, records[0] ? `#${records[0].image}${checkpoint.top1_changed ? " (new)" : ""}` : "–"),
           h("dt", {}, "Status"), h("dd", {}, peak != null && peak > 0 ? "active" : "dead (no positive activation)"))));
+  }
+
+  /** The patches' mosaic, the projections' mosaic, or both side by side (Fig. 2). */
+  mosaics(run, layer, unit, checkpoint, records) {
+    const show = effectiveShow(this.app.state.show, layer);
+    const frames = [];
+    if (show !== "projection") {
+      frames.push(h("div", { class: "cv-mosaic-frame" }, this.image(mosaicUrl(run.run, layer.name, checkpoint.step, unit),
+        recordsAlt(unit, checkpoint.step, records), MOSAIC_PX, "cv-mosaic")));
+    }
+    if (show !== "patch") {
+      frames.push(hasProjection(layer, checkpoint.step)
+        ? h("div", { class: "cv-mosaic-frame" }, this.image(projectionMosaicUrl(run.run, layer.name, checkpoint.step, unit),
+          `Unit ${unit} at step ${checkpoint.step}: ${layer.projections.rule} projections of its top records`, MOSAIC_PX, "cv-mosaic cv-projection"))
+        : h("p", { class: "cv-dim cv-no-projection" }, `No projections at step ${checkpoint.step}`));
+    }
+    return frames;
   }
 
   renderLabels(layer, checkpoint) {
@@ -123,6 +141,18 @@ export class UnitView {
             h("span", { class: "cv-hist-count" }, String(count)))))
       : h("p", { class: "cv-dim" }, "The probe set was logged without class labels.");
     return h("div", { class: "cv-card" }, h("h3", {}, `Classes of its top-${layer.k} images`), body);
+  }
+
+  stripImages(run, layer, unit, step, record) {
+    const show = effectiveShow(this.app.state.show, layer);
+    const images = [];
+    if (show !== "projection") images.push(this.image(patchUrl(run.run, layer.name, step, unit, record.rank), recordAlt(unit, step, record), PATCH_PX));
+    if (show !== "patch") {
+      images.push(hasProjection(layer, step, record.rank)
+        ? this.image(projectionUrl(run.run, layer.name, step, unit, record.rank), `Projection of ${recordAlt(unit, step, record)}`, PATCH_PX, "cv-projection")
+        : h("span", { class: "cv-dim cv-no-projection", title: "this record was not projected at this step" }, "–"));
+    }
+    return images;
   }
 
   renderStrip(run, layer, unit, checkpoints, current, expanded) {
@@ -140,7 +170,7 @@ export class UnitView {
         type: "button", class: "cv-evo-patch", title: "Show the whole probe image",
         onclick: () => showProbeImage({ run: run.run, layer, step: c.step, unit, record: r }),
       },
-      this.image(patchUrl(run.run, layer.name, c.step, unit, r.rank), recordAlt(unit, c.step, r), PATCH_PX),
+      this.stripImages(run, layer, unit, c.step, r),
       h("span", { class: "cv-evo-value" }, formatValue(r.value)))));
     });
     const changes = checkpoints.filter((c) => c.top1_changed).length;

@@ -198,9 +198,10 @@ def test_round_trip_through_tensorboard_data_provider(tmp_path):
     dp = data_provider.MultiplexerDataProvider(mux, str(tmp_path))
     ctx = context.RequestContext()
     tensors = dp.list_tensors(ctx, experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run1"]
-    assert set(tensors) == {metadata.topk_tag(n) for n in LAYERS} | {metadata.PROBE_INDEX_TAG}
+    assert set(tensors) == {metadata.topk_tag(n) for n in LAYERS} | {metadata.PROBE_INDEX_TAG,
+                                                                     metadata.filters_tag("stem.0")}
     blobs = dp.list_blob_sequences(ctx, experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run1"]
-    assert set(blobs) == {metadata.PROBE_IMAGES_TAG}
+    assert set(blobs) == {metadata.PROBE_IMAGES_TAG} | {metadata.projection_tag(n) for n in LAYERS}
     scalars = dp.list_scalars(ctx, experiment_id="", plugin_name="scalars")["run1"]
     assert {metadata.scalar_tag(n, s) for n in LAYERS for s in metadata.SCALAR_NAMES} <= set(scalars)
     read = dp.read_tensors(ctx, experiment_id="", plugin_name=metadata.PLUGIN_NAME, downsample=1000,
