@@ -192,6 +192,11 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", default=None, help="comma-separated checkpoints for --evolution (default: all)")
     p.add_argument("--top", type=_positive_int, default=1,
                    help="patches per unit and checkpoint for --evolution (default: %(default)s)")
+    p.add_argument("--projections", action="store_true",
+                   help="beside each unit's patches, their deconvnet projections (Fig. 2); with --evolution, "
+                   "require projections at every step")
+    p.add_argument("--patches", action="store_true",
+                   help="with --evolution, show patches even where projections were logged")
     p.add_argument("--patch-size", type=_positive_int, default=None,
                    help="pixels per patch side (default: 48, or 64 with --evolution)")
     p.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg or .pdf)")
@@ -210,13 +215,17 @@ def export(args: argparse.Namespace) -> int:
         run = figures.open_run(str(args.logdir), args.run)
         layer = figures.find_layer(run, args.layer)
         units = figures.parse_units(units_text, layer.units) if units_text is not None else None
+        if args.projections and args.patches:
+            raise CommandError("give --projections or --patches, not both")
         if args.evolution:
             if units is None:
                 raise CommandError("--evolution needs the unit to follow: --unit U (or --units 0-3 for several)")
             figure = figures.evolution_figure(run, layer.name, units, steps, top=args.top,
-                                              patch_size=args.patch_size or 64)
+                                              patch_size=args.patch_size or 64,
+                                              projections=True if args.projections else False if args.patches else None)
         else:
-            figure = figures.grid_figure(run, layer.name, args.step, units, patch_size=args.patch_size or 48)
+            figure = figures.grid_figure(run, layer.name, args.step, units, patch_size=args.patch_size or 48,
+                                         projections=args.projections)
     except (OSError, ValueError) as e:
         raise CommandError(e) from None
     try:

@@ -1,5 +1,8 @@
 """Paper figures from a logged run: a layer's unit mosaics (Zeiler & Fergus Fig. 2) and units over training (Fig. 4).
 
+Where projections were logged, Fig. 2 can show them beside the patches, and Fig. 4 shows them
+(as the paper does) instead of the patches.
+
 Reads the event files through :func:`read_run`; no TensorBoard server and no torch.
 """
 
@@ -11,6 +14,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tb_convviz import projection_format as fmt
 from tb_convviz.geometry import crop
 from tb_convviz.plugin.render import mosaic, record_box, resize
 from tb_convviz.reader import Layer, Run, event_files, read_run
@@ -22,13 +26,21 @@ FONT_SIZE = 14
 
 
 def grid_figure(run: Run, layer: str, step: int | None = None, units: list[int] | None = None,
-                *, patch_size: int = 48) -> Image.Image:
-    """The top-k mosaics of ``units`` of ``layer`` at ``step`` (latest if None), in a labelled grid."""
+                *, patch_size: int = 48, projections: bool = False) -> Image.Image:
+    """The top-k mosaics of ``units`` of ``layer`` at ``step`` (latest if None), in a labelled grid.
+
+    With ``projections``, each unit's projections stand left of its patches, as in Fig. 2.
+    """
     info = find_layer(run, layer)
     step = _check_step(run, info, step)
     units = list(range(min(info.units, 16))) if units is None else units
     records = run.topk(info.name, step)
-    cells = [(f"unit {u}", _mosaic(run, info, records, u, info.k, patch_size)) for u in units]
+    if projections:
+        _check_projected(run, info, [step])
+        cells = [(f"unit {u}", _side_by_side(_projection_mosaic(run, info, step, u, info.k, patch_size),
+                                             _mosaic(run, info, records, u, info.k, patch_size))) for u in units]
+    else:
+        cells = [(f"unit {u}", _mosaic(run, info, records, u, info.k, patch_size)) for u in units]
     cols = math.ceil(math.sqrt(len(cells)))
     rows = [cells[i:i + cols] for i in range(0, len(cells), cols)]
     title = f"{_run_name(run)} · layer {info.index} ({info.name}) · step {step}"
@@ -36,15 +48,27 @@ def grid_figure(run: Run, layer: str, step: int | None = None, units: list[int] 
 
 
 def evolution_figure(run: Run, layer: str, units: list[int], steps: list[int] | None = None,
-                     *, top: int = 1, patch_size: int = 64) -> Image.Image:
-    """Each unit of ``units`` (rows) at each checkpoint (columns): its ``top`` strongest patches."""
+                     *, top: int = 1, patch_size: int = 64, projections: bool | None = None) -> Image.Image:
+    """Each unit of ``units`` (rows) at each checkpoint (columns): its ``top`` strongest projections or patches.
+
+    ``projections`` None shows projections when any of ``steps`` has them (a checkpoint without
+    them shows its patches), True requires them, False shows patches.
+    """
     info = find_layer(run, layer)
     steps = run.steps if steps is None else [_check_step(run, info, s) for s in steps]
     if not 1 <= top <= info.k:
         raise ValueError(f"--top must be between 1 and k={info.k}, got {top}")
+    projected = set(run.projection_steps(info.name))
+    if projections:
+        _check_projected(run, info, steps)
+    use = projected if projections is not False else set()
     per_step = {s: run.topk(info.name, s) for s in steps}
-    rows = [[(None, _mosaic(run, info, per_step[s], u, top, patch_size)) for s in steps] for u in units]
-    title = f"{_run_name(run)} · layer {info.index} ({info.name}) over training"
+    rows = [[(None, _projection_mosaic(run, info, s, u, top, patch_size) if s in use
+              else _mosaic(run, info, per_step[s], u, top, patch_size)) for s in steps] for u in units]
+    shown = "projections" if use & set(steps) == set(steps) else "projections and patches" if use & set(steps) else None
+    rule = run.projection_info(info.name).rule if shown else ""
+    title = f"{_run_name(run)} · layer {info.index} ({info.name}) over training" + (
+        f" · {rule} {shown}" if shown else "")
     return _compose(title, [f"unit {u}" for u in units], [f"step {s}" for s in steps], rows, label_below=False)
 
 
@@ -102,6 +126,39 @@ def _mosaic(run: Run, info: Layer, records, unit: int, count: int, patch_size: i
     out = Image.new("RGB", rgba.size, BACKGROUND)
     out.paste(rgba, mask=rgba)
     return out
+
+
+def _projection_mosaic(run: Run, info: Layer, step: int, unit: int, count: int, patch_size: int) -> Image.Image:
+    """A unit's projections at ``step`` (ranks below ``count`` that were projected), each contrast-normalised."""
+    tiles = []
+    for rank in range(count):
+        try:
+            q = fmt.quantize(run.projection(info.name, step, unit, rank))[0]
+        except KeyError:
+            tiles.append(None)  # only the top-1 record was projected at that step
+            continue
+        tiles.append(resize(q.transpose(1, 2, 0) if q.shape[0] == 3 else np.rint(q.mean(axis=0)).astype(np.uint8),
+                            patch_size))
+    tile_shape = resize(np.zeros(info.receptive_field.size, np.uint8), patch_size).shape[:2]
+    rgba = Image.fromarray(mosaic(tiles, tile_shape), "RGBA")
+    out = Image.new("RGB", rgba.size, BACKGROUND)
+    out.paste(rgba, mask=rgba)
+    return out
+
+
+def _side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    out = Image.new("RGB", (left.width + GAP // 2 + right.width, max(left.height, right.height)), BACKGROUND)
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width + GAP // 2, 0))
+    return out
+
+
+def _check_projected(run: Run, info: Layer, steps: list[int]) -> None:
+    projected = run.projection_steps(info.name)
+    missing = [s for s in steps if s not in projected]
+    if missing:
+        where = f"logged at steps {projected}" if projected else "not logged in this run"
+        raise ValueError(f"layer {info.name!r} has no projections at step(s) {missing}: projections were {where}")
 
 
 def _compose(title: str, row_labels: list, col_labels: list, rows: list[list[tuple]], *,

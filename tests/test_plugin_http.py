@@ -134,7 +134,9 @@ def test_runs_lists_layers_steps_and_probe_set(served, logs):
         "receptive_field": {"size": list(rf.size), "stride": list(rf.stride), "center": list(rf.offset),
                             "method": "analytic"},
         "fmap": [4, 4], "input": [16, 16], "steps": written.steps,
+        "projections": None,  # a synthetic run has none
     }
+    assert run["filters"] is None
     assert run["layers"][3]["fmap"] is None
     assert run["probe"] == {
         "n": 24, "height": 16, "width": 16, "channels": 3, "class_names": written.class_names,
