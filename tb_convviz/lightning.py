@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from tb_convviz.logger import ConvVizLogger
 from tb_convviz.probe import ProbeSet
+from tb_convviz.projection import check_options
 from tb_convviz.schedule import Schedule
 
 FALLBACK_NAME = "convviz_logs"
@@ -29,7 +30,9 @@ class ConvVizCallback(Callback):
     2, 5, 10, 20, ...), ``layers`` (names within the LightningModule) and ``batch_size``
     are those of :class:`~tb_convviz.ConvVizLogger`. The probe pass runs on the
     LightningModule's device; under DDP every rank ranks its share of the probe set and
-    global rank 0 writes.
+    global rank 0 writes. ``projections``, ``projection_rule`` and ``projections_topk_every``
+    are passed to the logger, e.g. ``ConvVizCallback(probe, projections_topk_every="last")``
+    for all k projections at the last checkpoint.
     """
 
     def __init__(
@@ -43,9 +46,15 @@ class ConvVizCallback(Callback):
         total_steps: int | None = None,
         batch_size: int = 128,
         log_dir: str | os.PathLike | None = None,
+        projections: str | None = "top1",
+        projection_rule: str = "deconvnet",
+        projections_topk_every: int | str | None = None,
     ) -> None:
         steps = list(steps) if steps is not None else None
         Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)  # fail at construction
+        check_options(projections, projection_rule, projections_topk_every)
+        self._projections = {"projections": projections, "projection_rule": projection_rule,
+                             "projections_topk_every": projections_topk_every}
         self.probe, self.layers, self.k, self.batch_size = probe, layers, k, batch_size
         self._schedule: dict[str, Any] = {"every_n_steps": every_n_steps, "steps": steps, "total_steps": total_steps}
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
@@ -55,7 +64,7 @@ class ConvVizCallback(Callback):
         self._close()
         self._logger = ConvVizLogger(
             pl_module, self.probe, self._run_dir(trainer), layers=self.layers, k=self.k,
-            batch_size=self.batch_size, device=pl_module.device, **self._schedule,
+            batch_size=self.batch_size, device=pl_module.device, **self._schedule, **self._projections,
         )
         self._logger.maybe_log(trainer.global_step)
 

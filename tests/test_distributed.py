@@ -107,6 +107,14 @@ def test_two_gloo_ranks_with_ddp_equal_one_process_exactly(spawned, tmp_path):
     tied = [row[np.isin(row, [3, 9, 30, 41])] for row in ddp.topk("conv1", 0).image]
     assert any(list(row) == [3, 9, 30, 41] for row in tied)
     assert all((np.diff(row) > 0).all() for row in tied)
+    # Ranks split the records to project; rank 0 writes them all, as one process would.
+    for layer in LAYERS:
+        assert ddp.projection_steps(layer) == single.projection_steps(layer) == ddp.steps
+        for step in ddp.steps:
+            for unit in range(ddp.layer(layer).units):
+                scale = float(single.projection_record(layer, step, unit)["scale"])
+                np.testing.assert_allclose(ddp.projection(layer, step, unit), single.projection(layer, step, unit),
+                                           rtol=0, atol=1.01 * scale / 127 + 1e-12, err_msg=f"{layer} {unit}")
 
 
 def test_only_rank_0_writes_and_a_resume_follows_rank_0(spawned):

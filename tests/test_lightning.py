@@ -121,6 +121,8 @@ def test_lightning_checkpoint_files_log_after_the_fact(tmp_path):
 def test_bad_schedule_fails_when_the_callback_is_made():
     with pytest.raises(ValueError, match="at most one of"):
         ConvVizCallback(make_probe(), every_n_steps=2, total_steps=100)
+    with pytest.raises(ValueError, match="projection_rule must be one of"):
+        ConvVizCallback(make_probe(), projection_rule="lrp")
 
 
 DDP_SCRIPT = """
