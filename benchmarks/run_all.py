@@ -109,9 +109,25 @@ def scale_rows(sc: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def projection_rows(p: dict) -> list[tuple[str, str, str]]:
+    stored = p["random_init"]
+    rows = [
+        ("checkpoint with projections=\"top1\" ÷ plain forward pass", "≤ 2.0",
+         f"{p['top1_ratio']:.3f} ({p['top1_s'] * 1e3:.0f} ms vs {p['forward_s'] * 1e3:.0f} ms, median of {p['repeats']})"),
+        ("checkpoint with projections=None ÷ plain forward pass", "≤ 1.05",
+         f"{p['none_ratio']:.3f} ({p['none_s'] * 1e3:.0f} ms)"),
+        ("projection bytes per unit per checkpoint, random-init weights", "≤ 2 KB",
+         f"{stored['bytes_per_unit']:.0f} B lossless WebP (PNG: {stored['png_bytes_per_unit']:.0f} B)"),
+    ]
+    if "page" in p:
+        rows.append(("Fig. 4 grid, 16 units × 16 checkpoints, headless Chromium", "< 1 s",
+                     f"{p['page']['median_s']:.3f} s median ({p['page']['cold_s']:.3f} s with TensorBoard cold)"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "storage", "serve", "page", "scale"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "storage", "serve", "page", "scale", "projections"])
     parser.add_argument("--serve_requests", type=int, default=200)
     parser.add_argument("--scale_checkpoints", type=int, nargs="+", default=[50, 200])
     args = parser.parse_args()
@@ -122,6 +138,7 @@ def main() -> None:
         ("serve", ["serve.py", "--load_fast", "true", *requests], serve_rows),
         ("serve", ["serve.py", "--load_fast", "false", *requests], serve_rows),
         ("page", ["page.py"], page_rows),
+        ("projections", ["projections.py", "--page"], projection_rows),
         ("scale", ["scale.py", "--checkpoints", *map(str, args.scale_checkpoints)], scale_rows),
     ]
     before = machine()

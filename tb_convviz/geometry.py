@@ -35,8 +35,11 @@ class ReceptiveField:
         """(top, left, bottom, right), bottom/right exclusive; may extend past the image.
 
         Units without a position (fully connected outputs) get the field of unit (0, 0),
-        which for a "global" field is the whole input.
+        which for a "global" field is the whole input. Every unit of a "global" field sees
+        the whole input, wherever it sits in the feature map.
         """
+        if self.method == "global":
+            y = x = None
         cy, cx = self.center(y or 0, x or 0)
         top = math.floor(cy - (self.size[0] - 1) / 2 + 0.5)
         left = math.floor(cx - (self.size[1] - 1) / 2 + 0.5)

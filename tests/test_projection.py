@@ -252,3 +252,11 @@ def test_bad_options_say_what_is_valid():
         check_options("top1", "guided", 0)
     with pytest.raises(ValueError, match="no effect"):
         check_options(None, "guided", 2)
+
+
+def test_every_unit_of_a_global_field_sees_the_whole_input():
+    """A "global" field (e.g. after squeeze-and-excitation) on a 2x2 map: unit (0, 1) once got a box off the image."""
+    from tb_convviz.geometry import ReceptiveField
+
+    field = ReceptiveField.whole_input(32, 32)
+    assert {field.box(y, x) for y in range(2) for x in range(2)} == {(0, 0, 32, 32)}
