@@ -109,7 +109,8 @@ export class CompareView {
         type: "button", class: "cv-tile cv-pair", dataset: { unit: String(unit) },
         title: `Unit ${unit}: open its evolution over training`,
         onclick: () => this.app.navigate({ view: "unit", unit }),
-      }, h("span", { class: "cv-pair-images" }, h("span", { class: "cv-tile-image" }, a, pa), h("span", { class: "cv-tile-image" }, b, pb)), meta);
+      }, h("span", { class: both ? "cv-pair-images cv-pair-both" : "cv-pair-images" },
+        [a, pa, b, pb].filter(Boolean).map((img) => h("span", { class: "cv-tile-image" }, img))), meta);
       this.tiles.set(unit, { el, a, b, pa, pb, meta });
       tiles.push(el);
     }

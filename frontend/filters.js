@@ -30,7 +30,7 @@ export class FiltersPanel {
     this.facts = h("div", { class: "cv-filter-facts" });
     this.el = h("div", { class: "cv-card cv-filters", "aria-busy": "true" },
       h("h3", {}, "First-layer filters"), this.slider.el,
-      h("div", { class: "cv-filters-body" }, h("div", { class: "cv-mosaic-frame" }, this.img), this.facts));
+      h("div", { class: "cv-filters-body" }, h("div", { class: "cv-filter-frame" }, this.img), this.facts));
   }
 
   async update(run, state) {
