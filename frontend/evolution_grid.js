@@ -63,7 +63,7 @@ export class EvolutionGridView {
       return;
     }
     if (seq !== this.seq) return;
-    fill(this.notice, !layer.projections && state.show !== "patch"
+    fill(this.notice, !layer.projections && (state.show ?? "patch") !== "patch"
       ? message("info", `Projections: ${NOT_LOGGED}`, "The cells show the top-1 patches instead.") : null);
     await this.showRows(run, layer, data, effectiveShow(state.show, layer));
     if (seq === this.seq) this.grid.setAttribute("aria-busy", "false");

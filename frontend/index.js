@@ -76,7 +76,8 @@ class App {
       state.view = "grid";
     }
     if (state.view !== "unit") delete state.unit;
-    if (!SHOWS.some(([key]) => key === state.show)) state.show = "patch";
+    // Patches are the default, left out of the URL like the other defaults.
+    if (state.show === "patch" || !SHOWS.some(([key]) => key === state.show)) delete state.show;
     if (state.view === "evolution") {
       if (!ROW_ORDERS.some(([key]) => key === state.rows)) state.rows = "changed";
       if (!GRID_ROWS.includes(state.count)) state.count = 16;

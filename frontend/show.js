@@ -19,7 +19,7 @@ export function hasProjection(layer, step, rank = 0) {
 
 /** What `show` resolves to for a layer: without logged projections, patches only. */
 export function effectiveShow(show, layer) {
-  return layer?.projections ? show : "patch";
+  return layer?.projections ? (show ?? "patch") : "patch";
 }
 
 /** The Patches / Projections / Both toggle; says "not logged in this run" when there is nothing to toggle. */
@@ -29,7 +29,7 @@ export function showToggle(layer, show, onChange) {
   const rule = p ? `${p.rule}${p.uncovered.length ? `; ${p.uncovered.join(", ")} pass the plain gradient` : ""}` : "";
   return h("div", { class: "cv-show-toggle", role: "group", "aria-label": "Show patches or projections" },
     SHOWS.map(([value, label]) => h("button", {
-      type: "button", class: "cv-button cv-show", "aria-pressed": String(logged ? show === value : value === "patch"),
+      type: "button", class: "cv-button cv-show", "aria-pressed": String(logged ? (show ?? "patch") === value : value === "patch"),
       disabled: !logged && value !== "patch",
       dataset: { show: value },
       title: logged ? (value === "patch" ? "The receptive-field crop of the probe image"
