@@ -208,3 +208,28 @@ def test_bad_requests_get_json_errors(served, logged, query, status, says):
     new = read_run(logged[0] / "new").layers[0].name
     error = body(served.client.get(API + query.format(old=old, new=new)), status)["error"]
     assert says in error
+
+
+JUNK = ["", "-1", "999999999999999999", "1.5", "x" * 5000, "\u00e9\u0000", "0,", ",", "0" * 19]
+
+
+@pytest.mark.parametrize("route, params", [
+    ("projection", ["layer", "step", "unit", "rank", "size", "scale"]),
+    ("projection_mosaic", ["layer", "step", "unit", "size", "scale"]),
+    ("row", ["layer", "unit", "steps", "kind", "size", "scale"]),
+    ("fig4", ["layer", "steps", "rows", "count", "seed", "units"]),
+    ("filters", ["step"]),
+    ("filter_mosaic", ["step", "size"]),
+])
+def test_junk_never_breaks_a_route(served, logged, route, params):
+    import urllib.parse
+
+    layer = read_run(logged[0] / "new").layers[0].name
+    good = {"run": "new", "layer": layer, "step": "5", "unit": "1", "rank": "0", "steps": "0,5", "units": "1"}
+    for name in params:
+        for junk in JUNK:
+            query = {**{p: good[p] for p in params if p in good}, "run": "new", name: junk}
+            response = served.client.get(API + route + "?" + urllib.parse.urlencode(query))
+            assert response.status_code in (200, 400, 404), (name, junk, response.get_data(as_text=True)[:200])
+            if response.status_code != 200:
+                assert "error" in json.loads(response.get_data())
