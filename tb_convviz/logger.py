@@ -396,6 +396,7 @@ class _LogDirLock:
     """
 
     NAME = ".convviz.lock"
+    _fd: int | None = None
 
     def __init__(self, log_dir: str) -> None:
         os.makedirs(log_dir, exist_ok=True)
@@ -405,7 +406,8 @@ class _LogDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self._fd)
+            fd, self._fd = self._fd, None
+            os.close(fd)
             raise RuntimeError(
                 f"another ConvVizLogger ({holder}) is writing to {log_dir!r}: two loggers on one log dir would "
                 "mix their checkpoints. close() the other logger first, or log into another directory"
