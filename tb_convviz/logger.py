@@ -87,6 +87,15 @@ class ConvVizLogger:
         self.log_dir = os.fspath(log_dir) if log_dir is not None else _writer_log_dir(writer)
         self._user_writer = writer
         self._writer: summary.EventWriter | None = None
+        awkward = sorted({c for c in '"\\\t' if c in os.path.abspath(self.log_dir)})
+        if awkward:
+            # TensorBoard's Rust data server cannot parse its own blob keys for such run names.
+            warnings.warn(
+                f"convviz: the log dir {self.log_dir!r} contains {', '.join(map(repr, awkward))}; under TensorBoard's "
+                "default (Rust) data server a run whose name holds these characters shows no images "
+                "(\"failed to parse blob key\"). Rename the directory, or run tensorboard with --load_fast=false",
+                ConvVizWarning, stacklevel=2,
+            )
 
         self.layers = self._pick_layers(layers)
         self._layer_infos = self._describe_layers()

@@ -251,3 +251,9 @@ def test_a_resumed_run_warns_when_maybe_log_replays_logged_steps(tmp_path):
                 resumed.maybe_log(step)
         assert len(caught) == 1
     assert read_run(tmp_path).steps == [0, 5, 10, 15]
+
+
+@pytest.mark.parametrize("name", ['say "hi"', "back\\slash", "tab\there"])
+def test_run_names_the_rust_loader_cannot_serve_images_for_are_warned_about(tmp_path, name):
+    with pytest.warns(ConvVizWarning, match="failed to parse blob key"):
+        ConvVizLogger(make_model(), make_probe(), tmp_path / name, layers=LAYERS, k=4).close()
