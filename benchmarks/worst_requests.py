@@ -68,13 +68,15 @@ def measure(root: str, load_fast: bool, run: str, extra: str, at_once: int = 1) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loaders", nargs="+", default=["rust", "python"], choices=["rust", "python"])
+    parser.add_argument("--at_once", type=int, default=6, help="concurrent k=1024 mosaics (0: skip that case)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as root:
         write_runs(root)
         cases = {name: (run, extra, 1) for name, (run, extra) in CASES.items()}
-        cases["six k=1024 mosaics at once, size=512"] = ("k1024", "size=512", 6)
+        if args.at_once:
+            cases[f"{args.at_once} k=1024 mosaics at once, size=512"] = ("k1024", "size=512", args.at_once)
         for loader in args.loaders:
             for name, (run, extra, at_once) in cases.items():
                 r = measure(root, loader == "rust", run, extra, at_once)

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -173,27 +175,34 @@ def test_a_crafted_record_length_is_reported_as_damage(tmp_path):
         read_run(log_dir)
     with pytest.raises(ValueError, match="is damaged"):
         ConvVizLogger(make_model(), make_probe(), log_dir, layers=LAYERS, k=4)
+    export = subprocess.run([sys.executable, "-m", "tb_convviz.cli", "export", "--logdir", log_dir, "--layer",
+                             "conv1", "--out", str(tmp_path / "grid.png")], capture_output=True, text=True)
+    assert export.returncode != 0 and "is damaged" in export.stderr and "Traceback" not in export.stderr
 
 
-def test_a_series_vanishing_mid_read_is_not_there_yet(tmp_path):
+@pytest.mark.parametrize("during", ["list_tensors", "read_tensors"])
+def test_a_series_vanishing_mid_read_is_not_there_yet(tmp_path, during):
     write_synthetic_run(str(tmp_path / "run"), checkpoints=2, layers=1, units=2, k=2, probe_size=4, image_size=8)
     served = Served(tmp_path)
     inner = served.provider._inner
-    real = inner._multiplexer.Tensors
-    vanish = {"left": 1}
+    tensors, call = inner._multiplexer.Tensors, getattr(inner, during)
+    racing = {"now": False}
 
-    def racing(run, tag):  # what plugin_event_accumulator does while a reload swaps a series in
-        if vanish["left"] and tag == metadata.topk_tag("conv1"):
-            vanish["left"] -= 1
+    def vanishing(run, tag):  # what plugin_event_accumulator does while a reload swaps a series in
+        if racing["now"] and tag == metadata.topk_tag("conv1"):
             raise KeyError(tag)
-        return real(run, tag)
+        return tensors(run, tag)
 
-    inner._multiplexer.Tensors = racing
-    for reads in (1, 2):  # the listing's read, then the layer's read
-        vanish["left"] = 1
-        runs = served.json("runs")["runs"]  # 200: the run or its layer is simply not there yet
-        assert all(run["error"] is None and run["steps"] == [] for run in runs)
-        assert served.json("runs")["runs"][0]["steps"] == [0, 10]  # and nothing empty was kept
-        served.provider._inner._multiplexer.Tensors = racing
-        if reads == 1:
-            served.reload()  # a new version, so that the layer is read again
+    def once(*args, **kwargs):
+        racing["now"] = True
+        try:
+            return call(*args, **kwargs)
+        finally:
+            racing["now"] = False
+            setattr(inner, during, call)
+
+    inner._multiplexer.Tensors = vanishing
+    setattr(inner, during, once)
+    runs = served.json("runs")["runs"]  # 200: the run, or its layer, is simply not there yet
+    assert all(run["error"] is None and run["steps"] == [] for run in runs)
+    assert served.json("runs")["runs"][0]["steps"] == [0, 10]  # and nothing empty was kept
