@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import io
 import json
 import os
+import struct
 import sys
 import tempfile
 import time
-
-from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from tb_server import get, tensorboard_process, wait_for  # noqa: E402
@@ -60,7 +58,7 @@ def measure(root: str, load_fast: bool, run: str, extra: str, at_once: int = 1) 
         seconds = time.perf_counter() - start
         after = tb.peak_rss_bytes()
     status, _, body = answers[0]
-    size = Image.open(io.BytesIO(body)).size if status == 200 else None
+    size = struct.unpack(">II", body[16:24]) if status == 200 else None  # the PNG header's width, height
     return {"seconds": seconds, "peak_before": before, "peak_after": after, "status": [a[0] for a in answers],
             "output": size}
 
