@@ -153,7 +153,8 @@ class App {
   renderChrome() {
     const run = this.run;
     fill(this.runSlot, h("label", { class: "cv-field" }, "Run",
-      select(this.runs.map((r) => [r.run, r.error ? `${r.run} (read errors)` : r.run]), run.run,
+      // First-strong isolates keep a right-to-left name from reordering " (read errors)".
+      select(this.runs.map((r) => [r.run, r.error ? `\u2068${r.run}\u2069 (read errors)` : r.run]), run.run,
         (value) => this.navigate({ run: value }), { class: "cv-run-select", "aria-label": "Run" })));
     const current = this.state.view === "unit" ? "grid" : this.state.view;
     fill(this.nav, ...NAV.map(([name, label]) => h("button", {

@@ -23,6 +23,7 @@ from tb_convviz.plugin.convviz_plugin import ConvVizPlugin
 from tb_convviz.reader import DamagedEventFile, event_files
 from tb_convviz.synthetic_run import write_synthetic_run
 from test_faults import LAYERS, make_model, make_probe
+from tb_server import get, tensorboard_server, wait_for
 from test_plugin_http import API, Served
 
 
@@ -162,6 +163,12 @@ def test_an_image_blob_naming_another_index_is_an_error_not_wrong_pixels(tmp_pat
     error = served.json("probe_image?run=run&index=100", status=404)["error"]
     assert "holds probe image 101" in error
     assert "holds probe image 101" in served.json("runs")["runs"][0]["error"]
+    with tensorboard_server(str(tmp_path), load_fast=True) as url:  # the Rust loader checks the same
+        api = url + API.lstrip("/")
+        wait_for(lambda: get(api + "runs")[0] == 200 and json.loads(get(api + "runs")[2])["runs"])
+        assert get(api + f"probe_image?run=run&index={index}")[0] == 200
+        status, _, body = get(api + "probe_image?run=run&index=100")
+        assert status == 404 and "holds probe image 101" in json.loads(body)["error"]
 
 
 def test_a_crafted_record_length_is_reported_as_damage(tmp_path):
