@@ -213,3 +213,57 @@ def test_a_series_vanishing_mid_read_is_not_there_yet(tmp_path, during):
     runs = served.json("runs")["runs"]  # 200: the run, or its layer, is simply not there yet
     assert all(run["error"] is None and run["steps"] == [] for run in runs)
     assert served.json("runs")["runs"][0]["steps"] == [0, 10]  # and nothing empty was kept
+
+
+def _v1_chunk(probe, indices, labels, images) -> "summary_pb2.Summary":
+    """A probe chunk as tb-convviz wrote it before format v2: index tensor + image blobs, paired by step."""
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.util import tensor_util
+
+    from tb_convviz import plugin_data_pb2
+
+    def md(data_class):
+        data = plugin_data_pb2.PluginData(version=1)
+        data.probe.CopyFrom(probe)
+        return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(
+            plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString()), data_class=data_class)
+
+    rows = np.stack([np.asarray(indices, np.int32), np.asarray(labels, np.int32)], axis=1)
+    blobs = tensor_util.make_tensor_proto(np.array(list(images), dtype=object), shape=[len(images)])
+    return summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=metadata.PROBE_INDEX_TAG, metadata=md(summary_pb2.DATA_CLASS_TENSOR),
+                                  tensor=tensor_util.make_tensor_proto(rows)),
+        summary_pb2.Summary.Value(tag=metadata.PROBE_IMAGES_TAG, metadata=md(summary_pb2.DATA_CLASS_BLOB_SEQUENCE),
+                                  tensor=blobs),
+    ])
+
+
+def test_runs_of_format_v1_are_read_where_the_pairing_is_unambiguous(tmp_path):
+    from tensorboard.compat.proto import summary_pb2
+
+    log_dir = str(tmp_path / "old")
+    os.makedirs(log_dir)
+    written = write_synthetic_run(str(tmp_path / "source"), checkpoints=1, layers=1, units=2, k=2, probe_size=6,
+                                  image_size=8)
+    writer = summary.EventWriter(log_dir)
+    encoded = {i: summary.encode_image(written.images[i]) for i in range(6)}
+    writer.write(_v1_chunk(written.probe, [0, 1, 2], [0, 0, 0], [encoded[i] for i in (0, 1, 2)]), 0)
+    writer.write(_v1_chunk(written.probe, [3, 4], [0, 0], [encoded[i] for i in (3, 4)]), 1)
+    # A retry that reused chunk step 1 with other images: under v1 this step is ambiguous.
+    writer.write(_v1_chunk(written.probe, [5], [0], [encoded[5]]), 1)
+    writer.write(summary_pb2.Summary(value=summary.topk_pb(written.layers[0],
+                                                           written.records["conv1"][0].tobytes()).value), 0)
+    writer.close()
+    run = read_run(log_dir)  # read_run pairs within one record: always unambiguous
+    assert run.stored_images == set(range(6)) and run.legacy_chunks
+    for i in range(6):
+        np.testing.assert_array_equal(run.probe_image(i), written.images[i])
+    served = Served(tmp_path)
+    listed = {r["run"]: r for r in served.json("runs")["runs"]}["old"]
+    assert "probe chunk 1 is stored twice" in listed["error"]
+    for i in range(3):  # chunk 0 is unambiguous and served
+        np.testing.assert_array_equal(_png(served.get(f"probe_image?run=old&index={i}"))[..., :3], written.images[i])
+    for i in (3, 4, 5):  # never a wrong image: not found, saying why in the run's error
+        assert served.get(f"probe_image?run=old&index={i}").status_code == 404
+    with pytest.raises(ValueError, match="before v2"):
+        ConvVizLogger(make_model(), make_probe(), log_dir, layers=LAYERS, k=4)
