@@ -267,3 +267,16 @@ def test_runs_of_format_v1_are_read_where_the_pairing_is_unambiguous(tmp_path):
         assert served.get(f"probe_image?run=old&index={i}").status_code == 404
     with pytest.raises(ValueError, match="before v2"):
         ConvVizLogger(make_model(), make_probe(), log_dir, layers=LAYERS, k=4)
+
+
+def test_a_render_waits_its_turn_and_answers_503_when_it_waited_too_long(big, monkeypatch):
+    monkeypatch.setattr(render, "RENDER_WAIT_S", 0.2)
+    for _ in range(render.CONCURRENT_RENDERS):  # every slot taken by other renders
+        assert render._renders.acquire(timeout=5)
+    try:
+        resp = big.get("mosaic?run=k1024&layer=conv1&unit=1&size=100")
+        assert resp.status_code == 503 and "busy" in json.loads(resp.get_data())["error"]
+    finally:
+        for _ in range(render.CONCURRENT_RENDERS):
+            render._renders.release()
+    assert big.get("mosaic?run=k1024&layer=conv1&unit=1&size=100").status_code == 200

@@ -25,6 +25,8 @@ MAX_OUTPUT_PIXELS = 1 << 21
 MAX_DECODED_PIXELS = 1 << 26
 # Renders at once: each holds up to MAX_OUTPUT_PIXELS of RGBA plus its decoded images.
 CONCURRENT_RENDERS = 2
+# How long a request waits for its turn before it is answered 503 (try again).
+RENDER_WAIT_S = 60.0
 _renders = threading.BoundedSemaphore(CONCURRENT_RENDERS)
 # After a render this large, freed memory is handed back to the system (glibc keeps it otherwise).
 TRIM_ABOVE_BYTES = 256 << 10
@@ -205,14 +207,26 @@ class Renderer:
         if png is None:
             # Renders wait their turn, so concurrent large requests do not multiply memory,
             # and the memory of a large one goes back to the system after it.
-            with _renders:
+            if not _renders.acquire(timeout=RENDER_WAIT_S):
+                raise Busy(f"the convviz plugin is busy rendering other images (waited {RENDER_WAIT_S:.0f} s); "
+                           "try again")
+            try:
                 png = self.pngs.get(key)
                 if png is None:
                     png = render()
                     if len(png) > TRIM_ABOVE_BYTES and _libc is not None and hasattr(_libc, "malloc_trim"):
                         _libc.malloc_trim(0)
+            finally:
+                _renders.release()
             self.pngs.put(key, png, len(png))
         return png
+
+
+class Busy(errors.PublicError):
+    """Every render slot stayed taken for RENDER_WAIT_S: 503, try again."""
+
+    error_code = "Unavailable"
+    http_code = 503
 
 
 def check_decoded(probe: Probe, images: int) -> None:
