@@ -82,8 +82,8 @@ def test_caches_and_lock_tables_stay_bounded_whatever_the_experiment_id(tmp_path
             resp = client.get(f"/experiment/{eid}{API}{route}")
             assert resp.status_code == 200, resp.get_data(as_text=True)
     for cache in (data._series, data.images, plugin._render.pngs, data.damaged):
-        assert len(cache._items) <= cache.max_entries and cache.nbytes <= cache.max_bytes
-    assert len(data._flight._locks) <= 64
+        assert len(cache) <= cache.max_entries and cache.nbytes <= cache.max_bytes
+    assert len(data._flight) <= 64
 
 
 @pytest.mark.parametrize("method", ["POST", "OPTIONS", "DELETE", "PUT"])

@@ -138,7 +138,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             layers = self._layers(ctx, eid, listing)
             probe = self._data.probe(ctx, eid, listing)
             problems = (list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
-                        + list(self._data.problems(eid, listing.name)))
+                        + list(self._data.problems(eid, listing)))
             runs.append({
                 "run": listing.name,
                 "steps": sorted({s for layer in layers for s in layer.steps}),

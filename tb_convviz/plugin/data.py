@@ -247,20 +247,21 @@ class ConvVizData:
                 try:
                     blob = metadata.decode_image_blob(blob, index)
                 except ValueError as e:
-                    self._note_damage(eid, listing.name, f"run {listing.name!r}: {e}")
+                    self._note_damage(eid, listing, f"run {listing.name!r}: {e}")
                     raise errors.NotFoundError(str(e)) from None
             image = decode_image(blob, f"probe image {index}")
             self.images.put(cache_key, image, image.nbytes)
         return image
 
-    def _note_damage(self, eid: str, run: str, problem: str) -> None:
-        notes = self.damaged.get((eid, run)) or ()
+    def _note_damage(self, eid: str, listing: RunListing, problem: str) -> None:
+        key = (eid, listing.name, listing.probe_version)
+        notes = self.damaged.get(key) or ()
         if problem not in notes and len(notes) < 5:
-            self.damaged.put((eid, run), notes + (problem,), len(problem))
+            self.damaged.put(key, notes + (problem,), len(problem))
 
-    def problems(self, eid: str, run: str) -> tuple[str, ...]:
-        """Inconsistent probe images met while serving ``run`` (they are never drawn)."""
-        return self.damaged.get((eid, run)) or ()
+    def problems(self, eid: str, listing: RunListing) -> tuple[str, ...]:
+        """Inconsistent probe images met while serving the listed run (they are never drawn)."""
+        return self.damaged.get((eid, listing.name, listing.probe_version)) or ()
 
     def prefetch(self, ctx, eid: str, listing: RunListing, probe: Probe, indices) -> None:
         """Read and decode the stored, uncached images among ``indices`` concurrently.
