@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -248,15 +249,43 @@ def _new_run_dir(logdir: Path, name: str) -> Path:
     return run_dir
 
 
+# Runs TensorBoard so that it ends when the demo ends, however the demo ends (SIGKILL, an OOM kill):
+# on Linux the kernel sends it SIGTERM when its parent dies (PR_SET_PDEATHSIG); elsewhere, and for a
+# parent that died before prctl ran, a thread sees the parent pid change. TensorBoard exits cleanly
+# on SIGTERM, and its data server exits when its stdin closes.
+_TENSORBOARD_CHILD = """
+import ctypes, os, signal, sys, threading, time
+parent = int(sys.argv.pop(1))
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def watchdog():
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os._exit(1)
+
+threading.Thread(target=watchdog, daemon=True).start()
+sys.argv[0] = "tensorboard"
+from tensorboard.main import run_main
+sys.exit(run_main())
+"""
+
+
 class _TensorBoard:
-    """``tensorboard --logdir`` in a subprocess, in a session of its own so that Ctrl-C stops only ``wait``."""
+    """``tensorboard --logdir`` in a subprocess that ends with this process.
+
+    It has a session of its own, so that Ctrl-C stops only ``wait``. Make it in the main
+    thread: Linux's parent-death signal follows the thread that started the process.
+    """
 
     def __init__(self, logdir: Path, port: int) -> None:
         logdir.mkdir(parents=True, exist_ok=True)
         self.url = f"http://localhost:{port}/#convviz"
         self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port)],
+            [sys.executable, "-c", _TENSORBOARD_CHILD, str(os.getpid()), "--logdir", str(logdir), "--port", str(port)],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
