@@ -198,7 +198,7 @@ class ConvVizLogger:
         if self._due is not None and step >= self._due:
             self._due = self.schedule.next_due(step)
             logged = self.log(step)
-        self._seen_step, self._seen_version = max(self._seen_step, step), _state_version(self._net)
+        self._seen_step, self._seen_version = max(self._seen_step, int(step)), _state_version(self._net)
         return logged
 
     def _warn_if_backwards(self, step: int) -> None:
