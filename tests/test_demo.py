@@ -110,6 +110,15 @@ def test_quick_demo_serves_and_stops_on_ctrl_c(served):
     assert served.tb_gone
 
 
+def test_readme_states_what_quick_reaches(served):
+    """The README's --quick accuracy is what a real --quick run reaches (seeded, so it moves only with torch)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"`--quick`.*?reaches only about (\d+)% test accuracy", readme, re.S)
+    assert stated, "the README must say what --quick reaches"
+    measured = float(re.search(r"Test accuracy: (\d+\.\d)% on 512 images", served.stdout).group(1))
+    assert abs(measured - int(stated.group(1))) <= 10, (measured, stated.group(1))
+
+
 def test_quick_demo_convviz_data_reads_back(served):
     run = read_run(served.logdir / "seed0")
     assert [layer.name for layer in run.layers] == LAYERS
