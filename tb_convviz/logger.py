@@ -101,6 +101,7 @@ class ConvVizLogger:
         self._warned_order = self._warned_backwards = False
         # The highest step given to maybe_log, and the model's state version right after that call.
         self._seen_step, self._seen_version = -1, None
+        self._state = _state_tensors(self._net)
         self._distributed = _world() > 1
 
     # -- construction ---------------------------------------------------------------
@@ -198,7 +199,9 @@ class ConvVizLogger:
         if self._due is not None and step >= self._due:
             self._due = self.schedule.next_due(step)
             logged = self.log(step)
-        self._seen_step, self._seen_version = max(self._seen_step, int(step)), _state_version(self._net)
+            # Renewed here, as `.to()` replaces buffers; walking the modules every step would cost 20x the sum.
+            self._state = _state_tensors(self._net)
+        self._seen_step, self._seen_version = max(self._seen_step, int(step)), _state_version(self._state)
         return logged
 
     def _warn_if_backwards(self, step: int) -> None:
@@ -372,7 +375,7 @@ class ConvVizLogger:
     def _log_final(self) -> None:
         if self._seen_step < 0:  # maybe_log was never called: the caller chose every step
             return
-        changed = self._seen_version is not None and _state_version(self._net) != self._seen_version
+        changed = self._seen_version is not None and _state_version(self._state) != self._seen_version
         step = self._seen_step + int(changed)
         if self._distributed:
             if _world() == 1:
@@ -439,14 +442,18 @@ def _device_of(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _state_version(model: nn.Module) -> int | None:
-    """A number that grows with every in-place change to ``model``'s parameters and buffers.
+def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return list(itertools.chain(model.parameters(), model.buffers()))
 
-    Optimizer steps and BatchNorm statistics update tensors in place, which bumps their
-    version counters (fused optimizers do not). None if some tensor has no counter.
+
+def _state_version(tensors: list[torch.Tensor]) -> int | None:
+    """A number that grows with every in-place change to ``tensors``.
+
+    Optimizer steps and BatchNorm statistics update parameters and buffers in place, which
+    bumps their version counters (fused optimizers do not). None if some tensor has no counter.
     """
     try:
-        return sum(t._version for t in itertools.chain(model.parameters(), model.buffers()))
+        return sum(t._version for t in tensors)
     except RuntimeError:  # inference-mode tensors have no version counter
         return None
 
