@@ -205,22 +205,15 @@ class ConvVizLogger:
         return logged
 
     def _warn_if_backwards(self, step: int) -> None:
-        if self._warned_backwards or step >= max(self._seen_step, self._last_step):
+        if self._warned_backwards or step >= self._seen_step:
             return
         self._warned_backwards = True
-        if self._seen_step > step:
-            warnings.warn(
-                f"convviz: maybe_log({step}) came after maybe_log({self._seen_step}): a step that goes back is "
-                f"never logged, so nothing is logged until step {self._due}. If your step counter restarts "
-                "every epoch, pass a global step instead, such as `epoch * steps_per_epoch + i` (in Lightning, "
-                "trainer.global_step)", ConvVizWarning, stacklevel=3,
-            )
-        else:
-            warnings.warn(
-                f"convviz: maybe_log({step}), but {self.log_dir!r} already holds checkpoints up to step "
-                f"{self._last_step}, so nothing is logged until step {self._due}. Resume with the step you "
-                "stopped at; to train from scratch, log into a new directory", ConvVizWarning, stacklevel=3,
-            )
+        warnings.warn(
+            f"convviz: maybe_log({step}) came after maybe_log({self._seen_step}): a step that goes back is "
+            f"never logged, so nothing is logged until step {self._due}. If your step counter restarts "
+            "every epoch, pass a global step instead, such as `epoch * steps_per_epoch + i` (in Lightning, "
+            "trainer.global_step)", ConvVizWarning, stacklevel=3,
+        )
 
     def log(self, step: int) -> bool:
         """Log a checkpoint at ``step`` now; returns whether it was written.

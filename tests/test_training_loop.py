@@ -145,16 +145,3 @@ def test_a_step_counter_that_restarts_every_epoch_gets_one_warning(tmp_path):
     steps = read_run(tmp_path / "global").steps
     assert len(steps) == 16 and [s for s in steps if s >= 2 * steps_per_epoch] == [135, 157, 179]
 
-
-def test_restarting_a_finished_run_in_its_log_dir_warns_once(tmp_path):
-    model, probe = make_model(), ProbeSet(make_data(20, seed=2).tensors[0])
-    with ConvVizLogger(model, probe, tmp_path, layers=LAYERS, k=3, every_n_steps=5) as logger:
-        for step in range(21):
-            logger.maybe_log(step)
-    with pytest.warns(ConvVizWarning, match="already holds checkpoints up to step 20, so nothing is logged until "
-                                            "step 25.*log into a new directory") as caught:
-        with ConvVizLogger(model, probe, tmp_path, layers=LAYERS, k=3, every_n_steps=5) as logger:
-            for step in range(12):
-                logger.maybe_log(step)
-    assert len(caught) == 1
-    assert read_run(tmp_path).steps == [0, 5, 10, 15, 20]
