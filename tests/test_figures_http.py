@@ -233,3 +233,21 @@ def test_junk_never_breaks_a_route(served, logged, route, params):
             assert response.status_code in (200, 400, 404), (name, junk, response.get_data(as_text=True)[:200])
             if response.status_code != 200:
                 assert "error" in json.loads(response.get_data())
+
+
+def test_last_projects_all_k_at_the_final_checkpoint_of_any_schedule(tmp_path):
+    torch.manual_seed(0)
+    model = DemoAlexNet(width=4)
+    logger = ConvVizLogger(model, ProbeSet(torch.rand(8, 3, 64, 64)), tmp_path, k=3, projections_topk_every="last")
+    for step in range(4):  # the default schedule logs 0, 1, 2; close() logs the trained model at 4
+        logger.maybe_log(step)
+        with torch.no_grad():
+            model.features.conv1.weight.mul_(1.1)
+    logger.close()
+    run = read_run(tmp_path)
+    layer = run.layers[0].name
+    assert run.projection_steps(layer) == [0, 1, 2, 4]
+    for step in (0, 1, 2):
+        with pytest.raises(KeyError):
+            run.projection(layer, step, 0, rank=2)
+    assert run.projection(layer, 4, 0, rank=2).shape[0] == 3
