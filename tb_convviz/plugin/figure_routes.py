@@ -1,7 +1,9 @@
 """Routes for the paper's own pictures: projections (Fig. 2), the Fig. 4 grid and layer-1 filters (Fig. 6).
 
-See ``http_api.md``. Every response is bounded: a row holds at most ``MAX_ROW_CELLS`` cells
-and ``MAX_ROW_PIXELS`` pixels of width, a grid at most ``MAX_GRID_UNITS`` units.
+See ``http_api.md``. Every response is bounded like the patch routes': images are sized
+to fit ``render.MAX_OUTPUT_PIXELS`` and rendered in the renderer's slots and cache; a row
+holds at most ``MAX_ROW_CELLS`` cells and ``MAX_ROW_PIXELS`` pixels of width, a grid at
+most ``MAX_GRID_UNITS`` units.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from tb_convviz import projection_format as fmt
 from tb_convviz.geometry import crop
 from tb_convviz.plugin import convviz_plugin as base
 from tb_convviz.plugin import render
-from tb_convviz.plugin.data import ByteLRU
 from tb_convviz.plugin.figures import FigureData, projections_json
 
 MAX_ROW_CELLS = 128
@@ -35,7 +36,6 @@ class FigureRoutes:
         self._plugin = plugin
         self._data = plugin._data
         self.figures = FigureData(plugin._data)
-        self._pngs = ByteLRU(32 << 20)
 
     def apps(self) -> dict:
         return {
@@ -79,6 +79,7 @@ class FigureRoutes:
         rank = base._rank(layer, params) if params.text("rank", required=False) is not None else 0
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
         scale = _choice(params, "scale", SCALES)
+        size = render.fit_size(layer.field.size, size)
         position = self.figures.find(ctx, eid, listing, layer, step, unit, rank)
         if position is None:
             raise errors.NotFoundError(
@@ -100,6 +101,7 @@ class FigureRoutes:
         mine = np.flatnonzero(rows["unit"] == unit)
         count = int(rows["rank"][mine].max()) + 1 if mine.size else 1
         by_rank = {int(rows["rank"][i]): int(i) for i in mine}
+        size = render.fit_size(layer.field.size, size, count)
 
         def draw() -> bytes:
             tiles = [render.resize(self._scaled(ctx, eid, listing, layer, step, by_rank[r], scale), size)
@@ -121,11 +123,14 @@ class FigureRoutes:
         kind = _choice(params, "kind", KINDS)
         scale = _choice(params, "scale", SCALES)
         tile = render.resize(np.zeros(layer.field.size, np.uint8), size).shape[:2]
-        if len(steps) * (tile[1] + 1) > MAX_ROW_PIXELS:
+        width = len(steps) * (tile[1] + 1) - 1
+        if width > MAX_ROW_PIXELS or width * tile[0] > render.MAX_OUTPUT_PIXELS:
             raise errors.InvalidArgumentError(
-                f"a row of {len(steps)} cells of {tile[1]} px is wider than {MAX_ROW_PIXELS} px: "
-                "ask for fewer steps or a smaller size")
+                f"a row of {len(steps)} cells of {tile[1]}x{tile[0]} px is wider than {MAX_ROW_PIXELS} px or more "
+                f"than {render.MAX_OUTPUT_PIXELS} pixels: ask for fewer steps or a smaller size")
         probe = self._data.probe(ctx, eid, listing) if kind == "patch" else None
+        if probe is not None:
+            render.check_decoded(probe, len(steps))
 
         def draw() -> bytes:
             if kind == "projection" and scale == "common":
@@ -239,16 +244,15 @@ class FigureRoutes:
             raise errors.NotFoundError(f"first-layer filters were not logged in this run ({listing.name!r})")
         step = self._filter_step(filters, params)
         size = params.bounded("size", render.MIN_SIZE, 128, default=FILTER_TILE_DEFAULT)
+        weights = filters.weights[step]
+        size = render.fit_size(weights.shape[2:], size, weights.shape[0])
         key = ("filters", eid, listing.name, step, size, filters.steps[-1])
         return base._png(request, self._cached(key, lambda: render.encode_png(
             filter_mosaic(filters.weights[step], size))))
 
     def _cached(self, key, draw) -> bytes:
-        png = self._pngs.get(key)
-        if png is None:
-            png = draw()
-            self._pngs.put(key, png, len(png))
-        return png
+        # The renderer's cache and render slots: figure renders share the patch routes' budget.
+        return self._plugin._render._cached(("figure", *key), draw)
 
 
 def filter_mosaic(weights: np.ndarray, size: int) -> np.ndarray:
