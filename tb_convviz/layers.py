@@ -261,8 +261,10 @@ def _refuse_non_convnets(stages: list[Stage], calls: list[Call]) -> None:
     if stages and len(tokens) <= len(spatial):
         return
     model = type(max(calls, key=lambda c: c.end - c.start).module).__name__ if calls else "the model"
-    found = (f"its last (N, C, H, W) feature map is {spatial[-1].name!r} {spatial[-1].output}"
-             if spatial else "no module outputs an (N, C, H, W) feature map larger than 1×1")
+    first_token = min((c.start for c in tokens), default=float("inf"))
+    maps = [c for c in spatial if c.start < first_token]
+    found = (f"its (N, C, H, W) feature maps end at {maps[-1].name!r} {maps[-1].output}"
+             if maps else "no module outputs an (N, C, H, W) feature map larger than 1×1")
     if tokens:
         found += f", and {len(tokens)} modules run on (N, L, C) token tensors, e.g. {tokens[-1].name!r}"
     raise ValueError(
