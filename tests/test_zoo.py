@@ -4,8 +4,7 @@ Random-init models at small inputs, nothing downloaded. Per model: the picked la
 expected stage outputs, with strictly increasing stride; each is a cut of the network (zeroing
 its output makes the model's output independent of the input, so it is on the main path, not
 in a gating branch nor a conv before its residual add); each analytic field equals the one
-measured by gradient where the field fits the measured input. ``-m slow`` measures the larger
-fields on larger inputs and compares top-k records with a brute-force sort.
+measured by gradient where the field fits the measured input (``-m slow``, with top-k records against a brute-force sort).
 """
 
 from __future__ import annotations
@@ -89,15 +88,15 @@ def is_cut(model: torch.nn.Module, layer: str, size: int) -> bool:
     module = dict(model.named_modules())[layer]
     handle = module.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
     try:
-        with torch.no_grad():
-            a, b = model(torch.rand(1, 3, size, size)), model(torch.rand(1, 3, size, size))
+        with torch.no_grad():  # eval mode: the two images do not meet in the batch
+            out = model(torch.rand(2, 3, size, size))
     finally:
         handle.remove()
-    return torch.equal(a, b)
+    return torch.equal(out[0], out[1])
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_auto_layers_are_the_stages_with_fields_measured_by_gradient(name, tmp_path):
+def test_auto_layers_are_the_stages(name, tmp_path):
     size, expected = ZOO[name]
     model = build(name)
     with warnings.catch_warnings(record=True) as caught:
@@ -108,7 +107,6 @@ def test_auto_layers_are_the_stages_with_fields_measured_by_gradient(name, tmp_p
     assert len(fewer) == (len(expected) < 5)
     if fewer:
         assert f"has {len(expected)} stage(s)" in str(fewer[0].message)
-
     fields = receptive_fields(model, expected, size, method="analytic")  # the walk follows every layer
     strides = [fields[n].stride[0] for n in expected]
     if name == "torchvision.alexnet":  # the paper's layers 3-5 share stride 16
@@ -120,10 +118,57 @@ def test_auto_layers_are_the_stages_with_fields_measured_by_gradient(name, tmp_p
     for layer in expected:
         assert is_cut(model, layer, size), f"{layer} is not on the main path"
 
-    # Measured where a central unit's field and its neighbours fit the input with a margin.
-    fit = [n for n in expected if fields[n].size[0] + 4 * fields[n].stride[0] < size]
+
+# Deeper fields of the blocks the walk had to learn, measured on inputs that hold them.
+LARGER = {"torchvision.convnext_tiny": ("features.3", 256), "timm.convnext_nano": ("stages.1", 192),
+          "torchvision.efficientnet_b0": ("features.3", 112), "torchvision.densenet121": ("features.denseblock1", 96),
+          "torchvision.shufflenet_v2_x1_0": ("stage2", 96), "torchvision.inception_v3": ("Mixed_5d", 160)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_analytic_fields_equal_gradient_measurements(name):
+    """Gates from a global pool count as constants in both (the README's rule)."""
+    size, layers = ZOO[name]
+    model = build(name)
+    fields = receptive_fields(model, layers, size, method="analytic")
+    # Where a central unit's field and its neighbours' fit the input with a margin.
+    fit = [n for n in layers if fields[n].size[0] + 4 * fields[n].stride[0] < size]
     assert fit, "no field small enough to measure"
-    measured = receptive_fields(model, fit, size, method="gradient")
-    for layer in fit:
-        assert measured[layer].method == "gradient"
-        assert geometry(measured[layer]) == geometry(fields[layer]), layer
+    checks = [(fit, size)] + ([([LARGER[name][0]], LARGER[name][1])] if name in LARGER else [])
+    for names, side in checks:
+        analytic = receptive_fields(model, names, side, method="analytic")
+        measured = receptive_fields(model, names, side, method="gradient")
+        for layer in names:
+            assert measured[layer].method == "gradient", layer
+            assert geometry(measured[layer]) == geometry(analytic[layer]), layer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["torchvision.mobilenet_v3_small", "torchvision.shufflenet_v2_x1_0",
+                                  "timm.regnetx_002"])
+def test_topk_equals_a_full_sort(name, tmp_path):
+    size, layers = ZOO[name]
+    torch.manual_seed(1)
+    images = torch.rand(24, 3, size, size)
+    images[5] = images[3]  # a tie: the lower image index ranks first
+    model = build(name)
+    with ConvVizLogger(model, ProbeSet(images), tmp_path, k=4, batch_size=10) as logger:
+        assert logger.log(0)
+    run = read_run(tmp_path)
+    acts = full_activations(model, images, layers)
+    for layer in layers:
+        values, top, positions = brute_force(acts[layer].float().numpy(), 4)
+        got = run.topk(layer=layer, step=0)
+        np.testing.assert_array_equal(got.image, top)
+        np.testing.assert_array_equal(got.values, values)
+        np.testing.assert_array_equal(got.y * acts[layer].shape[3] + got.x, positions)
+
+
+def test_a_vision_transformer_is_refused_with_what_was_found(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    with pytest.raises(ValueError, match=r"no ConvNet stages in VisionTransformer: its \(N, C, H, W\) feature maps "
+                                         r"end at 'patch_embed.proj' .*token tensors.*pass layers=\[\.\.\.\]"):
+        ConvVizLogger(model, ProbeSet(torch.rand(4, 3, 64, 64)), tmp_path, k=2)
+    logger = ConvVizLogger(model, ProbeSet(torch.rand(4, 3, 64, 64)), tmp_path, k=2, layers=["patch_embed.proj"])
+    assert logger.layers == ["patch_embed.proj"]
