@@ -128,7 +128,7 @@ def auto_layers(model: nn.Module, calls: list[Call]) -> list[str]:
     elif len(stages) < AUTO_LAYERS:
         warnings.warn(f"layers='auto': the model has {len(stages)} stage(s), not {AUTO_LAYERS}, so "
                       f"tb-convviz logs all of them: {', '.join(s.name for s in stages)}. Pass "
-                      f"layers=[...] with module names to choose others.", stacklevel=3)
+                      f"layers=[...] with module names to choose others.", stacklevel=4)
     return [s.name for s in stages]
 
 
@@ -235,13 +235,26 @@ def _traced(calls: list[Call], size: tuple[int, int]) -> list[Stage]:
                 break
         resolution = out
     # The last stage ends with the last spatial output, outside any block that downsamples it.
+    inner = _inside_resizing_blocks(calls)
     last = [c for c in once.values() if c.start > previous_end and _spatial(c.output) is not None
-            and not any(d.contains(c) and d.name and _spatial(d.output) != _spatial(c.output) for d in calls)]
+            and id(c) not in inner]
     if last:
         tail = max(last, key=lambda c: (c.end, -c.start))
         if not stages or _stride(tail, size) > stages[-1].stride:
             stages.append(Stage(tail.name, _stride(tail, size)))
     return stages
+
+
+def _inside_resizing_blocks(calls: list[Call]) -> set[int]:
+    """ids of the calls inside a (named) module call whose output has another resolution."""
+    inner, open_calls = set(), []
+    for call in sorted(calls, key=lambda c: c.start):
+        while open_calls and open_calls[-1].end < call.start:
+            open_calls.pop()
+        if any(outer.name and _spatial(outer.output) != _spatial(call.output) for outer in open_calls):
+            inner.add(id(call))
+        open_calls.append(call)
+    return inner
 
 
 def _downsampled(shape: tuple[int, int], resolution: tuple[int, int]) -> bool:
