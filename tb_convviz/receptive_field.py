@@ -10,7 +10,6 @@ measures the field on the model itself with constant weights; nothing is guessed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
