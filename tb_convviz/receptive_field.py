@@ -5,7 +5,9 @@ calls (``F.relu``, ``torch.cat``, ``x + y``, in-place ops) are followed as well 
 Each tensor derived from the input carries, per spatial axis, the field size ``r``, the jump
 ``j`` between neighbouring units and the centre ``c`` of unit 0, all in input pixels.
 Anything the walk cannot follow makes that layer fall back to the gradient method, which
-measures the field on the model itself with constant weights; nothing is guessed.
+measures the field on the model itself with constant weights; nothing is guessed. In both,
+a gate computed from a global pool (squeeze-excitation, ECA) scales the main path without
+widening its field, as published receptive-field tables count it.
 """
 
 from __future__ import annotations
