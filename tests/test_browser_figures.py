@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     torch.manual_seed(0)
     model = DemoAlexNet(width=8)
     probe = ProbeSet(torch.rand(32, 3, 64, 64), labels=torch.arange(32) % 4, class_names=list("abcd"))
-    with ConvVizLogger(model, probe, root / "new", k=4, batch_size=32, steps=STEPS,
+    with ConvVizLogger(model, probe, root / "new", layers=[LAYER1, "features.relu2", LAYER3], k=4, batch_size=32, steps=STEPS,
                        projections_topk_every="last") as logger:
         for step in STEPS:
             with torch.no_grad():
