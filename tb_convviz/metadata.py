@@ -6,7 +6,9 @@ A convviz run is a TensorBoard log dir holding, per checkpoint step:
   records packed as ``RECORD_DTYPE`` in ``[units, k]`` order (12 bytes each).
   Its PluginData carries a ``LayerInfo``.
 * ``convviz/<layer>/{topk_overlap,dead_fraction,mean_peak}`` (SCALAR, written
-  for the Scalars dashboard).
+  for the Scalars dashboard as ``simple_value``, as ``SummaryWriter.add_scalar``
+  does, so that ``EventAccumulator`` and tbparse list them too; a float32 tensor
+  before format v2).
 
 and, at steps of their own (a chunk counter, strictly increasing):
 

@@ -119,7 +119,10 @@ class Run:
         for value in event.summary.value:
             content = value.metadata.plugin_data.content if value.HasField("metadata") else None
             if value.metadata.plugin_data.plugin_name == "scalars" and value.tag.startswith("convviz/"):
-                self.scalars.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
+                # simple_value since format v2; a float32 tensor before.
+                scalar = value.simple_value if value.WhichOneof("value") == "simple_value" else \
+                    float(tensor_util.make_ndarray(value.tensor))
+                self.scalars.setdefault(value.tag, {})[event.step] = scalar
                 continue
             layer = metadata.layer_of_tag(value.tag)
             if layer is None and value.tag not in (metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG):
