@@ -20,16 +20,28 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mis
 WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
+# Name prefixes of wrapped modules: DataParallel/DDP's `module.`, torch.compile's `_orig_mod.`.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel/DistributedDataParallel wrappers."""
-    while isinstance(model, WRAPPERS):
-        model = model.module
-    return model
+    """The module inside DataParallel/DistributedDataParallel and ``torch.compile`` wrappers.
+
+    A compiled model's eager module runs the probe pass: hooks see every layer, and
+    nothing is recompiled for it.
+    """
+    while True:
+        if isinstance(model, WRAPPERS):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def strip_prefix(name: str) -> str:
-    while name.startswith("module."):
-        name = name[len("module."):]
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
     return name
 
 
@@ -68,8 +80,8 @@ class Call:
     output: tuple[int, ...] | None  # shape, None if not a tensor
 
 
-def trace_calls(model: nn.Module, batch: torch.Tensor) -> list[Call]:
-    """Run ``model(batch)`` and list every module call in execution order (leaves and containers)."""
+def trace_calls(model: nn.Module, batch: torch.Tensor, call=None) -> list[Call]:
+    """Run ``model(batch)`` (or ``call(batch)``) and list every module call in execution order."""
     calls: list[Call] = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -79,7 +91,7 @@ def trace_calls(model: nn.Module, batch: torch.Tensor) -> list[Call]:
 
     handles = [m.register_forward_hook(hook) for m in names]
     try:
-        model(batch)
+        (call or model)(batch)
     finally:
         for h in handles:
             h.remove()

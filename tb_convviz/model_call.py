@@ -1,0 +1,83 @@
+"""How tb-convviz calls a user's model on probe images: the user's ``forward``, float32, no autocast.
+
+The probe pass must rank the same values wherever ``log()`` is called: inside a training
+``autocast`` region or not, and whatever precision the model is trained in. So autocast is
+off in it, and a float16/bfloat16 model runs with float32 copies of its parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+Forward = Callable[[nn.Module, torch.Tensor], Any]
+"""``forward(model, images)`` calls the model on a probe batch, e.g. ``lambda m, x: m(x, mask_for(x))``."""
+
+# Parameter dtypes the probe pass widens to float32.
+_WIDENED = (torch.float16, torch.bfloat16)
+
+
+class Calling(nn.Module):
+    """``net`` as one module whose ``forward(x)`` is ``forward(net, x)`` (or ``net(x)``).
+
+    One module, so that ``torch.func.functional_call`` can run a user's call with
+    parameters of its choosing (prefixed ``net.``).
+    """
+
+    def __init__(self, net: nn.Module, forward: Forward | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.call = forward
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.net(x) if self.call is None else self.call(self.net, x)
+
+
+def check_forward(forward: Forward | None) -> Forward | None:
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be a callable forward(model, images), got {type(forward).__name__}")
+    return forward
+
+
+def probe_dtype(net: nn.Module) -> torch.dtype:
+    """float32, or the model's float64; float16/bfloat16 models are run in float32."""
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def autocast_off(*device_types: str) -> Iterator[None]:
+    """Autocast disabled for ``device_types`` (and CPU/CUDA) where it is on."""
+    with contextlib.ExitStack() as stack:
+        for device_type in dict.fromkeys(("cpu", "cuda", *device_types)):
+            try:
+                enabled = torch.is_autocast_enabled(device_type)
+            except RuntimeError:  # a device type this build does not know
+                continue
+            if enabled:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+class ProbeCall:
+    """Calls ``net`` on a probe batch as the probe pass does: ``forward``, its dtype, autocast off."""
+
+    def __init__(self, net: nn.Module, forward: Forward | None, device: torch.device) -> None:
+        self.calling = Calling(net, forward)
+        self.device = device
+        self.dtype = probe_dtype(net)
+        tensors = dict(net.named_parameters(remove_duplicate=False))
+        tensors.update(net.named_buffers(remove_duplicate=False))
+        self._widened = [(f"net.{name}", t) for name, t in tensors.items() if t.dtype in _WIDENED]
+
+    def __call__(self, batch: torch.Tensor) -> Any:
+        x = batch.to(self.device, self.dtype, non_blocking=True)
+        with autocast_off(self.device.type):
+            if not self._widened:
+                return self.calling(x)
+            # Float32 copies for this call only: the model and its training are untouched.
+            widened = {name: t.detach().to(self.dtype) for name, t in self._widened}
+            return torch.func.functional_call(self.calling, widened, (x,), strict=False)
