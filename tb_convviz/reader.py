@@ -55,13 +55,21 @@ class Probe:
 
 @dataclasses.dataclass(frozen=True)
 class TopKRecords:
-    """One layer's records at one step, each ``[units, k]``; y = x = -1 without a position."""
+    """One layer's records at one step, each ``[units, k]``; y = x = -1 without a position.
+
+    A unit whose activations were NaN or infinite has no ranks: values NaN, image -1.
+    """
 
     values: np.ndarray
     image: np.ndarray
     y: np.ndarray
     x: np.ndarray
     label: np.ndarray
+
+    @property
+    def not_finite(self) -> np.ndarray:
+        """``[units]`` bool: the units recorded as not finite at this step."""
+        return metadata.not_finite(self.values, self.image)
 
 
 class Run:
