@@ -66,18 +66,17 @@ class ProbeCall:
     """Calls ``net`` on a probe batch as the probe pass does: ``forward``, its dtype, autocast off."""
 
     def __init__(self, net: nn.Module, forward: Forward | None, device: torch.device) -> None:
-        self.calling = Calling(net, forward)
-        self.device = device
-        self.dtype = probe_dtype(net)
-        tensors = dict(net.named_parameters(remove_duplicate=False))
-        tensors.update(net.named_buffers(remove_duplicate=False))
-        self._widened = [(f"net.{name}", t) for name, t in tensors.items() if t.dtype in _WIDENED]
+        self.net, self.calling, self.device = net, Calling(net, forward), device
 
     def __call__(self, batch: torch.Tensor) -> Any:
-        x = batch.to(self.device, self.dtype, non_blocking=True)
+        # Looked up per call: a trainer may convert the model (say, to bfloat16) after the logger is built.
+        dtype = probe_dtype(self.net)
+        x = batch.to(self.device, dtype, non_blocking=True)
+        tensors = dict(self.net.named_parameters())
+        tensors.update(self.net.named_buffers())
+        # Float32 copies for this call only: the model and its training are untouched.
+        widened = {f"net.{name}": t.detach().to(dtype) for name, t in tensors.items() if t.dtype in _WIDENED}
         with autocast_off(self.device.type):
-            if not self._widened:
+            if not widened:
                 return self.calling(x)
-            # Float32 copies for this call only: the model and its training are untouched.
-            widened = {name: t.detach().to(self.dtype) for name, t in self._widened}
             return torch.func.functional_call(self.calling, widened, (x,), strict=False)

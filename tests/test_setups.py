@@ -127,6 +127,14 @@ def test_half_and_bfloat16_models_run_the_probe_pass_in_float32(probe, tmp_path,
     assert net.training
 
 
+def test_model_converted_to_bfloat16_after_the_logger_was_built(probe, tmp_path):
+    net = make_net()
+    with ConvVizLogger(net, probe, tmp_path / "got", layers=LAYERS, k=4, batch_size=16, steps=[0]) as logger:
+        net.bfloat16()  # as a trainer's precision setting may do after callbacks are set up
+        assert logger.log(0)
+    assert_same_records(read_run(tmp_path / "got"), reference(net, probe, tmp_path / "ref"))
+
+
 def test_torch_compiled_model(probe, tmp_path):
     net = make_net().eval()
     # Dynamo with the eager backend: the same OptimizedModule wrapper and guards, without a
