@@ -145,12 +145,11 @@ class ProbeSet:
 
     def _check_display(self) -> None:
         """Warn about NaN/inf pixels, and displays that would be clipped or near-constant."""
+        samples = self._samples()
         if self._images is not None:
-            finite = self._images.isfinite().flatten(1).all(dim=1) if self._images.is_floating_point() else None
-            bad = [] if finite is None else (~finite).nonzero().flatten().tolist()
-            samples = self._samples()
+            bad = [first + int(i) for first, batch in self.batches(256) if batch.is_floating_point()
+                   for i in (~batch.isfinite()).flatten(1).any(dim=1).nonzero().flatten()]
         else:  # a dataset too large to scan at construction: its sample, and the logger checks each batch
-            samples = self._samples()
             bad = [i for i in samples if not self.image(i).isfinite().all()]
         if bad:
             warnings.warn(
