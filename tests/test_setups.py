@@ -64,8 +64,9 @@ def log_once(model, probe, path, *, step: int = 0, layers=LAYERS, **kwargs):
 
 
 def reference(net: nn.Module, probe, path, layers=LAYERS):
-    """Records of ``net`` copied to plain float32, contiguous memory, on the CPU."""
-    plain = copy.deepcopy(net).float().to("cpu", memory_format=torch.contiguous_format)
+    """Records of ``net`` copied to plain float32 and contiguous memory, on its device."""
+    device = next(net.parameters()).device
+    plain = copy.deepcopy(net).float().to(device, memory_format=torch.contiguous_format)
     log_once(plain, probe, path, layers=layers)
     return read_run(path)
 
