@@ -197,15 +197,20 @@ export class ImageFeed {
   }
 }
 
+/** A record's class: its name, else its integer label (a probe set logged without class names); null without one. */
+export function labelText(record) {
+  return record.label_name ?? (record.label != null ? `class ${record.label}` : null);
+}
+
 /** Alt text naming unit, rank, value and label of each record shown. */
 export function recordsAlt(unit, step, records) {
   const parts = records.map((r) =>
-    `${r.rank + 1}: ${formatValue(r.value)}${r.label_name != null ? ` ${r.label_name}` : ""}`);
+    `${r.rank + 1}: ${formatValue(r.value)}${labelText(r) != null ? ` ${labelText(r)}` : ""}`);
   return `Unit ${unit} at step ${step}, top ${records.length} patches (rank: activation label) ${parts.join(", ")}`;
 }
 
 export function recordAlt(unit, step, record) {
-  const label = record.label_name != null ? `, label ${record.label_name}` : "";
+  const label = labelText(record) != null ? `, label ${labelText(record)}` : "";
   return `Unit ${unit}, rank ${record.rank + 1}, activation ${formatValue(record.value)}${label}, step ${step}, probe image ${record.image}`;
 }
 
@@ -232,7 +237,7 @@ export function showProbeImage({ run, layer, step, unit, record }) {
       fact("Unit", `${unit} · ${layerTitle(layer)} (${layer.name})`),
       fact("Rank", `${record.rank + 1} of ${layer.k}`),
       fact("Activation", formatValue(record.value)),
-      fact("Label", record.label_name ?? "–"),
+      fact("Label", labelText(record) ?? "–"),
       fact("Position", record.y == null ? "whole image" : `feature map (${record.y}, ${record.x})`),
       fact("Step", String(step))),
   );

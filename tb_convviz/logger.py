@@ -101,7 +101,11 @@ class ConvVizLogger:
         self._resume()
         self._due = self.schedule.next_due(self._last_step)
         self._failing = False
-        self._warned_order = False
+        self._warned_order = self._warned_backwards = False
+        # The highest step given to maybe_log, and the model's state version right after that call.
+        self._seen_step, self._seen_version = -1, None
+        self._state = _state_tensors(self._net)
+        self._distributed = _world() > 1
         self._warned_not_finite: set[str] = set()
         self._warned_inputs = False
 
@@ -199,11 +203,31 @@ class ConvVizLogger:
         return self._last_step
 
     def maybe_log(self, step: int) -> bool:
-        """Log if ``step`` has reached the next scheduled checkpoint; returns whether it logged."""
-        if self._due is None or step < self._due:
-            return False
-        self._due = self.schedule.next_due(step)
-        return self.log(step)
+        """Log if ``step`` has reached the next scheduled checkpoint; returns whether it logged.
+
+        ``step`` must not go back: pass a global step (``epoch * steps_per_epoch + i``), not
+        a counter that restarts every epoch.
+        """
+        self._warn_if_backwards(step)
+        logged = False
+        if self._due is not None and step >= self._due:
+            self._due = self.schedule.next_due(step)
+            logged = self.log(step)
+            # Renewed here, as `.to()` replaces buffers; walking the modules every step would cost 20x the sum.
+            self._state = _state_tensors(self._net)
+        self._seen_step, self._seen_version = max(self._seen_step, int(step)), _state_version(self._state)
+        return logged
+
+    def _warn_if_backwards(self, step: int) -> None:
+        if self._warned_backwards or step >= self._seen_step:
+            return
+        self._warned_backwards = True
+        warnings.warn(
+            f"convviz: maybe_log({step}) came after maybe_log({self._seen_step}): a step that goes back is "
+            f"never logged, so nothing is logged until step {self._due}. If your step counter restarts "
+            "every epoch, pass a global step instead, such as `epoch * steps_per_epoch + i` (in Lightning, "
+            "trainer.global_step)", ConvVizWarning, stacklevel=3,
+        )
 
     def log(self, step: int) -> bool:
         """Log a checkpoint at ``step`` now; returns whether it was written.
@@ -381,17 +405,43 @@ class ConvVizLogger:
             except Exception:
                 pass
 
-    def close(self) -> None:
-        """Flush and close the event file (a passed-in writer is flushed, not closed)."""
+    def close(self, *, final_checkpoint: bool = True) -> None:
+        """Log the model as it is now, unless it is logged already, then flush and close the event file.
+
+        The final checkpoint's step is the last one given to ``maybe_log``, or the one after it
+        if the model has changed since (the loop's last update), so the trained model is always
+        logged. Under DDP, call it on every rank. A passed-in writer is flushed, not closed.
+        """
+        if final_checkpoint:
+            self._log_final()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
+    def _log_final(self) -> None:
+        if self._seen_step < 0:  # maybe_log was never called: the caller chose every step
+            return
+        changed = self._seen_version is not None and _state_version(self._state) != self._seen_version
+        step = self._seen_step + int(changed)
+        if self._distributed:
+            if _world() == 1:
+                warnings.warn("convviz: close() came after the process group was destroyed, so the final "
+                              "checkpoint is skipped: call close() before destroy_process_group()",
+                              ConvVizWarning, stacklevel=3)
+                return
+            # Every rank must take the same decision, as every rank joins the checkpoint's gather.
+            decided = torch.tensor([step], device=self.device)
+            dist.broadcast(decided, src=0)
+            step = int(decided)
+        if step > self._last_step:
+            self.log(step)
+
     def __enter__(self) -> "ConvVizLogger":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # After an exception (Ctrl-C included) the model may be broken, and the user waits.
+        self.close(final_checkpoint=exc_type is None)
 
 
 def _gather(topk: TopK, k: int) -> TopK:
@@ -436,6 +486,22 @@ def _world() -> int:
 def _device_of(model: nn.Module) -> torch.device:
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return list(itertools.chain(model.parameters(), model.buffers()))
+
+
+def _state_version(tensors: list[torch.Tensor]) -> int | None:
+    """A number that grows with every in-place change to ``tensors``.
+
+    Optimizer steps and BatchNorm statistics update parameters and buffers in place, which
+    bumps their version counters (fused optimizers do not). None if some tensor has no counter.
+    """
+    try:
+        return sum(t._version for t in tensors)
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
 
 
 def _writer_log_dir(writer: Any) -> str:
