@@ -2,7 +2,7 @@
 // run and step the other views show; A, the reference, defaults to B's previous checkpoint.
 
 import { h, fill, select, message, formatPercent } from "./dom.js";
-import { getJson, mosaicUrl } from "./api.js";
+import { allUnits, mosaicUrl } from "./api.js";
 import { layerTabs, startMosaicGrid, fitImage, layerTitle } from "./widgets.js";
 import { sortUnits } from "./grid.js";
 
@@ -46,9 +46,9 @@ export class CompareView {
     this.grid.setAttribute("aria-busy", "true");
     let data;
     try {
-      data = await getJson("compare", {
+      data = await allUnits("compare", {
         run: other.run, layer: layer.name, step: state.other_step, other_run: run.run, other_step: state.step,
-      }, { cached: true });
+      });
     } catch (e) {
       if (seq === this.seq) this.showError("Could not compare these checkpoints", e.message);
       return;

@@ -39,15 +39,29 @@ export function readState() {
   }
 }
 
+/** Show `state` in the URL hash (for reload and sharing); it is remembered only by `rememberState`. */
 export function writeState(state) {
-  const text = serialize(state);
   // An absolute URL: plugin_entry.html has a <base href>, against which a bare "#..." would resolve.
   const url = new URL(location.href);
-  url.hash = text;
+  url.hash = serialize(state);
   if (url.href !== location.href) history.replaceState(null, "", url.href);
+}
+
+/** Remember `state` for a bare reload; call it only once the state has rendered. */
+export function rememberState(state) {
   try {
-    localStorage.setItem(STORAGE_KEY, text);
+    localStorage.setItem(STORAGE_KEY, serialize(state));
   } catch {
     // see readState
   }
+}
+
+/** Forget the remembered state (it failed to render) and drop it from the hash. */
+export function forgetState() {
+  try {
+    localStorage.removeItem(STORAGE_KEY);
+  } catch {
+    // see readState
+  }
+  writeState({});
 }

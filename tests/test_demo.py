@@ -155,7 +155,7 @@ def test_quick_demo_readable_by_tensorboard_event_loader(served):
     steps = read_run(logdir / "seed0").steps
     for layer in LAYERS:
         assert [e.step for e in acc.Tensors(f"convviz/topk/{layer}")] == steps
-    assert acc.Tensors("convviz/probe/images")
+    assert acc.Tensors("convviz/probe/chunk")
 
 
 def test_shapes_deterministic_by_seed():

@@ -28,12 +28,17 @@ from tb_convviz.plugin.data import ConvVizData, Layer, Probe, RunListing
 logger = tb_logging.get_logger()
 
 MAX_LIMIT = 4096
+# Published in `runs`, so that the frontend never asks for more than a request may do.
+LIMITS = {
+    "max_size": render.MAX_SIZE, "min_size": render.MIN_SIZE, "max_output_pixels": render.MAX_OUTPUT_PIXELS,
+    "max_decoded_pixels": render.MAX_DECODED_PIXELS, "max_units_per_page": MAX_LIMIT,
+}
 _STATIC_ROUTE = f"/data/plugin/{metadata.PLUGIN_NAME}/static/"
 _STATIC_TYPES = {
     ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
     ".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json",
 }
-_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
 def frontend_dir() -> str:
@@ -49,6 +54,8 @@ def _route(handler: Callable) -> Callable:
     @functools.wraps(handler)
     @wrappers.Request.application
     def app(self, request):
+        if request.method not in ("GET", "HEAD"):
+            return _method_not_allowed(request)
         try:
             return handler(self, request, _Params(request.args))
         except errors.PublicError as e:
@@ -130,7 +137,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         for listing in self._data.listings(ctx, eid).values():
             layers = self._layers(ctx, eid, listing)
             probe = self._data.probe(ctx, eid, listing)
-            problems = list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
+            problems = (list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
+                        + list(self._data.problems(eid, listing)))
             runs.append({
                 "run": listing.name,
                 "steps": sorted({s for layer in layers for s in layer.steps}),
@@ -138,7 +146,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                 "probe": _probe_json(probe),
                 "error": _summarise(problems),
             })
-        return _json(request, {"runs": runs})
+        return _json(request, {"runs": runs, "limits": LIMITS})
 
     @_route
     def _serve_stats(self, request, params):
@@ -239,16 +247,20 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                 f"but {other_layer.info.units} units, k={other_layer.info.k} in run {other_listing.name!r}"
             )
         other_step = _step(other_listing, other_layer, params, name="other_step", required=True)
+        offset = params.bounded("offset", 0, 1 << 31, default=0)
+        limit = params.bounded("limit", 1, MAX_LIMIT, default=MAX_LIMIT)
         a, b = layer.records(step)["image"], other_layer.records(other_step)["image"]
         overlaps = metadata.topk_overlap(a, b)
+        page = range(offset, min(offset + limit, layer.info.units))
         units = [
             {"unit": u, "overlap": _number(overlaps[u]),
              "shared": sorted(int(i) for i in set(a[u].tolist()) & set(b[u].tolist()) if i >= 0)}
-            for u in range(layer.info.units)
+            for u in page
         ]
         return _json(request, {
             "run": listing.name, "step": step, "other_run": other_listing.name, "other_step": other_step,
-            "layer": layer.name, "mean_overlap": _number(overlaps.mean()), "units": units,
+            "layer": layer.name, "mean_overlap": _number(overlaps.mean()), "total_units": layer.info.units,
+            "offset": offset, "units": units,
         })
 
     @_route
@@ -276,6 +288,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_static(self, request):
+        if request.method not in ("GET", "HEAD"):
+            return _method_not_allowed(request)
         relative = request.path[len(_STATIC_ROUTE):] if request.path.startswith(_STATIC_ROUTE) else ""
         path = self._static_file(relative)
         if path is None:
@@ -303,6 +317,15 @@ class ConvVizPlugin(base_plugin.TBPlugin):
     def _layer(self, ctx, eid: str, params: _Params) -> tuple[RunListing, Layer]:
         listing = self._data.listing(ctx, eid, params.text("run"))
         return listing, self._data.layer(ctx, eid, listing, params.text("layer"))
+
+
+def _method_not_allowed(request):
+    response = http_util.Respond(
+        request, {"error": f"method {request.method} is not allowed: the convviz routes answer GET only"},
+        "application/json", code=405,
+    )
+    response.headers["Allow"] = "GET, HEAD"
+    return response
 
 
 def _context(request):
