@@ -40,6 +40,7 @@ setup(
             "playwright>=1.40",
             "werkzeug>=2",
             "lightning>=2.0",
+            "timm>=0.9",
             # Checks that the convviz scalars are listed by a common third-party reader (pulls pandas).
             "tbparse>=0.0.8",
         ],

@@ -31,3 +31,7 @@ def watched(browser):
     w = Watched(browser)
     yield w
     w.context.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavy zoo checks (run by CI too); alone: pytest -m slow")
