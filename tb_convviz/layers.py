@@ -120,6 +120,9 @@ def trace_calls(model: nn.Module, batch: torch.Tensor, call=None) -> list[Call]:
     finally:
         for h in handles:
             h.remove()
+    root = max(calls, key=lambda c: c.end - c.start, default=None)
+    if root is not None and root.input_tensor is None:  # `call` passed a dict or several inputs
+        root.input_tensor = batch
     return calls
 
 
@@ -259,11 +262,16 @@ def _traced(calls: list[Call], size: tuple[int, int]) -> list[Stage]:
 
 def _inside_resizing_blocks(calls: list[Call]) -> set[int]:
     """ids of the calls inside a (named) module call whose output has another resolution."""
+    # The model, and a wrapper around all of it (a LightningModule's `self.model`, a module
+    # called through the logger's `forward=`), hold every leaf: they are not resizing blocks.
+    leaves = [c for c in calls if c.is_leaf] or calls
+    first, last = min(c.start for c in leaves), max(c.end for c in leaves)
     inner, open_calls = set(), []
     for call in sorted(calls, key=lambda c: c.start):
         while open_calls and open_calls[-1].end < call.start:
             open_calls.pop()
-        if any(outer.name and _spatial(outer.output) != _spatial(call.output) for outer in open_calls):
+        if any(outer.name and not (outer.start <= first and last <= outer.end)
+               and _spatial(outer.output) != _spatial(call.output) for outer in open_calls):
             inner.add(id(call))
         open_calls.append(call)
     return inner
