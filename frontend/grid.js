@@ -31,6 +31,11 @@ function changeChip(overlap, k, previousStep) {
   }, fresh ? `${fresh} new` : "same");
 }
 
+/** A unit whose activations were NaN or infinite at this checkpoint has no ranks to show. */
+export function notFiniteChip() {
+  return h("span", { class: "cv-chip cv-chip-dead", title: "NaN or infinite activations at this checkpoint: no ranks" }, "not finite");
+}
+
 export class GridView {
   constructor(app) {
     this.app = app;
@@ -162,22 +167,26 @@ export class GridView {
       }
       tile.el.classList.toggle("cv-unprojected", show !== "patch" && !hasProjection(layer, step));
       tile.el.classList.toggle("cv-dead", unit.dead);
+      tile.el.classList.toggle("cv-not-finite", Boolean(unit.not_finite));
       tile.el.title = `Unit ${unit.unit}: open its evolution over training`;
       fill(tile.meta,
         h("span", { class: "cv-unit" }, `#${unit.unit}`),
-        unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
+        unit.not_finite ? notFiniteChip()
+          : unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
           : changeChip(unit.overlap, layer.k, data.previous_step),
         h("span", { class: "cv-peak", title: "peak activation over the probe set" }, formatValue(unit.peak)),
       );
     }
     this.grid.append(...sortUnits(data.units, sort).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
     const dead = data.units.filter((u) => u.dead).length;
+    const notFinite = data.units.filter((u) => u.not_finite).length;
     const overlaps = data.units.map((u) => u.overlap).filter((o) => o != null);
     const mean = overlaps.length ? overlaps.reduce((a, b) => a + b, 0) / overlaps.length : null;
     fill(this.summary,
       `${data.total_units} units · top-${layer.k} over ${run.probe?.n ?? "?"} probe images · `,
       mean == null ? "first checkpoint" : `${formatPercent(mean)} of top-${layer.k} kept since step ${data.previous_step}`,
       ` · ${dead} dead`,
+      notFinite ? ` · ${notFinite} not finite` : "",
     );
   }
 }

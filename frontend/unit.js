@@ -4,6 +4,7 @@ import { h, fill, message, formatValue, formatPercent } from "./dom.js";
 import { getJson, mosaicUrl, patchUrl } from "./api.js";
 import { ImageFeed, fitImage, labelText, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
 import { effectiveShow, hasProjection, projectionMosaicUrl, projectionUrl, showToggle } from "./show.js";
+import { notFiniteChip } from "./grid.js";
 
 const PATCH_PX = 64;
 const MOSAIC_PX = 224;
@@ -107,12 +108,14 @@ export class UnitView {
     return h("div", { class: "cv-card cv-unit-current" },
       h("h3", {}, `Top-${layer.k} at step ${checkpoint.step}`),
       h("div", { class: "cv-unit-current-body" },
-        this.mosaics(run, layer, unit, checkpoint, records),
+        checkpoint.not_finite ? h("div", { class: "cv-mosaic-frame" }, notFiniteChip())
+          : this.mosaics(run, layer, unit, checkpoint, records),
         h("dl", { class: "cv-facts" },
           h("dt", {}, "Peak activation"), h("dd", {}, formatValue(peak)),
           h("dt", {}, "Kept since previous"), h("dd", {}, checkpoint.overlap == null ? "first checkpoint" : formatPercent(checkpoint.overlap)),
           h("dt", {}, "Top-1 image"), h("dd", {}, records[0] ? `#${records[0].image}${checkpoint.top1_changed ? " (new)" : ""}` : "–"),
-          h("dt", {}, "Status"), h("dd", {}, peak != null && peak > 0 ? "active" : "dead (no positive activation)"))));
+          h("dt", {}, "Status"), h("dd", {}, checkpoint.not_finite ? "not finite (NaN or infinite activations, no ranks)"
+            : peak != null && peak > 0 ? "active" : "dead (no positive activation)"))));
   }
 
   /** The patches' mosaic, the projections' mosaic, or both side by side (Fig. 2). */
@@ -167,6 +170,7 @@ export class UnitView {
         type: "button", class: "cv-evo-step", "aria-label": `Select step ${c.step}`,
         onclick: () => this.app.navigate({ step: c.step }),
       }, c.top1_changed ? h("span", { class: "cv-marker", title: "top-1 image changed" }, "●") : null, String(c.step)),
+      c.not_finite ? notFiniteChip() : null,
       records.map((r) => h("button", {
         type: "button", class: "cv-evo-patch", title: "Show the whole probe image",
         onclick: () => showProbeImage({ run: run.run, layer, step: c.step, unit, record: r }),

@@ -39,10 +39,10 @@ def grid_figure(run: Run, layer: str, step: int | None = None, units: list[int] 
     records = run.topk(info.name, step)
     if projections:
         _check_projected(run, info, [step])
-        cells = [(f"unit {u}", _side_by_side(_projection_mosaic(run, info, step, u, info.k, patch_size),
-                                             _mosaic(run, info, records, u, info.k, patch_size))) for u in units]
-    else:
-        cells = [(f"unit {u}", _mosaic(run, info, records, u, info.k, patch_size)) for u in units]
+    cells = [(f"unit {u}" + (" (not finite)" if records.not_finite[u] else ""),
+              _side_by_side(_projection_mosaic(run, info, step, u, info.k, patch_size),
+                            _mosaic(run, info, records, u, info.k, patch_size)) if projections
+              else _mosaic(run, info, records, u, info.k, patch_size)) for u in units]
     cols = math.ceil(math.sqrt(len(cells)))
     rows = [cells[i:i + cols] for i in range(0, len(cells), cols)]
     title = f"{_run_name(run)} · layer {info.index} ({info.name}) · step {step}"

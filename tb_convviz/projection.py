@@ -11,7 +11,7 @@ of a checkpoint, whatever their layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -114,10 +114,12 @@ class Projection:
 
 
 def project(net: nn.Module, layers: Sequence[str], images: torch.Tensor, layer_of_row: Sequence[int],
-            unit: Sequence[int], position: Sequence[int], rule: str = "deconvnet") -> Projection:
+            unit: Sequence[int], position: Sequence[int], rule: str = "deconvnet",
+            call: Callable[[torch.Tensor], object] | None = None) -> Projection:
     """Project row b's activation (layer ``layers[layer_of_row[b]]``, ``unit[b]``, flat ``position[b]``) back onto ``images[b]``.
 
-    ``position`` is ``y * width + x`` (-1 for ``[N, F]`` outputs). One forward pass and one
+    ``position`` is ``y * width + x`` (-1 for ``[N, F]`` outputs); ``call(images)`` runs the
+    model (default ``net(images)``; the logger's runs the user's ``forward=``). One forward pass and one
     backward pass, in eval mode as the caller sets it; gradients are taken with respect to the
     input only, so no parameter's ``.grad`` changes.
     """
@@ -144,7 +146,7 @@ def project(net: nn.Module, layers: Sequence[str], images: torch.Tensor, layer_o
     x = images.detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad(), mode:
-            net(x)
+            (net if call is None else call)(x)
     except _Stop:
         pass
     finally:
@@ -204,8 +206,9 @@ class LayerProjections:
 
 def project_checkpoint(net: nn.Module, probe, targets: Sequence[Target], image: dict[str, np.ndarray],
                        position: dict[str, np.ndarray], *, ranks: int, rule: str, batch_size: int,
-                       device: torch.device, dtype: torch.dtype | None, share: tuple[int, int] = (0, 1),
-                       encoding: str = fmt.ENCODING) -> dict[str, LayerProjections]:
+                       device: torch.device, dtype: torch.dtype | None = None, share: tuple[int, int] = (0, 1),
+                       encoding: str = fmt.ENCODING, call: Callable[[torch.Tensor], object] | None = None,
+                       ) -> dict[str, LayerProjections]:
     """Project the top-``ranks`` records of every unit of ``targets`` (``image``/``position``: ``[units, k]`` per layer).
 
     Returns, per layer, this process's ``share`` = (rank, world) of the records, cropped to each
@@ -228,7 +231,7 @@ def project_checkpoint(net: nn.Module, probe, targets: Sequence[Target], image: 
                 cache[row[3]] = probe.image(row[3])
         images = torch.stack([cache[row[3]] for row in chunk]).to(device, dtype)
         result = project(net, names, images, [r[0] for r in chunk], [r[1] for r in chunk],
-                         [max(r[4], 0) for r in chunk], rule)
+                         [max(r[4], 0) for r in chunk], rule, call)
         uncovered.update(result.uncovered)
         pixels = result.pixels.cpu().numpy()
         for (i, u, r, img, pos), p in zip(chunk, pixels):
