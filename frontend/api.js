@@ -65,7 +65,8 @@ export async function topk(run, layer, step) {
   return { ...first, units };
 }
 
-export const mosaicUrl = (run, layer, step, unit) => routeUrl("mosaic", { run, layer, step, unit });
-export const patchUrl = (run, layer, step, unit, rank) => routeUrl("patch", { run, layer, step, unit, rank });
+/** `size`: resample each patch to that many pixels (its longer side), so every layer is drawn alike. */
+export const mosaicUrl = (run, layer, step, unit, size) => routeUrl("mosaic", { run, layer, step, unit, size });
+export const patchUrl = (run, layer, step, unit, rank, size) => routeUrl("patch", { run, layer, step, unit, rank, size });
 export const probeImageUrl = (run, layer, step, unit, rank, index) =>
   routeUrl("probe_image", { run, index, layer, step, unit, rank });

@@ -1,15 +1,19 @@
-// Compare: one layer at two checkpoints of a run, or at the same step of two runs. B is the
-// run and step the other views show; A, the reference, defaults to B's previous checkpoint.
+// Compare: one layer at two checkpoints of a run, or at two runs. B is the run and step the
+// other views show; A, the reference, defaults to B's previous checkpoint. Across runs, units
+// are matched one-to-one by the overlap of their top-k images (unit i of one seed is not
+// unit i of another); within a run that is a toggle, which shows units that swapped roles.
 
 import { h, fill, select, message, formatPercent } from "./dom.js";
 import { getJson, mosaicUrl } from "./api.js";
-import { layerTabs, startMosaicGrid, fitImage, layerTitle } from "./widgets.js";
+import { layerTabs, startMosaicGrid, MosaicFigure, layerTitle, nearestStep, CHANGED_BELOW } from "./widgets.js";
 import { sortUnits } from "./grid.js";
+import { showZoom } from "./zoom.js";
 
-const MOSAIC_PX = 104;
-// Units that keep fewer than half of their top-k images count as changed.
-const CHANGED_BELOW = 0.5;
-export const ORDERS = [["change", "Most changed first"], ["unit", "Unit index"]];
+const PATCH_PX = 36;
+export const ORDERS = [["change", "Least shared first"], ["unit", "Unit index"]];
+
+/** Whether units are matched: as the state says, else across runs yes and within a run no. */
+export const matching = (state) => (state.match ?? (state.other_run !== state.run ? "1" : "0")) === "1";
 
 export class CompareView {
   constructor(app) {
@@ -18,6 +22,7 @@ export class CompareView {
     this.layerKey = null;
     this.tiles = new Map();
     this.feed = null;
+    this.data = null;
     this.tabs = h("div", { class: "cv-tabs-slot" });
     this.controls = h("div", { class: "cv-toolbar cv-compare-controls" });
     this.summary = h("p", { class: "cv-summary" });
@@ -34,26 +39,29 @@ export class CompareView {
     const { state, run, layer, runs } = this.app;
     const other = runs.find((r) => r.run === state.other_run) ?? run;
     const otherLayer = other.layers.find((l) => l.name === layer.name);
+    const match = matching(state);
     fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
-    this.renderControls(run, layer, other, otherLayer);
+    this.renderControls(run, layer, other, otherLayer, match);
     const seq = ++this.seq;
     if (!otherLayer) {
       this.showError(`Run ${other.run} has no layer ${layer.name}`, "Pick another run for A, or a layer both runs logged.");
       return;
     }
-    const layerKey = JSON.stringify([run.run, other.run, layer.name, layer.units]);
+    const layerKey = JSON.stringify([run.run, other.run, layer.name, layer.units, layer.k]);
     if (layerKey !== this.layerKey) this.build(layer, layerKey);
     this.grid.setAttribute("aria-busy", "true");
     let data;
     try {
       data = await getJson("compare", {
         run: other.run, layer: layer.name, step: state.other_step, other_run: run.run, other_step: state.step,
+        match: match ? 1 : 0,
       }, { cached: true });
     } catch (e) {
       if (seq === this.seq) this.showError("Could not compare these checkpoints", e.message);
       return;
     }
     if (seq !== this.seq) return;
+    this.data = data;
     fill(this.notice);
     this.grid.hidden = false;
     this.showUnits(layer, data, state.order);
@@ -68,15 +76,19 @@ export class CompareView {
     this.grid.setAttribute("aria-busy", "false");
   }
 
-  renderControls(run, layer, other, otherLayer) {
+  renderControls(run, layer, other, otherLayer, match) {
     const { state, runs } = this.app;
     const runOptions = runs.map((r) => [r.run, r.run]);
     const stepOptions = (steps) => steps.map((s) => [s, `step ${s}`]);
+    const stepsOf = (name) => runs.find((r) => r.run === name)?.layers.find((l) => l.name === layer.name)?.steps ?? [];
     const side = (name, runSelect, stepSelect) =>
-      h("div", { class: "cv-compare-side" }, h("span", { class: "cv-side-badge" }, name), runSelect, stepSelect);
+      h("div", { class: "cv-compare-side" }, h("span", { class: `cv-side-badge cv-side-${name}` }, name), runSelect, stepSelect);
     fill(this.controls,
       side("A",
-        select(runOptions, other.run, (value) => this.app.navigate({ other_run: value }), { "aria-label": "Run A" }),
+        // A new run for A keeps A's step where that run has it, else takes the nearest one.
+        select(runOptions, other.run, (value) => this.app.navigate({
+          other_run: value, other_step: nearestStep(stepsOf(value), state.other_step),
+        }), { "aria-label": "Run A" }),
         select(stepOptions(otherLayer?.steps ?? []), state.other_step, (value) => this.app.navigate({ other_step: Number(value) }),
           { "aria-label": "Step A", disabled: !otherLayer })),
       h("button", {
@@ -84,63 +96,113 @@ export class CompareView {
         onclick: () => this.app.navigate({ run: other.run, step: state.other_step, other_run: run.run, other_step: state.step }),
       }, "⇄"),
       side("B",
-        select(runOptions, run.run, (value) => this.app.navigate({ run: value }), { "aria-label": "Run B" }),
+        select(runOptions, run.run, (value) => this.app.navigate({
+          run: value, step: nearestStep(stepsOf(value), state.step),
+        }), { "aria-label": "Run B" }),
         select(stepOptions(layer.steps), state.step, (value) => this.app.navigate({ step: Number(value) }), { "aria-label": "Step B" })),
+      h("label", { class: "cv-field cv-toggle", title: "Pair each unit of A with the unit of B whose top-k images overlap most (one-to-one)" },
+        h("input", {
+          type: "checkbox", checked: match, "aria-label": "Match units by top-k overlap",
+          onchange: (e) => this.app.navigate({ match: e.target.checked ? "1" : "0" }),
+        }), "Match units"),
       h("label", { class: "cv-field" }, "Sort by",
         select(ORDERS, state.order, (order) => this.app.navigate({ order }), { "aria-label": "Sort units by" })),
     );
   }
 
   build(layer, layerKey) {
-    startMosaicGrid(this, layer, layerKey, MOSAIC_PX);
+    startMosaicGrid(this, layer, layerKey, PATCH_PX);
     const tiles = [];
     for (let unit = 0; unit < layer.units; unit++) {
-      const mosaic = () => fitImage(h("img", { class: "cv-mosaic", alt: "", decoding: "async" }), MOSAIC_PX);
-      const a = mosaic();
-      const b = mosaic();
+      const side = (name) => {
+        const figure = new MosaicFigure(layer, PATCH_PX);
+        const label = h("span", { class: "cv-side-label" });
+        const button = h("button", {
+          type: "button", class: "cv-side-image", onclick: () => this.zoom(unit, name),
+        }, h("span", { class: "cv-tile-image" }, figure.el));
+        return { figure, label, el: h("span", { class: `cv-side cv-side-${name}` }, label, button), button };
+      };
+      const a = side("A");
+      const b = side("B");
       const meta = h("span", { class: "cv-tile-meta" });
-      const el = h("button", {
-        type: "button", class: "cv-tile cv-pair", dataset: { unit: String(unit) },
-        title: `Unit ${unit}: open its evolution over training`,
-        onclick: () => this.app.navigate({ view: "unit", unit }),
-      }, h("span", { class: "cv-pair-images" }, h("span", { class: "cv-tile-image" }, a), h("span", { class: "cv-tile-image" }, b)), meta);
+      const el = h("div", { class: "cv-tile cv-pair", dataset: { unit: String(unit) } },
+        h("span", { class: "cv-pair-images" }, a.el, b.el), meta);
       this.tiles.set(unit, { el, a, b, meta });
       tiles.push(el);
     }
     fill(this.grid, ...tiles);
   }
 
+  /** Zoom into one side of unit `unit`'s pair, outlining the images both sides share. */
+  zoom(unit, name) {
+    const { layer } = this.app;
+    const pair = this.data?.units.find((u) => u.unit === unit);
+    if (!pair) return;
+    const isA = name === "A";
+    const records = (isA ? pair.records : pair.other_records) ?? [];
+    showZoom({
+      run: isA ? this.data.run : this.data.other_run, layer, step: isA ? this.data.step : this.data.other_step,
+      unit: isA ? unit : pair.other_unit, records, highlight: isA ? pair.ranks : pair.other_ranks, side: name,
+    });
+  }
+
   showUnits(layer, data, order) {
     const k = layer.k;
     let changed = 0;
+    let moved = 0;
     for (const unit of data.units) {
       const tile = this.tiles.get(unit.unit);
       if (!tile) continue;
       const isChanged = unit.overlap != null && unit.overlap < CHANGED_BELOW;
+      const unique = data.matched && unit.overlap === 0;
+      const partner = unit.other_unit;
       changed += isChanged;
-      tile.a.alt = `Unit ${unit.unit}, top-${k} patches of ${data.run} at step ${data.step}`;
-      tile.b.alt = `Unit ${unit.unit}, top-${k} patches of ${data.other_run} at step ${data.other_step}`;
-      this.feed.assign(tile.a, mosaicUrl(data.run, data.layer, data.step, unit.unit));
-      this.feed.assign(tile.b, mosaicUrl(data.other_run, data.layer, data.other_step, unit.unit));
-      tile.el.classList.toggle("cv-changed", isChanged);
+      moved += partner !== unit.unit;
+      this.showSide(tile.a, "A", data.run, data.layer, data.step, unit.unit, unit.records, unit.ranks);
+      this.showSide(tile.b, "B", data.other_run, data.layer, data.other_step, partner, unit.other_records, unit.other_ranks);
+      tile.el.classList.toggle("cv-changed", isChanged && !data.matched);
+      tile.el.classList.toggle("cv-unique", unique);
+      tile.el.dataset.otherUnit = String(partner);
       const shared = unit.shared?.length ?? Math.round((unit.overlap ?? 0) * k);
       fill(tile.meta,
-        h("span", { class: "cv-unit" }, `#${unit.unit}`),
-        isChanged ? h("span", { class: "cv-chip cv-chip-changed", style: { "--change": String(1 - unit.overlap) } }, "changed") : null,
-        h("span", { class: "cv-overlap", title: `${shared} of its top-${k} images appear in both` },
+        unique ? h("span", { class: "cv-chip cv-chip-unique", title: "No unit of B shares any of its top-k images" }, "unique feature")
+          : isChanged && !data.matched ? h("span", { class: "cv-chip cv-chip-changed", style: { "--change": String(1 - unit.overlap) } }, "changed") : null,
+        partner !== unit.unit ? h("span", { class: "cv-chip", title: `Unit ${unit.unit} of A is matched with unit ${partner} of B` },
+          `#${unit.unit} ↔ #${partner}`) : null,
+        h("span", { class: "cv-overlap", title: `${shared} of their top-${k} images appear in both` },
           h("span", { class: "cv-meter", "aria-hidden": "true" }, h("span", { style: { width: formatPercent(unit.overlap ?? 0) } })),
           `${shared}/${k} shared`),
+        h("button", {
+          type: "button", class: "cv-button cv-open-unit", title: `Open unit ${partner} of B (${data.other_run}) over training`,
+          onclick: () => this.app.navigate({ view: "unit", unit: partner }),
+        }, "›"),
       );
     }
     this.grid.append(...sortUnits(data.units, order).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
     const same = data.run === data.other_run;
+    const unique = data.units.filter((u) => u.overlap === 0).length;
     fill(this.summary,
       `${layerTitle(layer)}: `,
-      h("b", {}, same ? `step ${data.step}` : `${data.run} @ ${data.step}`), " vs ",
-      h("b", {}, same ? `step ${data.other_step}` : `${data.other_run} @ ${data.other_step}`),
-      ` · mean top-${k} overlap ${formatPercent(data.mean_overlap)} · `,
-      h("b", { class: "cv-accent" }, `${changed} of ${data.units.length} units changed`),
-      ` (fewer than ${formatPercent(CHANGED_BELOW)} of their top-${k} shared)`,
+      h("b", {}, "A ", same ? `step ${data.step}` : `${data.run} @ ${data.step}`), " vs ",
+      h("b", {}, "B ", same ? `step ${data.other_step}` : `${data.other_run} @ ${data.other_step}`),
+      data.matched
+        ? [` · units matched one-to-one by top-${k} overlap: mean ${formatPercent(data.mean_overlap)} shared`,
+          ` (unit for unit: ${formatPercent(data.unit_for_unit_mean_overlap)}) · `,
+          h("b", { class: "cv-accent" }, `${unique} unique features`), ` (no image shared with any unit of B)`,
+          same ? ` · ${moved} units matched to another index` : null]
+        : [` · unit for unit: mean top-${k} overlap ${formatPercent(data.mean_overlap)} · `,
+          h("b", { class: "cv-accent" }, `${changed} of ${data.units.length} units changed`),
+          ` (fewer than ${formatPercent(CHANGED_BELOW)} of their top-${k} shared)`],
+      ". Outlined patches: images in both top-k sets.",
     );
+  }
+
+  showSide(side, name, run, layerName, step, unit, records, ranks) {
+    side.figure.img.alt = `${name}: unit ${unit}, top patches of ${run} at step ${step}`;
+    side.figure.setRecords(records ?? [], { highlight: ranks, step, unit });
+    this.feed.assign(side.figure.img, mosaicUrl(run, layerName, step, unit, PATCH_PX));
+    fill(side.label, h("b", {}, name), ` #${unit}`);
+    side.label.title = `${name}: ${run} at step ${step}, unit ${unit}`;
+    side.button.title = `${name}: unit ${unit} of ${run} at step ${step}. Click to zoom`;
   }
 }

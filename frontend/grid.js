@@ -2,9 +2,9 @@
 
 import { h, fill, select, message, formatValue, formatPercent } from "./dom.js";
 import { topk, mosaicUrl } from "./api.js";
-import { layerTabs, StepSlider, LAZY_UNITS, startMosaicGrid, fitImage, recordsAlt } from "./widgets.js";
-
-const TILE_PX = 128;
+import { layerTabs, StepSlider, LAZY_UNITS, startMosaicGrid, MosaicFigure, recordsAlt, PATCH_SIZES, DEFAULT_PATCH } from "./widgets.js";
+import { unitJump, filterOptions, filterSelect, passes } from "./finder.js";
+import { showZoom } from "./zoom.js";
 export const SORTS = [["unit", "Unit index"], ["peak", "Peak activation"], ["change", "Change since previous"]];
 
 /** Order of units for a sort key; "change" puts the units that changed most first. */
@@ -39,12 +39,19 @@ export class GridView {
     this.slider = new StepSlider({ onChange: (step) => app.navigate({ step }) });
     this.tabs = h("div", { class: "cv-tabs-slot" });
     this.sort = select(SORTS, "unit", (sort) => app.navigate({ sort }), { "aria-label": "Sort units by" });
+    this.patchSize = select(PATCH_SIZES.map((s) => [s, `${s} px`]), DEFAULT_PATCH,
+      (value) => app.navigate({ patch: Number(value) === DEFAULT_PATCH ? null : Number(value) }), { "aria-label": "Patch size" });
+    this.finder = h("span", { class: "cv-finder" });
     this.summary = h("p", { class: "cv-summary" });
     this.notice = h("div", { class: "cv-notice" });
     this.grid = h("div", { class: "cv-grid", "aria-busy": "true", "aria-label": "Units" });
+    this.data = null;
     this.el = h("section", { class: "cv-view cv-grid-view" },
       this.tabs,
-      h("div", { class: "cv-toolbar" }, this.slider.el, h("label", { class: "cv-field" }, "Sort by", this.sort)),
+      h("div", { class: "cv-toolbar" }, this.slider.el,
+        h("label", { class: "cv-field" }, "Sort by", this.sort),
+        h("label", { class: "cv-field", title: "Patch size in the tiles; z or the magnifier opens a unit larger" }, "Patches", this.patchSize)),
+      h("div", { class: "cv-toolbar cv-finder-bar" }, this.finder),
       this.summary, this.notice, this.grid);
   }
 
@@ -56,8 +63,20 @@ export class GridView {
   onKey(event) {
     if (event.key === "ArrowLeft") this.slider.move(-1);
     else if (event.key === "ArrowRight") this.slider.move(1);
-    else return false;
+    else if (event.key === "g") this.finder.querySelector(".cv-unit-jump")?.focus();
+    else if (event.key === "z") {
+      // The tile under the pointer, else the focused one.
+      const tile = this.grid.querySelector(".cv-tile:hover") ?? document.activeElement?.closest(".cv-tile");
+      if (!tile) return false;
+      this.zoom(Number(tile.dataset.unit));
+    } else return false;
     return true;
+  }
+
+  zoom(unit) {
+    const { run, layer } = this.app;
+    const found = this.data?.units.find((u) => u.unit === unit);
+    if (found) showZoom({ run: run.run, layer, step: this.data.step, unit, records: found.records });
   }
 
   async update() {
@@ -65,7 +84,8 @@ export class GridView {
     fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
     this.slider.update(layer.steps, state.step);
     this.sort.value = state.sort;
-    const layerKey = JSON.stringify([run.run, layer.name, layer.units]);
+    this.patchSize.value = String(this.patch);
+    const layerKey = JSON.stringify([run.run, layer.name, layer.units, layer.k, this.patch]);
     if (layerKey !== this.layerKey) this.build(layer, layerKey);
     const seq = ++this.seq;
     this.grid.setAttribute("aria-busy", "true");
@@ -81,7 +101,11 @@ export class GridView {
     }
     if (seq !== this.seq) return;
     fill(this.notice);
-    this.showUnits(run, layer, data, state.sort);
+    this.data = data;
+    fill(this.finder,
+      unitJump(layer, (unit) => this.app.navigate({ view: "unit", unit })),
+      filterSelect(filterOptions(data.units, layer.k), state.filter ?? "", (filter) => this.app.navigate({ filter: filter || null })));
+    this.showUnits(run, layer, data, state.sort, state.filter);
     await this.feed.settle();
     if (seq !== this.seq) return;
     this.grid.setAttribute("aria-busy", "false");
@@ -95,37 +119,50 @@ export class GridView {
     for (let unit = 0; unit < layer.units; unit++) {
       const img = new Image();
       img.fetchPriority = "low";
-      img.src = mosaicUrl(run.run, layer.name, next, unit);
+      img.src = mosaicUrl(run.run, layer.name, next, unit, this.patch);
     }
   }
 
+  /** Pixels per patch in the tiles: the same for every layer, so deep layers are not drawn smaller. */
+  get patch() {
+    return this.app.state.patch ?? DEFAULT_PATCH;
+  }
+
   build(layer, layerKey) {
-    startMosaicGrid(this, layer, layerKey, TILE_PX);
+    startMosaicGrid(this, layer, layerKey, this.patch);
     const tiles = [];
     for (let unit = 0; unit < layer.units; unit++) {
-      const img = fitImage(h("img", { class: "cv-mosaic", alt: `Unit ${unit}`, decoding: "async" }), TILE_PX);
+      const figure = new MosaicFigure(layer, this.patch, { alt: `Unit ${unit}` });
       const meta = h("span", { class: "cv-tile-meta" });
-      const el = h("button", {
-        type: "button", class: "cv-tile", dataset: { unit: String(unit) },
+      const open = h("button", {
+        type: "button", class: "cv-tile-open", title: `Unit ${unit}: open its evolution over training`,
         onclick: () => this.app.navigate({ view: "unit", unit }),
-      }, h("span", { class: "cv-tile-image" }, img), meta);
-      img.addEventListener("error", () => el.classList.add("cv-broken"));
-      img.addEventListener("load", () => el.classList.remove("cv-broken"));
-      this.tiles.set(unit, { el, img, meta });
+      }, h("span", { class: "cv-tile-image" }, figure.el), meta);
+      const el = h("div", { class: "cv-tile", dataset: { unit: String(unit) } }, open,
+        h("button", {
+          type: "button", class: "cv-zoom-button", title: "Zoom: the patches large, with their probe images (z)",
+          "aria-label": `Zoom unit ${unit}`, onclick: () => this.zoom(unit),
+        }, "⤢"));
+      figure.img.addEventListener("error", () => el.classList.add("cv-broken"));
+      figure.img.addEventListener("load", () => el.classList.remove("cv-broken"));
+      this.tiles.set(unit, { el, img: figure.img, figure, meta });
       tiles.push(el);
     }
     fill(this.grid, ...tiles);
   }
 
-  showUnits(run, layer, data, sort) {
+  showUnits(run, layer, data, sort, filter) {
     const step = data.step;
+    let shown = 0;
     for (const unit of data.units) {
       const tile = this.tiles.get(unit.unit);
       if (!tile) continue;
       tile.img.alt = recordsAlt(unit.unit, step, unit.records);
-      this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, step, unit.unit));
+      tile.figure.setRecords(unit.records, { step, unit: unit.unit });
+      this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, step, unit.unit, this.patch));
       tile.el.classList.toggle("cv-dead", unit.dead);
-      tile.el.title = `Unit ${unit.unit}: open its evolution over training`;
+      tile.el.hidden = !passes(unit, filter);
+      shown += !tile.el.hidden;
       fill(tile.meta,
         h("span", { class: "cv-unit" }, `#${unit.unit}`),
         unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
@@ -138,6 +175,7 @@ export class GridView {
     const overlaps = data.units.map((u) => u.overlap).filter((o) => o != null);
     const mean = overlaps.length ? overlaps.reduce((a, b) => a + b, 0) / overlaps.length : null;
     fill(this.summary,
+      filter ? h("b", {}, `${shown} of ${data.total_units} units shown · `) : null,
       `${data.total_units} units · top-${layer.k} over ${run.probe?.n ?? "?"} probe images · `,
       mean == null ? "first checkpoint" : `${formatPercent(mean)} of top-${layer.k} kept since step ${data.previous_step}`,
       ` · ${dead} dead`,

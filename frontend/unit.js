@@ -2,9 +2,12 @@
 
 import { h, fill, message, formatValue, formatPercent } from "./dom.js";
 import { getJson, mosaicUrl, patchUrl } from "./api.js";
-import { ImageFeed, fitImage, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
+import { ImageFeed, MosaicFigure, mosaicGeometry, patchSizeFor, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
+import { unitJump } from "./finder.js";
+import { showZoom } from "./zoom.js";
 
 const PATCH_PX = 64;
+// The current checkpoint's mosaic is drawn to fill this square exactly, whatever the layer.
 const MOSAIC_PX = 224;
 const LAZY_PATCHES = 256;
 
@@ -37,6 +40,20 @@ export class UnitView {
       this.app.navigate({ view: "grid" });
       return true;
     }
+    if (event.key === "z") {
+      this.zoom(this.current);
+      return true;
+    }
+    if (event.key === "g") {
+      this.head.querySelector(".cv-unit-jump")?.focus();
+      return true;
+    }
+    const unitDelta = { ArrowUp: -1, ArrowDown: 1 }[event.key];
+    if (unitDelta) {
+      const unit = state.unit + unitDelta;
+      if (unit >= 0 && unit < layer.units) this.app.navigate({ unit });
+      return true;
+    }
     const delta = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
     const next = layer.steps[layer.steps.indexOf(state.step) + (delta ?? 0)];
     if (!delta || next == null) return false;
@@ -66,6 +83,7 @@ export class UnitView {
     }
     if (seq !== this.seq) return;
     const current = evolution.checkpoints.find((c) => c.step === state.step) ?? evolution.checkpoints.at(-1);
+    this.current = current;
     this.feed?.disconnect();
     // Expanded, a long run has thousands of patches: then they load as they scroll into view.
     const expanded = state.expand === "1";
@@ -79,10 +97,17 @@ export class UnitView {
     if (seq === this.seq) this.body.setAttribute("aria-busy", "false");
   }
 
-  image(src, alt, box, className) {
-    const img = fitImage(h("img", { class: className, alt, decoding: "async" }), box);
+  /** An image whose box has its final `width` x `height` before it loads, so the layout never shifts. */
+  image(src, alt, { width, height }) {
+    const img = h("img", { alt, decoding: "async", width, height });
     this.feed.assign(img, src);
     return img;
+  }
+
+  /** Open a checkpoint's top-k large. */
+  zoom(checkpoint) {
+    const { run, layer, state } = this.app;
+    if (checkpoint) showZoom({ run: run.run, layer, step: checkpoint.step, unit: state.unit, records: checkpoint.records });
   }
 
   renderHead(run, layer, unit) {
@@ -93,19 +118,26 @@ export class UnitView {
       h("h2", {}, `Unit ${unit}`),
       h("span", { class: "cv-dim cv-unit-sub", title: layer.name }, `${layerTitle(layer)} · ${rfText(layer)} · top-${layer.k} · `,
         h("span", { class: "cv-name" }, layer.name)),
-      h("button", { type: "button", class: "cv-button", disabled: unit <= 0, onclick: () => go(-1) }, "‹ Previous unit"),
-      h("button", { type: "button", class: "cv-button", disabled: unit >= layer.units - 1, onclick: () => go(1) }, "Next unit ›"),
+      h("button", { type: "button", class: "cv-button", disabled: unit <= 0, onclick: () => go(-1), title: "Previous unit (↑)" }, "‹ Previous unit"),
+      h("button", { type: "button", class: "cv-button", disabled: unit >= layer.units - 1, onclick: () => go(1), title: "Next unit (↓)" }, "Next unit ›"),
+      unitJump(layer, (next) => this.app.navigate({ unit: next }), unit),
     );
   }
 
   renderCurrent(run, layer, unit, checkpoint) {
     const records = checkpoint.records;
     const peak = records[0]?.value;
+    const patch = patchSizeFor(layer, MOSAIC_PX);
+    const figure = new MosaicFigure(layer, patch, { alt: recordsAlt(unit, checkpoint.step, records) });
+    figure.setRecords(records, { step: checkpoint.step, unit });
+    this.feed.assign(figure.img, mosaicUrl(run.run, layer.name, checkpoint.step, unit, patch));
     return h("div", { class: "cv-card cv-unit-current" },
       h("h3", {}, `Top-${layer.k} at step ${checkpoint.step}`),
       h("div", { class: "cv-unit-current-body" },
-        h("div", { class: "cv-mosaic-frame" }, this.image(mosaicUrl(run.run, layer.name, checkpoint.step, unit),
-          recordsAlt(unit, checkpoint.step, records), MOSAIC_PX, "cv-mosaic")),
+        h("button", {
+          type: "button", class: "cv-mosaic-frame", title: "Zoom: the patches large, at a size you pick (z)",
+          onclick: () => this.zoom(checkpoint),
+        }, figure.el),
         h("dl", { class: "cv-facts" },
           h("dt", {}, "Peak activation"), h("dd", {}, formatValue(peak)),
           h("dt", {}, "Kept since previous"), h("dd", {}, checkpoint.overlap == null ? "first checkpoint" : formatPercent(checkpoint.overlap)),
@@ -126,21 +158,28 @@ export class UnitView {
   }
 
   renderStrip(run, layer, unit, checkpoints, current, expanded) {
+    const { pw, ph } = mosaicGeometry(layer, PATCH_PX);
+    const patchBox = { width: pw, height: ph };
     const columns = checkpoints.map((c) => {
       const records = expanded ? c.records : c.records.slice(0, 1);
       return h("li", {
         class: ["cv-evo-col", c.top1_changed && "cv-changed", c === current && "cv-selected"].filter(Boolean).join(" "),
         dataset: { step: String(c.step) },
       },
-      h("button", {
-        type: "button", class: "cv-evo-step", "aria-label": `Select step ${c.step}`,
-        onclick: () => this.app.navigate({ step: c.step }),
-      }, c.top1_changed ? h("span", { class: "cv-marker", title: "top-1 image changed" }, "●") : null, String(c.step)),
+      h("span", { class: "cv-evo-head" },
+        h("button", {
+          type: "button", class: "cv-evo-step", "aria-label": `Select step ${c.step}`,
+          onclick: () => this.app.navigate({ step: c.step }),
+        }, c.top1_changed ? h("span", { class: "cv-marker", title: "top-1 image changed" }, "●") : null, String(c.step)),
+        h("button", {
+          type: "button", class: "cv-evo-zoom", "aria-label": `Zoom the top-${layer.k} at step ${c.step}`,
+          title: `Zoom: the top-${layer.k} at step ${c.step}, large`, onclick: () => this.zoom(c),
+        }, "⤢")),
       records.map((r) => h("button", {
-        type: "button", class: "cv-evo-patch", title: "Show the whole probe image",
+        type: "button", class: "cv-evo-patch", title: `${recordAlt(unit, c.step, r)}. Click: the whole probe image`,
         onclick: () => showProbeImage({ run: run.run, layer, step: c.step, unit, record: r }),
       },
-      this.image(patchUrl(run.run, layer.name, c.step, unit, r.rank), recordAlt(unit, c.step, r), PATCH_PX),
+      this.image(patchUrl(run.run, layer.name, c.step, unit, r.rank, PATCH_PX), recordAlt(unit, c.step, r), patchBox),
       h("span", { class: "cv-evo-value" }, formatValue(r.value)))));
     });
     const changes = checkpoints.filter((c) => c.top1_changed).length;
@@ -154,7 +193,8 @@ export class UnitView {
           type: "button", class: "cv-button", "aria-pressed": String(expanded),
           onclick: () => this.app.navigate({ expand: expanded ? null : "1" }),
         }, expanded ? "Show top-1 only" : `Show top-${layer.k}`)),
-      h("p", { class: "cv-caption" }, "Click a patch to see the whole probe image with the unit's receptive field; click a step to select it."),
+      h("p", { class: "cv-caption" }, "Click a patch to see the whole probe image with the unit's receptive field; click a step to select it, ⤢ to zoom its top-",
+        String(layer.k), ". Keys: ← → checkpoints, ↑ ↓ units, z zoom."),
       h("ol", { class: "cv-evo-strip", "aria-label": `Unit ${unit} over training` }, columns));
   }
 }

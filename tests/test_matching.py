@@ -14,6 +14,7 @@ from tb_convviz.plugin.matching import match_units, max_weight_assignment, overl
 from tb_convviz.reader import read_run
 from tb_convviz.synthetic_run import write_synthetic_run
 from test_plugin_http import Served
+from trained_runs import SEEDS, two_seeds  # noqa: F401 (a fixture)
 
 weights = st.integers(1, 6).flatmap(lambda n: st.integers(n, 6).flatmap(
     lambda m: hnp.arrays(np.int64, (n, m), elements=st.integers(0, 9))))
@@ -114,27 +115,15 @@ def test_stats_report_overlap_with_the_final_checkpoint(served):
         assert layer["final_overlap"][-1] == 1.0
 
 
-@pytest.mark.timeout(600)
-def test_matched_overlap_beats_unit_for_unit_across_two_trained_seeds(tmp_path):
+def test_matched_overlap_beats_unit_for_unit_across_two_trained_seeds(two_seeds):
     """Two short trainings of the demo net from different seeds: matching finds the shared features."""
-    import torch
-
-    from tb_convviz.demo.data import load_data
-    from tb_convviz.demo.model import DemoAlexNet
-    from tb_convviz.demo.train import train
-
-    data = load_data("synthetic", size=32, limit=(512, 128))
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        train(DemoAlexNet(num_classes=len(data.class_names), width=8), data, tmp_path / f"seed{seed}",
-              epochs=1, batch_size=64, probe_size=128, seed=seed)
-    app = Served(tmp_path)
-    runs = {seed: read_run(str(tmp_path / f"seed{seed}")) for seed in (0, 1)}
+    app = Served(two_seeds)
+    runs = {seed: read_run(str(two_seeds / f"seed{seed}")) for seed in SEEDS}
     step = runs[0].steps[-1]
     for layer in ("features.relu1", "features.relu5"):
         query = f"compare?run=seed0&layer={layer}&step={step}&other_run=seed1&other_step={step}"
         plain, matched = app.json(query), app.json(query + "&match=1")
         assert matched["mean_overlap"] > plain["mean_overlap"], (layer, matched["mean_overlap"], plain["mean_overlap"])
-        # The same numbers from the records themselves, independently of the route.
+        # The unit-for-unit number from the records themselves, independently of the route.
         a, b = runs[0].topk(layer, step).image, runs[1].topk(layer, step).image
         assert plain["mean_overlap"] == pytest.approx(np.mean([len(set(x) & set(y)) for x, y in zip(a, b)]) / a.shape[1])

@@ -255,7 +255,14 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             overlaps = shared_counts / layer.info.k
         else:
             partner, overlaps = np.arange(layer.info.units), same_unit
-        units = [_pair_json(u, int(partner[u]), a[u], b[partner[u]], overlaps[u]) for u in range(layer.info.units)]
+        rows, other_rows = layer.records(step), other_layer.records(other_step)
+        probe, other_probe = self._data.probe(ctx, eid, listing), self._data.probe(ctx, eid, other_listing)
+        units = [
+            {**_pair_json(u, int(partner[u]), a[u], b[partner[u]], overlaps[u]),
+             "records": _records_json(rows[u], layer, probe),
+             "other_records": _records_json(other_rows[partner[u]], other_layer, other_probe)}
+            for u in range(layer.info.units)
+        ]
         return _json(request, {
             "run": listing.name, "step": step, "other_run": other_listing.name, "other_step": other_step,
             "layer": layer.name, "matched": match, "mean_overlap": _number(overlaps.mean()),
