@@ -148,6 +148,7 @@ export class CompareView {
 
   showUnits(layer, data, order) {
     const k = layer.k;
+    const same = data.run === data.other_run;
     let changed = 0;
     let moved = 0;
     for (const unit of data.units) {
@@ -167,7 +168,7 @@ export class CompareView {
       fill(tile.meta,
         unique ? h("span", { class: "cv-chip cv-chip-unique", title: "No unit of B shares any of its top-k images" }, "unique feature")
           : isChanged && !data.matched ? h("span", { class: "cv-chip cv-chip-changed", style: { "--change": String(1 - unit.overlap) } }, "changed") : null,
-        partner !== unit.unit ? h("span", { class: "cv-chip", title: `Unit ${unit.unit} of A is matched with unit ${partner} of B` },
+        same && partner !== unit.unit ? h("span", { class: "cv-chip cv-chip-moved", title: `Unit ${unit.unit} of A is matched with unit ${partner} of B` },
           `#${unit.unit} ↔ #${partner}`) : null,
         h("span", { class: "cv-overlap", title: `${shared} of their top-${k} images appear in both` },
           h("span", { class: "cv-meter", "aria-hidden": "true" }, h("span", { style: { width: formatPercent(unit.overlap ?? 0) } })),
@@ -179,7 +180,6 @@ export class CompareView {
       );
     }
     this.grid.append(...sortUnits(data.units, order).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
-    const same = data.run === data.other_run;
     const unique = data.units.filter((u) => u.overlap === 0).length;
     fill(this.summary,
       `${layerTitle(layer)}: `,

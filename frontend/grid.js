@@ -170,6 +170,8 @@ export class GridView {
         h("span", { class: "cv-peak", title: "peak activation over the probe set" }, formatValue(unit.peak)),
       );
     }
+    fill(this.notice, filter && !shown
+      ? message("info", "No unit of this layer passes the filter", `at step ${step}. Choose "All units" to see every unit.`) : null);
     this.grid.append(...sortUnits(data.units, sort).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
     const dead = data.units.filter((u) => u.dead).length;
     const overlaps = data.units.map((u) => u.overlap).filter((o) => o != null);
