@@ -31,17 +31,19 @@ def box(page, selector: str) -> dict:
 
 
 def test_unit_mosaic_fits_its_frame_on_every_layer(watched, seeds_server):
+    boxes, sizes = {}, {}
     for layer in LAYERS:
         page = watched.open(seeds_server, f"view=unit&run=seed0&layer={layer}&unit=1")
         page.wait_for_selector(f".cv-unit-body{IDLE}")
-        frame, mosaic = box(page, ".cv-mosaic-frame"), box(page, ".cv-unit-current .cv-mosaic")
-        assert frame["left"] <= mosaic["left"] and mosaic["right"] <= frame["right"], (layer, frame, mosaic)
-        assert frame["top"] <= mosaic["top"] and mosaic["bottom"] <= frame["bottom"], (layer, frame, mosaic)
-        # Drawn at its own pixel size, filling the 224-px square: nothing rescales it.
-        natural, shown = page.eval_on_selector(".cv-unit-current .cv-mosaic", "i => [i.naturalWidth, i.width]")
-        assert natural == shown and 218 <= shown <= 224, (layer, natural, shown)
+        boxes[layer] = box(page, ".cv-mosaic-frame"), box(page, ".cv-unit-current .cv-mosaic")
+        sizes[layer] = page.eval_on_selector(".cv-unit-current .cv-mosaic", "i => [i.naturalWidth, i.width]")
         if layer == LAYERS[1]:
             screenshot(page, "unit_layer2_mosaic")
+    overflowing = {layer: (f, m) for layer, (f, m) in boxes.items()
+                   if not (f["left"] <= m["left"] and m["right"] <= f["right"] and f["top"] <= m["top"] and m["bottom"] <= f["bottom"])}
+    assert not overflowing
+    # Each drawn at its own pixel size, filling the 224-px square: nothing rescales it.
+    assert all(natural == shown and 218 <= shown <= 224 for natural, shown in sizes.values()), sizes
     watched.assert_clean()
 
 
