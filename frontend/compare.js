@@ -166,7 +166,7 @@ export class CompareView {
       tile.el.dataset.otherUnit = String(partner);
       const shared = unit.shared?.length ?? Math.round((unit.overlap ?? 0) * k);
       fill(tile.meta,
-        unique ? h("span", { class: "cv-chip cv-chip-unique", title: "No unit of B shares any of its top-k images" }, "unique feature")
+        unique ? h("span", { class: "cv-chip cv-chip-unique", title: "The one-to-one matching found no unit of B that shares one of its top-k images" }, "unique feature")
           : isChanged && !data.matched ? h("span", { class: "cv-chip cv-chip-changed", style: { "--change": String(1 - unit.overlap) } }, "changed") : null,
         same && partner !== unit.unit ? h("span", { class: "cv-chip cv-chip-moved", title: `Unit ${unit.unit} of A is matched with unit ${partner} of B` },
           `#${unit.unit} ↔ #${partner}`) : null,
@@ -188,7 +188,7 @@ export class CompareView {
       data.matched
         ? [` · units matched one-to-one by top-${k} overlap: mean ${formatPercent(data.mean_overlap)} shared`,
           ` (unit for unit: ${formatPercent(data.unit_for_unit_mean_overlap)}) · `,
-          h("b", { class: "cv-accent" }, `${unique} unique features`), ` (no image shared with any unit of B)`,
+          h("b", { class: "cv-accent" }, `${unique} unique features`), ` (their match in B shares no image)`,
           same ? ` · ${moved} units matched to another index` : null]
         : [` · unit for unit: mean top-${k} overlap ${formatPercent(data.mean_overlap)} · `,
           h("b", { class: "cv-accent" }, `${changed} of ${data.units.length} units changed`),
