@@ -18,6 +18,14 @@ function labelCounts(records) {
   return counts.size ? [...counts].sort((a, b) => b[1] - a[1] || String(a[0]).localeCompare(String(b[0]))) : null;
 }
 
+/** Scroll the strip sideways so its selected checkpoint is in the middle (the page itself does not move). */
+function centerSelected(strip) {
+  const column = strip?.querySelector(".cv-evo-col.cv-selected");
+  if (!column) return;
+  const [s, c] = [strip.getBoundingClientRect(), column.getBoundingClientRect()];
+  strip.scrollLeft += c.left - s.left - (strip.clientWidth - c.width) / 2;
+}
+
 export class UnitView {
   constructor(app) {
     this.app = app;
@@ -92,7 +100,7 @@ export class UnitView {
       h("div", { class: "cv-cards" }, this.renderCurrent(run, layer, unit, current), this.renderLabels(layer, current)),
       this.renderStrip(run, layer, unit, evolution.checkpoints, current, expanded),
     );
-    this.body.querySelector(".cv-evo-col.cv-selected")?.scrollIntoView({ block: "nearest", inline: "center" });
+    centerSelected(this.body.querySelector(".cv-evo-strip"));
     await this.feed.settle();
     if (seq === this.seq) this.body.setAttribute("aria-busy", "false");
   }
