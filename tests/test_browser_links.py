@@ -9,7 +9,6 @@ import pytest
 
 from browser_support import IDLE, Watched, hash_state, screenshot
 from tb_server import get
-from trained_runs import seeds_server, two_seeds  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
 LAYER3 = "features.relu3"

@@ -13,7 +13,6 @@ import pytest
 
 from browser_support import IDLE, screenshot
 from tb_server import get
-from trained_runs import seeds_server, two_seeds  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
 LAYERS = [f"features.relu{i}" for i in range(1, 6)]

@@ -14,7 +14,7 @@ from tb_convviz.plugin.matching import match_units, max_weight_assignment, overl
 from tb_convviz.reader import read_run
 from tb_convviz.synthetic_run import write_synthetic_run
 from test_plugin_http import Served
-from trained_runs import SEEDS, two_seeds  # noqa: F401 (a fixture)
+from trained_runs import SEEDS
 
 weights = st.integers(1, 6).flatmap(lambda n: st.integers(n, 6).flatmap(
     lambda m: hnp.arrays(np.int64, (n, m), elements=st.integers(0, 9))))

@@ -1,17 +1,18 @@
 """Two short real trainings of the demo net (seeds 0 and 1) and a TensorBoard over them.
 
-Shared, session-wide, by the matching and tab tests: import the fixtures into a test
-module (``from trained_runs import two_seeds, seeds_server``). The runs are small (32-px
-synthetic shapes, width-8 net, one epoch of 8 steps, 128 probe images) yet have the demo
-net's real receptive fields (7, 27, ... px), which the layout tests need.
+Shared by the matching and tab tests through the session fixtures ``two_seeds`` and
+``seeds_server`` of ``conftest.py`` (defined there so that a session trains once). The
+runs are small (32-px synthetic shapes, width-8 net, one epoch of 8 steps, 128 probe
+images) yet have the demo net's real receptive fields (7, 27, 51, 67, 83 px), which the
+layout tests need.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-
-import pytest
+from typing import Iterator
 
 from tb_server import get, tensorboard_server, wait_for
 
@@ -33,17 +34,10 @@ def train_seeds(root: pathlib.Path) -> None:
               epochs=1, batch_size=64, probe_size=PROBE, seed=seed)
 
 
-@pytest.fixture(scope="session")
-def two_seeds(tmp_path_factory) -> pathlib.Path:
-    """The log dir holding runs ``seed0`` and ``seed1``."""
-    root = tmp_path_factory.mktemp("seeds")
-    train_seeds(root)
-    return root
-
-
-@pytest.fixture(scope="session")
-def seeds_server(two_seeds):
-    with tensorboard_server(str(two_seeds), load_fast=True) as url:
+@contextlib.contextmanager
+def serve_seeds(root: pathlib.Path) -> Iterator[str]:
+    """A TensorBoard over ``root`` once it lists both runs with their probe sets and five layers."""
+    with tensorboard_server(str(root), load_fast=True) as url:
         def loaded():
             status, _, body = get(url + "data/plugin/convviz/runs")
             runs = json.loads(body)["runs"] if status == 200 else []
