@@ -46,7 +46,14 @@ function tensorBoardWindow() {
 function parentHash(win) {
   const parts = win.location.hash.slice(1).split("&").filter(Boolean);
   const plugin = parts.length && !parts[0].includes("=") ? parts.shift() : "";
-  return { plugin, rest: parts.filter((p) => !p.startsWith(encodeURIComponent(PARENT_PREFIX)) && !p.startsWith(PARENT_PREFIX)) };
+  return { plugin, rest: parts.filter((p) => !p.startsWith(PARENT_PREFIX)) };
+}
+
+/** TensorBoard's address showing our tab in `state`, keeping its other hash components. */
+function parentUrl(win, state) {
+  const url = new URL(win.location.href);
+  url.hash = [PLUGIN, ...parentHash(win).rest, serialize(state, PARENT_PREFIX)].filter(Boolean).join("&");
+  return url.href;
 }
 
 /** The state named by the iframe's hash, else by TensorBoard's address, else the one last used here. */
@@ -71,15 +78,11 @@ export function writeState(state) {
   url.hash = text;
   if (url.href !== location.href) history.replaceState(null, "", url.href);
   const parent = tensorBoardWindow();
-  if (parent) {
-    const { plugin, rest } = parentHash(parent);
-    // Only while our tab is the one shown: TensorBoard owns its hash otherwise.
-    if (plugin === PLUGIN || plugin === "") {
-      const target = new URL(parent.location.href);
-      target.hash = [PLUGIN, ...rest, serialize(state, PARENT_PREFIX)].filter(Boolean).join("&");
-      // replaceState fires no hashchange, so TensorBoard's router is not disturbed.
-      if (target.href !== parent.location.href) parent.history.replaceState(parent.history.state, "", target.href);
-    }
+  // Only while our tab is the one shown: TensorBoard owns its hash otherwise.
+  if (parent && [PLUGIN, ""].includes(parentHash(parent).plugin)) {
+    const target = parentUrl(parent, state);
+    // replaceState fires no hashchange, so TensorBoard's router is not disturbed.
+    if (target !== parent.location.href) parent.history.replaceState(parent.history.state, "", target);
   }
   try {
     localStorage.setItem(STORAGE_KEY, text);
@@ -91,12 +94,7 @@ export function writeState(state) {
 /** An address that opens this exact view in a fresh browser: TensorBoard's own, when the tab is inside it. */
 export function shareUrl(state) {
   const parent = tensorBoardWindow();
-  if (parent) {
-    const { rest } = parentHash(parent);
-    const target = new URL(parent.location.href);
-    target.hash = [PLUGIN, ...rest, serialize(state, PARENT_PREFIX)].filter(Boolean).join("&");
-    return target.href;
-  }
+  if (parent) return parentUrl(parent, state);
   const url = new URL(location.href);
   url.hash = serialize(state);
   return url.href;
