@@ -65,8 +65,19 @@ export async function topk(run, layer, step) {
   return { ...first, units };
 }
 
-/** `size`: resample each patch to that many pixels (its longer side), so every layer is drawn alike. */
-export const mosaicUrl = (run, layer, step, unit, size) => routeUrl("mosaic", { run, layer, step, unit, size });
-export const patchUrl = (run, layer, step, unit, rank, size) => routeUrl("patch", { run, layer, step, unit, rank, size });
+/**
+ * Pixels to ask for to draw `css` CSS pixels sharply on this screen (2 on most laptops' screens),
+ * within the API's 8..512.
+ */
+export const devicePixels = (css) => Math.max(8, Math.min(512, Math.round(css * Math.min(window.devicePixelRatio || 1, 2))));
+
+/**
+ * `size`: the CSS pixels a patch's longer side is drawn at. The API resamples each patch to
+ * that size (times the screen's pixel ratio), so every layer is drawn alike and sharp.
+ */
+export const mosaicUrl = (run, layer, step, unit, size) =>
+  routeUrl("mosaic", { run, layer, step, unit, size: size == null ? null : devicePixels(size) });
+export const patchUrl = (run, layer, step, unit, rank, size) =>
+  routeUrl("patch", { run, layer, step, unit, rank, size: size == null ? null : devicePixels(size) });
 export const probeImageUrl = (run, layer, step, unit, rank, index) =>
   routeUrl("probe_image", { run, index, layer, step, unit, rank });

@@ -3,7 +3,7 @@
 
 import { h, fill, select, formatValue } from "./dom.js";
 import { patchUrl } from "./api.js";
-import { openDialog, labelText, layerTitle, recordAlt, recordTip, showProbeImage } from "./widgets.js";
+import { openDialog, labelText, layerTitle, mosaicGeometry, recordAlt, recordTip, showProbeImage } from "./widgets.js";
 
 export const ZOOM_SIZES = [64, 96, 128, 192, 256, 384];
 const DEFAULT_SIZE = 128;
@@ -36,16 +36,22 @@ export function showZoom({ run, layer, step, unit, records, highlight = [], side
   const marked = new Set(highlight);
   const cols = records.length === 1 ? 1 : Math.ceil(Math.sqrt(layer.k));
   const grid = h("div", { class: "cv-zoom-grid", style: { "grid-template-columns": `repeat(${cols}, auto)` } });
-  const draw = () => fill(grid, records.map((r) => h("figure", { class: marked.has(r.rank) ? "cv-zoom-patch cv-shared" : "cv-zoom-patch" },
-    h("button", {
-      type: "button", class: "cv-zoom-open", title: `${recordTip(r, step, unit)}\nClick: the whole probe image`,
-      onclick: () => showProbeImage({ run, layer, step, unit, record: r }),
-    }, h("img", { class: "cv-pixelated", src: patchUrl(run, layer.name, step, unit, r.rank, size), alt: recordAlt(unit, step, r) })),
-    h("figcaption", {},
-      h("span", { class: "cv-zoom-rank" }, `${r.rank + 1}`),
-      h("span", {}, `#${r.image}`),
-      labelText(r) != null ? h("span", { class: "cv-zoom-label", title: labelText(r) }, labelText(r)) : null,
-      h("span", { class: "cv-zoom-value" }, formatValue(r.value))))));
+  const draw = () => {
+    const { pw, ph } = mosaicGeometry(layer, size);
+    fill(grid, records.map((r) => h("figure", { class: marked.has(r.rank) ? "cv-zoom-patch cv-shared" : "cv-zoom-patch" },
+      h("button", {
+        type: "button", class: "cv-zoom-open", title: `${recordTip(r, step, unit)}\nClick: the whole probe image`,
+        onclick: () => showProbeImage({ run, layer, step, unit, record: r }),
+      }, h("img", {
+        class: "cv-pixelated", src: patchUrl(run, layer.name, step, unit, r.rank, size), alt: recordAlt(unit, step, r),
+        width: pw, height: ph,
+      })),
+      h("figcaption", {},
+        h("span", { class: "cv-zoom-rank" }, `${r.rank + 1}`),
+        h("span", {}, `#${r.image}`),
+        labelText(r) != null ? h("span", { class: "cv-zoom-label", title: labelText(r) }, labelText(r)) : null,
+        h("span", { class: "cv-zoom-value" }, formatValue(r.value))))));
+  };
   const sizes = select(ZOOM_SIZES.map((s) => [s, `${s} px`]), size, (value) => setSize(Number(value)),
     { "aria-label": "Patch size", class: "cv-zoom-size" });
   const setSize = (value) => {

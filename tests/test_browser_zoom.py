@@ -118,3 +118,21 @@ def test_zoom_opens_a_units_patches_large_with_tooltips(watched, seeds_server):
     screenshot(page, "zoom_unit_192")
     page.keyboard.press("Escape")
     watched.assert_clean()
+
+
+def test_a_high_density_screen_gets_patches_at_its_own_resolution(browser, seeds_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, device_scale_factor=2)
+    try:
+        page = context.new_page()
+        page.goto(f"{seeds_server}data/plugin_entry.html?name=convviz#run=seed0&layer={LAYERS[4]}")
+        page.wait_for_selector(f".cv-grid{IDLE}")
+        shown, natural = page.eval_on_selector(
+            ".cv-tile[data-unit='0'] .cv-mosaic", "i => [i.getBoundingClientRect().width, i.naturalWidth]")
+        assert (shown, natural) == (3 * 48 + 2, 3 * 96 + 2)  # same layout, twice the pixels
+        page.hover(".cv-tile[data-unit='0']")
+        page.keyboard.press("z")
+        page.wait_for_function("[...document.querySelectorAll('.cv-zoom img')].every(i => i.complete && i.naturalWidth)")
+        sizes = page.eval_on_selector_all(".cv-zoom img", "els => els.map(i => [i.getBoundingClientRect().width, i.naturalWidth])")
+        assert sizes == [[128, 256]] * 9
+    finally:
+        context.close()
