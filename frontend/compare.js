@@ -12,8 +12,14 @@ import { showZoom } from "./zoom.js";
 const PATCH_PX = 36;
 export const ORDERS = [["change", "Least shared first"], ["unit", "Unit index"]];
 
+// The backend matches layers of at most this many units (http_api.md, `compare`).
+const MATCH_MAX_UNITS = 1024;
+
 /** Whether units are matched: as the state says, else across runs yes and within a run no. */
-export const matching = (state) => (state.match ?? (state.other_run !== state.run ? "1" : "0")) === "1";
+export function matching(state, layer) {
+  if ((layer?.units ?? 0) > MATCH_MAX_UNITS) return false;
+  return (state.match ?? (state.other_run !== state.run ? "1" : "0")) === "1";
+}
 
 export class CompareView {
   constructor(app) {
@@ -39,7 +45,7 @@ export class CompareView {
     const { state, run, layer, runs } = this.app;
     const other = runs.find((r) => r.run === state.other_run) ?? run;
     const otherLayer = other.layers.find((l) => l.name === layer.name);
-    const match = matching(state);
+    const match = matching(state, layer);
     fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
     this.renderControls(run, layer, other, otherLayer, match);
     const seq = ++this.seq;
@@ -100,9 +106,13 @@ export class CompareView {
           run: value, step: nearestStep(stepsOf(value), state.step),
         }), { "aria-label": "Run B" }),
         select(stepOptions(layer.steps), state.step, (value) => this.app.navigate({ step: Number(value) }), { "aria-label": "Step B" })),
-      h("label", { class: "cv-field cv-toggle", title: "Pair each unit of A with the unit of B whose top-k images overlap most (one-to-one)" },
+      h("label", {
+        class: "cv-field cv-toggle",
+        title: layer.units > MATCH_MAX_UNITS ? `Matching is limited to layers of ${MATCH_MAX_UNITS} units`
+          : "Pair each unit of A with the unit of B whose top-k images overlap most (one-to-one)",
+      },
         h("input", {
-          type: "checkbox", checked: match, "aria-label": "Match units by top-k overlap",
+          type: "checkbox", checked: match, "aria-label": "Match units by top-k overlap", disabled: layer.units > MATCH_MAX_UNITS,
           onchange: (e) => this.app.navigate({ match: e.target.checked ? "1" : "0" }),
         }), "Match units"),
       h("label", { class: "cv-field" }, "Sort by",

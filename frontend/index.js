@@ -102,7 +102,7 @@ class App {
       }
       if (state.match !== "0" && state.match !== "1") delete state.match;
       // Only a choice that differs from the default (matched across runs, not within one) is kept.
-      if (state.match && matching({ ...state, match: undefined }) === (state.match === "1")) delete state.match;
+      if (state.match && matching({ ...state, match: undefined }, layer) === (state.match === "1")) delete state.match;
     } else {
       delete state.other_run;
       delete state.other_step;

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tb_convviz.plugin.convviz_plugin import MAX_MATCH_UNITS
 from tb_convviz.plugin.matching import match_units, max_weight_assignment, overlap_counts
 from tb_convviz.reader import read_run
 from tb_convviz.synthetic_run import write_synthetic_run
@@ -127,3 +128,12 @@ def test_matched_overlap_beats_unit_for_unit_across_two_trained_seeds(two_seeds)
         # The unit-for-unit number from the records themselves, independently of the route.
         a, b = runs[0].topk(layer, step).image, runs[1].topk(layer, step).image
         assert plain["mean_overlap"] == pytest.approx(np.mean([len(set(x) & set(y)) for x, y in zip(a, b)]) / a.shape[1])
+
+
+def test_matching_a_layer_wider_than_the_limit_is_refused_with_the_way_out(tmp_path):
+    write_synthetic_run(str(tmp_path / "wide"), checkpoints=2, layers=1, units=MAX_MATCH_UNITS + 1, k=2,
+                        probe_size=64, image_size=8, seed=1)
+    app = Served(tmp_path)
+    error = app.json("compare?run=wide&layer=conv1&other_step=0&match=1", status=400)["error"]
+    assert f"{MAX_MATCH_UNITS + 1} units" in error and "match=0" in error
+    assert len(app.json("compare?run=wide&layer=conv1&other_step=0")["units"]) == MAX_MATCH_UNITS + 1
