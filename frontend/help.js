@@ -6,7 +6,7 @@ import { openDialog } from "./widgets.js";
 export const KEYS = [
   ["1 – 5", "Layer 1 to 5"],
   ["← →", "Previous / next checkpoint"],
-  ["↑ ↓", "Previous / next unit (unit view)"],
+  ["↑ ↓", "Previous / next unit, in the grid's order and filter (unit view)"],
   ["g", "Go to a unit by number (layer grid)"],
   ["z", "Zoom: the unit under the pointer (grid) or shown (unit view), large"],
   ["+ −", "Larger / smaller patches (in the zoom)"],

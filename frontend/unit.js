@@ -1,9 +1,10 @@
 // Unit view (Zeiler & Fergus Fig. 4): one unit's top patches at every checkpoint.
 
 import { h, fill, message, formatValue, formatPercent } from "./dom.js";
-import { getJson, mosaicUrl, patchUrl } from "./api.js";
+import { getJson, mosaicUrl, patchUrl, topk } from "./api.js";
 import { ImageFeed, MosaicFigure, mosaicGeometry, patchSizeFor, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
-import { unitJump } from "./finder.js";
+import { unitJump, passes } from "./finder.js";
+import { sortUnits } from "./grid.js";
 import { showZoom } from "./zoom.js";
 
 const PATCH_PX = 64;
@@ -58,8 +59,7 @@ export class UnitView {
     }
     const unitDelta = { ArrowUp: -1, ArrowDown: 1 }[event.key];
     if (unitDelta) {
-      const unit = state.unit + unitDelta;
-      if (unit >= 0 && unit < layer.units) this.app.navigate({ unit });
+      this.moveUnit(unitDelta);
       return true;
     }
     const delta = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
@@ -118,16 +118,38 @@ export class UnitView {
     if (checkpoint) showZoom({ run: run.run, layer, step: checkpoint.step, unit: state.unit, records: checkpoint.records });
   }
 
+  /** Go `delta` units on in the grid's order: its sort, and only the units its filter shows. */
+  async moveUnit(delta) {
+    const { run, layer, state } = this.app;
+    let order = [...Array(layer.units).keys()];
+    if (state.filter || state.sort !== "unit") {
+      try {
+        const data = await topk(run.run, layer.name, state.step);
+        order = sortUnits(data.units, state.sort).filter((u) => passes(u, state.filter)).map((u) => u.unit);
+      } catch {
+        // without the layer's data, plain unit order still works
+      }
+    }
+    const i = order.indexOf(state.unit);
+    const next = i < 0 ? order.at(delta > 0 ? 0 : -1) : order[i + delta];
+    if (next != null && next !== state.unit) return this.app.navigate({ unit: next });
+  }
+
   renderHead(run, layer, unit) {
-    const go = (delta) => this.app.navigate({ unit: unit + delta });
+    const { state } = this.app;
+    const ordered = Boolean(state.filter) || state.sort !== "unit";
+    const order = ordered ? ` in the grid's order${state.filter ? ` (shown: ${state.filter})` : ""}` : "";
+    const go = (delta) => this.moveUnit(delta);
     fill(this.head,
       h("button", { type: "button", class: "cv-back", onclick: () => this.app.navigate({ view: "grid" }) },
         `← ${layerTitle(layer)} grid`),
       h("h2", {}, `Unit ${unit}`),
       h("span", { class: "cv-dim cv-unit-sub", title: layer.name }, `${layerTitle(layer)} · ${rfText(layer)} · top-${layer.k} · `,
         h("span", { class: "cv-name" }, layer.name)),
-      h("button", { type: "button", class: "cv-button", disabled: unit <= 0, onclick: () => go(-1), title: "Previous unit (↑)" }, "‹ Previous unit"),
-      h("button", { type: "button", class: "cv-button", disabled: unit >= layer.units - 1, onclick: () => go(1), title: "Next unit (↓)" }, "Next unit ›"),
+      h("button", { type: "button", class: "cv-button", disabled: !ordered && unit <= 0, onclick: () => go(-1),
+        title: `Previous unit${order} (↑)` }, "‹ Previous unit"),
+      h("button", { type: "button", class: "cv-button", disabled: !ordered && unit >= layer.units - 1, onclick: () => go(1),
+        title: `Next unit${order} (↓)` }, "Next unit ›"),
       unitJump(layer, (next) => this.app.navigate({ unit: next }), unit),
     );
   }

@@ -162,6 +162,21 @@ def test_filters_show_dead_changed_and_class_units(watched, seeds_server):
         assert page.locator(".cv-notice .cv-message").count() == (not expected)
         assert f"{len(expected)} of {len(data['units'])} units shown" in page.locator(".cv-summary").inner_text()
     screenshot(page, "filter_class")
+    # In a unit, ↓ and ↑ step through the units the filter shows, in the grid's order:
+    # with the rarest class, the next unit shown is not the next unit number.
+    by_label = {label: [u["unit"] for u in data["units"] if any(r["label"] == label for r in u["records"])]
+                for label in labels}
+    rare = min(labels, key=lambda label: len(by_label[label]))
+    passing = by_label[rare]
+    assert len(passing) >= 2 and passing[1] != passing[0] + 1
+    page.select_option("[aria-label='Filter units']", f"class:{rare}")
+    page.wait_for_selector(f".cv-tile[data-unit='{passing[0]}']:not([hidden])")
+    page.click(f".cv-tile[data-unit='{passing[0]}']")
+    page.wait_for_selector(f".cv-unit-body{IDLE}")
+    page.locator("body").press("ArrowDown")
+    page.wait_for_function(f"location.hash.includes('unit={passing[1]}&')")
+    page.locator("body").press("ArrowUp")
+    page.wait_for_function(f"location.hash.includes('unit={passing[0]}&')")
     watched.assert_clean()
 
 
