@@ -118,9 +118,19 @@ def scale_rows(sc: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def worst_rows(w: dict) -> list[tuple[str, str, str]]:
+    return [
+        (f"worst request ({name}), cold", "< 2 s, < 200 MB extra",
+         f"{r['seconds']:.2f} s; peak RSS {r['peak_before'] / 1e6:.0f} → {r['peak_after'] / 1e6:.0f} MB "
+         f"(+{(r['peak_after'] - r['peak_before']) / 1e6:.0f}); {r['output'][0]}×{r['output'][1]} px")
+        for name, r in w.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "storage", "serve", "matching", "page", "scale"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["overhead", "storage", "serve", "matching", "page", "scale", "worst"])
     parser.add_argument("--serve_requests", type=int, default=200)
     parser.add_argument("--scale_checkpoints", type=int, nargs="+", default=[50, 200])
     args = parser.parse_args()
@@ -132,6 +142,7 @@ def main() -> None:
         ("serve", ["serve.py", "--load_fast", "false", *requests], serve_rows),
         ("matching", ["matching.py"], matching_rows),
         ("page", ["page.py"], page_rows),
+        ("worst", ["worst_requests.py"], worst_rows),
         ("scale", ["scale.py", "--checkpoints", *map(str, args.scale_checkpoints)], scale_rows),
     ]
     before = machine()

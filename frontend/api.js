@@ -52,32 +52,46 @@ async function fetchJson(url, route) {
   return body;
 }
 
-/** Every unit of a layer at a step, paging through layers larger than one response. */
-export async function topk(run, layer, step) {
-  const first = await getJson("topk", { run, layer, step }, { cached: true });
+/** Every unit of a paged route (`topk`, `compare`), paging through layers larger than one response. */
+export async function allUnits(route, params) {
+  const first = await getJson(route, params, { cached: true });
   if (first.units.length >= first.total_units) return first;
   const units = [...first.units];
   while (units.length < first.total_units) {
-    const page = await getJson("topk", { run, layer, step, offset: units.length }, { cached: true });
+    const page = await getJson(route, { ...params, offset: units.length }, { cached: true });
     if (!page.units.length) break;
     units.push(...page.units);
   }
   return { ...first, units };
 }
 
-/**
- * Pixels to ask for to draw `css` CSS pixels sharply on this screen (2 on most laptops' screens),
- * within the API's 8..512.
- */
-export const devicePixels = (css) => Math.max(8, Math.min(512, Math.round(css * Math.min(window.devicePixelRatio || 1, 2))));
+/** Every unit of a layer at a step. */
+export const topk = (run, layer, step) => allUnits("topk", { run, layer, step });
+
+// What one request may ask for, as the backend publishes it in `runs` (see setLimits).
+let limits = { min_size: 8, max_size: 512 };
+
+/** Keep the backend's published request limits (the `limits` of a `runs` answer). */
+export function setLimits(published) {
+  if (published && Number.isInteger(published.max_size)) limits = published;
+}
+
+/** A `size` parameter within the published limits; `undefined` (the server's own budget) stays so. */
+export function clampSize(size) {
+  if (size == null || !Number.isFinite(size)) return undefined;
+  return Math.min(limits.max_size, Math.max(limits.min_size, Math.round(size)));
+}
+
+/** The `size` to ask for to draw `css` CSS pixels sharply on this screen (2x on most laptops' screens). */
+export const screenSize = (css) => clampSize(css == null ? css : css * Math.min(window.devicePixelRatio || 1, 2));
 
 /**
  * `size`: the CSS pixels a patch's longer side is drawn at. The API resamples each patch to
  * that size (times the screen's pixel ratio), so every layer is drawn alike and sharp.
  */
 export const mosaicUrl = (run, layer, step, unit, size) =>
-  routeUrl("mosaic", { run, layer, step, unit, size: size == null ? null : devicePixels(size) });
+  routeUrl("mosaic", { run, layer, step, unit, size: screenSize(size) });
 export const patchUrl = (run, layer, step, unit, rank, size) =>
-  routeUrl("patch", { run, layer, step, unit, rank, size: size == null ? null : devicePixels(size) });
+  routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size) });
 export const probeImageUrl = (run, layer, step, unit, rank, index) =>
   routeUrl("probe_image", { run, index, layer, step, unit, rank });

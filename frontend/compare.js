@@ -4,7 +4,7 @@
 // unit i of another); within a run that is a toggle, which shows units that swapped roles.
 
 import { h, fill, select, message, formatPercent } from "./dom.js";
-import { getJson, mosaicUrl } from "./api.js";
+import { allUnits, mosaicUrl } from "./api.js";
 import { layerTabs, startMosaicGrid, MosaicFigure, layerTitle, nearestStep, CHANGED_BELOW } from "./widgets.js";
 import { sortUnits } from "./grid.js";
 import { showZoom } from "./zoom.js";
@@ -58,10 +58,10 @@ export class CompareView {
     this.grid.setAttribute("aria-busy", "true");
     let data;
     try {
-      data = await getJson("compare", {
+      data = await allUnits("compare", {
         run: other.run, layer: layer.name, step: state.other_step, other_run: run.run, other_step: state.step,
         match: match ? 1 : 0,
-      }, { cached: true });
+      });
     } catch (e) {
       if (seq === this.seq) this.showError("Could not compare these checkpoints", e.message);
       return;

@@ -1,7 +1,7 @@
 // Finding units: jump to a unit by number, and filter a layer's units by what they are.
 
 import { h, select } from "./dom.js";
-import { CHANGED_BELOW, labelText } from "./widgets.js";
+import { CHANGED_BELOW } from "./widgets.js";
 
 /** A number field that calls `onGo(unit)` on Enter with a valid unit of `layer`. */
 export function unitJump(layer, onGo, value = "") {
@@ -22,12 +22,12 @@ export function unitJump(layer, onGo, value = "") {
 
 /**
  * Filter options for a layer's units at a checkpoint: all, dead, changed since the previous
- * checkpoint, and one per probe class (class name, else integer label) found among their top-k.
+ * checkpoint, and one per probe class (its name, else its integer label) found among their top-k.
  */
 export function filterOptions(units, k) {
   const labels = new Map();
   for (const unit of units) {
-    for (const r of unit.records) if (r.label != null) labels.set(r.label, labelText(r));
+    for (const r of unit.records) if (r.label != null) labels.set(r.label, r.label_name ?? String(r.label));
   }
   return [
     ["", "All units"],

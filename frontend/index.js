@@ -3,8 +3,8 @@
 // for live runs) and the current view.
 
 import { h, fill, select, message } from "./dom.js";
-import { getJson } from "./api.js";
-import { readState, writeState, shareUrl } from "./state.js";
+import { getJson, setLimits } from "./api.js";
+import { readState, writeState, rememberState, forgetState, shareUrl } from "./state.js";
 import { GridView, SORTS } from "./grid.js";
 import { StabilityView, AGAINST } from "./stability.js";
 import { UnitView } from "./unit.js";
@@ -80,7 +80,8 @@ class App {
     const steps = layer?.steps ?? [];
     // An unknown step (another run's, or gone) becomes the nearest one this layer has.
     if (!steps.includes(state.step)) state.step = nearestStep(steps, state.step);
-    if (!(state.view in VIEWS)) state.view = "grid";
+    // Own keys only: a link's "toString" or "__proto__" must not pass for a view.
+    if (typeof state.view !== "string" || !Object.hasOwn(VIEWS, state.view)) state.view = "grid";
     if (!SORTS.some(([key]) => key === state.sort)) state.sort = "unit";
     if (!PATCH_SIZES.includes(state.patch) || state.patch === DEFAULT_PATCH) delete state.patch;
     if (typeof state.filter !== "string" || !/^(dead|changed|class:-?[0-9]{1,9})$/.test(state.filter)) delete state.filter;
@@ -125,6 +126,18 @@ class App {
     }
     const wanted = replace ? patch : { ...this.state, ...patch };
     for (const key of Object.keys(wanted)) if (wanted[key] == null) delete wanted[key];
+    let shown;
+    try {
+      shown = Promise.resolve(this.show(wanted));
+    } catch (e) {
+      shown = Promise.reject(e);
+    }
+    // Only a state that rendered is remembered; one that failed is forgotten, and the
+    // tab starts over from the default view instead of failing on every later visit.
+    return shown.then(() => rememberState(this.state), (e) => this.recover(e, wanted));
+  }
+
+  show(wanted) {
     this.state = this.normalize(wanted);
     writeState(this.state);
     this.renderChrome();
@@ -132,10 +145,24 @@ class App {
       this.showView(null);
       fill(this.main, message("info", `Run ${this.state.run} has no layers yet`,
         "Its first checkpoint has not been written, or it could not be read (see the message above)."));
-      return Promise.resolve();
+      return undefined;
     }
     this.showView(this.state.view);
     return this.view.update();
+  }
+
+  recover(error, wanted) {
+    forgetState();
+    console.warn("ConvViz: this view could not be shown; starting over from the default view", wanted, error);
+    if (this.recovering || Object.keys(wanted).length === 0) {
+      this.showView(null);
+      fill(this.main, message("error", "Could not show this view", error?.message ?? String(error)));
+      return undefined;
+    }
+    this.recovering = true;
+    this.viewName = null;
+    this.view = null;
+    return this.navigate({}, { replace: true }).finally(() => { this.recovering = false; });
   }
 
   showView(name) {
@@ -149,7 +176,8 @@ class App {
   renderChrome() {
     const run = this.run;
     fill(this.runSlot, h("label", { class: "cv-field" }, "Run",
-      select(this.runs.map((r) => [r.run, r.error ? `${r.run} (read errors)` : r.run]), run.run,
+      // First-strong isolates keep a right-to-left name from reordering " (read errors)".
+      select(this.runs.map((r) => [r.run, r.error ? `\u2068${r.run}\u2069 (read errors)` : r.run]), run.run,
         (value) => this.navigate({ run: value }), { class: "cv-run-select", "aria-label": "Run" })));
     const current = this.state.view === "unit" ? "grid" : this.state.view;
     fill(this.nav, ...NAV.map(([name, label]) => h("button", {
@@ -206,7 +234,9 @@ class App {
   async refresh() {
     let runs;
     try {
-      runs = (await getJson("runs")).runs;
+      const body = await getJson("runs");
+      setLimits(body.limits);
+      runs = body.runs;
     } catch (e) {
       if (this.loaded) {
         this.live.textContent = "Connection lost, retrying…";

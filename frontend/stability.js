@@ -83,7 +83,7 @@ export class StabilityView {
       }, label)));
     const legend = h("div", { class: "cv-legend" }, layers.map((layer) =>
       h("button", { type: "button", class: `cv-legend-item ${seriesClass(layer)}`, onclick: () => openLayer(layer) },
-        h("span", { class: "cv-swatch", "aria-hidden": "true" }), layerTitle(layer), h("span", { class: "cv-dim" }, layer.name))));
+        h("span", { class: "cv-swatch", "aria-hidden": "true" }), layerTitle(layer), h("span", { class: "cv-dim cv-name" }, layer.name))));
     return [
       h("div", { class: "cv-cards" },
         h("div", { class: "cv-card cv-card-wide" },
@@ -115,7 +115,7 @@ export class StabilityView {
         const since = settledSince(layer.steps, layer.topk_overlap);
         return h("tr", {},
           h("th", { scope: "row" }, h("button", { type: "button", class: `cv-link ${seriesClass(layer)}`, onclick: () => openLayer(layer) },
-            h("span", { class: "cv-swatch", "aria-hidden": "true" }), layerTitle(layer), " ", h("span", { class: "cv-dim" }, layer.name))),
+            h("span", { class: "cv-swatch", "aria-hidden": "true" }), layerTitle(layer), " ", h("span", { class: "cv-dim cv-name" }, layer.name))),
           h("td", {}, String(info?.units ?? "–")),
           h("td", {}, formatPercent(last(layer.topk_overlap))),
           h("td", {}, formatPercent(last(layer.dead_fraction))),

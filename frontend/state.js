@@ -71,11 +71,11 @@ export function readState() {
   }
 }
 
+/** Show `state` in the URL hash (for reload and sharing); it is remembered only by `rememberState`. */
 export function writeState(state) {
-  const text = serialize(state);
   // An absolute URL: plugin_entry.html has a <base href>, against which a bare "#..." would resolve.
   const url = new URL(location.href);
-  url.hash = text;
+  url.hash = serialize(state);
   if (url.href !== location.href) history.replaceState(null, "", url.href);
   const parent = tensorBoardWindow();
   // Only while our tab is the one shown: TensorBoard owns its hash otherwise.
@@ -84,8 +84,12 @@ export function writeState(state) {
     // replaceState fires no hashchange, so TensorBoard's router is not disturbed.
     if (target !== parent.location.href) parent.history.replaceState(parent.history.state, "", target);
   }
+}
+
+/** Remember `state` for a bare reload; call it only once the state has rendered. */
+export function rememberState(state) {
   try {
-    localStorage.setItem(STORAGE_KEY, text);
+    localStorage.setItem(STORAGE_KEY, serialize(state));
   } catch {
     // see readState
   }
@@ -98,4 +102,14 @@ export function shareUrl(state) {
   const url = new URL(location.href);
   url.hash = serialize(state);
   return url.href;
+}
+
+/** Forget the remembered state (it failed to render) and drop it from the hash, TensorBoard's too. */
+export function forgetState() {
+  try {
+    localStorage.removeItem(STORAGE_KEY);
+  } catch {
+    // see readState
+  }
+  writeState({});
 }

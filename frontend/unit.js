@@ -2,7 +2,7 @@
 
 import { h, fill, message, formatValue, formatPercent } from "./dom.js";
 import { getJson, mosaicUrl, patchUrl, topk } from "./api.js";
-import { ImageFeed, MosaicFigure, mosaicGeometry, patchSizeFor, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
+import { ImageFeed, MosaicFigure, mosaicGeometry, patchSizeFor, labelText, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
 import { unitJump, passes } from "./finder.js";
 import { sortUnits } from "./grid.js";
 import { showZoom } from "./zoom.js";
@@ -15,7 +15,7 @@ const LAZY_PATCHES = 256;
 /** Counts of class labels among records, most frequent first; null when nothing has a label. */
 function labelCounts(records) {
   const counts = new Map();
-  for (const r of records) if (r.label_name != null) counts.set(r.label_name, (counts.get(r.label_name) ?? 0) + 1);
+  for (const label of records.map(labelText)) if (label != null) counts.set(label, (counts.get(label) ?? 0) + 1);
   return counts.size ? [...counts].sort((a, b) => b[1] - a[1] || String(a[0]).localeCompare(String(b[0]))) : null;
 }
 

@@ -186,11 +186,6 @@ export function recordTip(record, step, unit) {
     unit == null ? null : `Unit ${unit} · step ${step}`].filter(Boolean).join("\n");
 }
 
-/** A record's label as shown: its class name, else the integer label, else null. */
-export function labelText(record) {
-  return record.label_name ?? (record.label == null ? null : String(record.label));
-}
-
 /**
  * Start a grid of mosaic tiles for `layer`: a fresh ImageFeed (lazy from LAZY_UNITS units on,
  * so large layers stay responsive) and the tile size of a mosaic of `patch`-pixel patches.
@@ -263,6 +258,11 @@ export class ImageFeed {
   disconnect() {
     this.observer?.disconnect();
   }
+}
+
+/** A record's class: its name, else its integer label (a probe set logged without class names); null without one. */
+export function labelText(record) {
+  return record.label_name ?? (record.label != null ? `class ${record.label}` : null);
 }
 
 /** Alt text naming unit, rank, value and label of each record shown. */

@@ -19,6 +19,8 @@ BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 GAP = 10
 FONT_SIZE = 14
+# Runs named in the error for an unknown --run; a log dir may hold hundreds.
+MAX_LISTED_RUNS = 20
 
 
 def grid_figure(run: Run, layer: str, step: int | None = None, units: list[int] | None = None,
@@ -81,12 +83,25 @@ def open_run(logdir: str, run: str) -> Run:
     try:
         result = read_run(path)
     except FileNotFoundError as e:
-        found = sorted(os.path.relpath(d, logdir) for d, _, _ in os.walk(logdir) if event_files(d))
-        hint = f"runs in {logdir!r}: {', '.join(found)}" if found else f"{logdir!r} holds no runs"
-        raise ValueError(f"{e}; {hint}") from None
+        raise ValueError(f"{e}; {_runs_hint(logdir)}") from None
     if not result.layers:
         raise ValueError(f"run {path!r} has no convviz data: was it logged with ConvVizLogger?")
     return result
+
+
+def _runs_hint(logdir: str) -> str:
+    """Which runs ``logdir`` holds, named as ``run`` takes them, or why there are none."""
+    if not os.path.isdir(logdir):
+        return f"the log dir {logdir!r} does not exist"
+    found = sorted(os.path.relpath(d, logdir) for d, _, _ in os.walk(logdir) if event_files(d))
+    if found == ["."]:
+        return f"{logdir!r} is itself a run (its event files are directly in it): leave out --run, or pass --run ."
+    if found:
+        names = ["'.' (the log dir itself)" if name == "." else name for name in found[:MAX_LISTED_RUNS]]
+        more = f" and {len(found) - MAX_LISTED_RUNS} more" if len(found) > MAX_LISTED_RUNS else ""
+        return f"runs in {logdir!r}: {', '.join(names)}{more}"
+    return (f"{logdir!r} holds no runs: no TensorBoard event files in it or its subfolders; log one with "
+            "ConvVizLogger, `tb-convviz checkpoints` or `tb-convviz demo`")
 
 
 def _mosaic(run: Run, info: Layer, records, unit: int, count: int, patch_size: int) -> Image.Image:

@@ -29,7 +29,8 @@ class ConvVizCallback(Callback):
     2, 5, 10, 20, ...), ``layers`` (names within the LightningModule) and ``batch_size``
     are those of :class:`~tb_convviz.ConvVizLogger`. The probe pass runs on the
     LightningModule's device; under DDP every rank ranks its share of the probe set and
-    global rank 0 writes.
+    global rank 0 writes. Training ends with a checkpoint of the trained model at the last
+    global step, whatever the schedule.
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class ConvVizCallback(Callback):
         self._logger: ConvVizLogger | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._close()
+        self._close(final_checkpoint=False)
         self._logger = ConvVizLogger(
             pl_module, self.probe, self._run_dir(trainer), layers=self.layers, k=self.k,
             batch_size=self.batch_size, device=pl_module.device, **self._schedule,
@@ -65,10 +66,10 @@ class ConvVizCallback(Callback):
             self._logger.maybe_log(trainer.global_step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._close()
+        self._close(final_checkpoint=True)  # the trained model, at the last global step
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._close()
+        self._close(final_checkpoint=False)
 
     def _run_dir(self, trainer: Trainer) -> str:
         # Called on every rank: TensorBoardLogger picks its version on rank 0 only, so rank 0's choice
@@ -85,7 +86,7 @@ class ConvVizCallback(Callback):
             )
         return trainer.strategy.broadcast(tensorboard.log_dir)
 
-    def _close(self) -> None:
+    def _close(self, *, final_checkpoint: bool) -> None:
         if self._logger is not None:
-            self._logger.close()
+            self._logger.close(final_checkpoint=final_checkpoint)
             self._logger = None

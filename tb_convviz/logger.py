@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import contextlib
+import fcntl
 import itertools
+import operator
 import os
+import socket
 import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -85,6 +87,15 @@ class ConvVizLogger:
         self.log_dir = os.fspath(log_dir) if log_dir is not None else _writer_log_dir(writer)
         self._user_writer = writer
         self._writer: summary.EventWriter | None = None
+        awkward = sorted({c for c in '"\\\t' if c in os.path.abspath(self.log_dir)})
+        if awkward:
+            # TensorBoard's Rust data server cannot parse its own blob keys for such run names.
+            warnings.warn(
+                f"convviz: the log dir {self.log_dir!r} contains {', '.join(map(repr, awkward))}; under TensorBoard's "
+                "default (Rust) data server a run whose name holds these characters shows no images "
+                "(\"failed to parse blob key\"). Rename the directory, or run tensorboard with --load_fast=false",
+                ConvVizWarning, stacklevel=2,
+            )
 
         self.layers = self._pick_layers(layers)
         self._layer_infos = self._describe_layers()
@@ -95,10 +106,21 @@ class ConvVizLogger:
         self._last_step, self._chunk = -1, -1
         self._stored: set[int] = set()
         self._previous: dict[str, np.ndarray] = {}
-        self._resume()
+        self._lock = _LogDirLock(self.log_dir) if _rank() == 0 else None
+        try:
+            self._resume()
+        except BaseException:
+            self._release_lock()
+            raise
+        self._resumed_at = self._last_step
         self._due = self.schedule.next_due(self._last_step)
-        self._failing = False
-        self._warned_order = False
+        # Kinds of failure ("probe pass", "write") warned about and not yet recovered from.
+        self._failing: set[str] = set()
+        self._warned_order = self._warned_backwards = False
+        # The highest step given to maybe_log, and the model's state version right after that call.
+        self._seen_step, self._seen_version = -1, None
+        self._state = _state_tensors(self._net)
+        self._distributed = _world() > 1
 
     # -- construction ---------------------------------------------------------------
 
@@ -163,6 +185,11 @@ class ConvVizLogger:
 
     def _read_existing(self) -> None:
         run = read_run(self.log_dir)
+        if run.legacy_chunks:
+            raise ValueError(
+                f"{self.log_dir!r} holds convviz data in the format of tb-convviz before v2, which this version "
+                "reads but does not extend (its probe chunks are paired by step): log into a new directory"
+            )
         if run.probe is not None and run.probe.fingerprint != self.probe.fingerprint:
             raise ValueError(
                 f"{self.log_dir!r} already holds convviz data from another probe set (fingerprint "
@@ -185,50 +212,80 @@ class ConvVizLogger:
         return self._last_step
 
     def maybe_log(self, step: int) -> bool:
-        """Log if ``step`` has reached the next scheduled checkpoint; returns whether it logged."""
-        if self._due is None or step < self._due:
-            return False
-        self._due = self.schedule.next_due(step)
-        return self.log(step)
+        """Log if ``step`` has reached the next scheduled checkpoint; returns whether it logged.
+
+        ``step`` must not go back: pass a global step (``epoch * steps_per_epoch + i``), not
+        a counter that restarts every epoch.
+        """
+        step = _check_step(step)
+        self._warn_if_backwards(step)
+        logged = False
+        if step <= self._resumed_at and self._last_step == self._resumed_at:
+            # A resumed run replaying steps the log dir already holds: say so once.
+            self._warn_order(step)
+        elif self._due is not None and step >= self._due:
+            self._due = self.schedule.next_due(step)
+            logged = self.log(step)
+            # Renewed here, as `.to()` replaces buffers; walking the modules every step would cost 20x the sum.
+            self._state = _state_tensors(self._net)
+        self._seen_step, self._seen_version = max(self._seen_step, step), _state_version(self._state)
+        return logged
+
+    def _warn_if_backwards(self, step: int) -> None:
+        if self._warned_backwards or step >= self._seen_step:
+            return
+        self._warned_backwards = True
+        warnings.warn(
+            f"convviz: maybe_log({step}) came after maybe_log({self._seen_step}): a step that goes back is "
+            f"never logged, so nothing is logged until step {self._due}. If your step counter restarts "
+            "every epoch, pass a global step instead, such as `epoch * steps_per_epoch + i` (in Lightning, "
+            "trainer.global_step)", ConvVizWarning, stacklevel=3,
+        )
 
     def log(self, step: int) -> bool:
-        """Log a checkpoint at ``step`` now; returns whether it was written.
+        """Log a checkpoint at integer ``step`` now; returns whether it was written.
 
-        Never raises for a failed checkpoint: training goes on, with one warning.
+        Never raises for a failed checkpoint: training goes on, with one warning per kind
+        of failure until that kind recovers.
         """
-        step = int(step)
+        step = _check_step(step)
         if step <= self._last_step:
-            if not self._warned_order:
-                warnings.warn(
-                    f"convviz: step {step} is not after the last logged step {self._last_step} in "
-                    f"{self.log_dir!r}; checkpoints up to {self._last_step} are skipped, because TensorBoard "
-                    "would drop the records logged after a repeated step", ConvVizWarning, stacklevel=2,
-                )
-                self._warned_order = True
+            self._warn_order(step)
             return False
         try:
             results = self._collect()
         except Exception as e:
-            warnings.warn(f"convviz: the checkpoint at step {step} failed and was skipped: {e}",
-                          ConvVizWarning, stacklevel=2)
+            self._failed("probe pass", f"the probe pass of the checkpoint at step {step} failed "
+                         f"({type(e).__name__}: {e}); checkpoints are skipped until it works again")
             return False
+        self._failing.discard("probe pass")
         self._last_step = step
         if _rank() != 0:
             return True
         try:
             self._write(step, results)
         except Exception as e:
-            if not self._failing:
-                warnings.warn(
-                    f"convviz: could not write the checkpoint at step {step} to {self.log_dir!r} "
-                    f"({type(e).__name__}: {e}); training goes on and the next checkpoint tries again",
-                    ConvVizWarning, stacklevel=2,
-                )
-            self._failing = True
-            self._drop_writer()
+            self._failed("write", f"could not write the checkpoint at step {step} to {self.log_dir!r} "
+                         f"({type(e).__name__}: {e}); training goes on and the next checkpoint tries again")
+            if self._writer is not None and (self._user_writer is not None or self._writer.broken):
+                self._drop_writer()
             return False
-        self._failing = False
+        self._failing.discard("write")
         return True
+
+    def _failed(self, kind: str, message: str) -> None:
+        if kind not in self._failing:
+            warnings.warn(f"convviz: {message}", ConvVizWarning, stacklevel=3)
+            self._failing.add(kind)
+
+    def _warn_order(self, step: int) -> None:
+        if not self._warned_order:
+            warnings.warn(
+                f"convviz: step {step} is not after the last logged step {self._last_step} in "
+                f"{self.log_dir!r}; checkpoints up to {self._last_step} are skipped, because TensorBoard "
+                "would drop the records logged after a repeated step", ConvVizWarning, stacklevel=3,
+            )
+            self._warned_order = True
 
     def _collect(self) -> dict[str, TopK]:
         rank, world = _rank(), _world()
@@ -275,11 +332,13 @@ class ConvVizLogger:
         new = sorted(winners - self._stored)
         encoded = [summary.encode_image(self.probe.display(i)) for i in new]
         writer = self._writer or self._open_writer()
-        chunk = self._chunk
         for part in summary.split_chunks([len(b) for b in encoded]):
-            chunk += 1
+            # A chunk step is used once, even by a write that fails: a reader must never meet two
+            # different chunks at one step. Images of a chunk that was written are not written again.
+            self._chunk += 1
             labels = [self.probe.label(i) for i in new[part]]
-            writer.write(summary.probe_chunk_pb(self._probe_info, new[part], labels, encoded[part]), chunk)
+            writer.write(summary.probe_chunk_pb(self._probe_info, new[part], labels, encoded[part]), self._chunk)
+            self._stored.update(new[part])
         values, scalars, images = [], {}, {}
         for name, topk in results.items():
             info = self._layer_infos[name]
@@ -295,8 +354,6 @@ class ConvVizLogger:
         values.extend(summary.scalars_pb(scalars).value)
         writer.write(summary_pb2.Summary(value=values), step)
         writer.flush()
-        self._chunk = chunk
-        self._stored.update(new)
         self._previous = images
 
     def _layer_scalars(self, name: str, values: np.ndarray, image: np.ndarray) -> dict[str, float]:
@@ -320,7 +377,8 @@ class ConvVizLogger:
         return self._writer
 
     def _drop_writer(self) -> None:
-        # The event writer's thread dies on an I/O error; the next checkpoint opens a new file.
+        # Only when the file could not be cut back to its last record (or a torch writer failed,
+        # whose thread dies on an I/O error): the next checkpoint opens a new file.
         writer, self._writer = self._writer, None
         if writer is not None and self._user_writer is None:
             try:
@@ -328,17 +386,101 @@ class ConvVizLogger:
             except Exception:
                 pass
 
-    def close(self) -> None:
-        """Flush and close the event file (a passed-in writer is flushed, not closed)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def close(self, *, final_checkpoint: bool = True) -> None:
+        """Log the model as it is now, unless it is logged already, then flush and close the event file.
+
+        The final checkpoint's step is the last one given to ``maybe_log``, or the one after it
+        if the model has changed since (the loop's last update), so the trained model is always
+        logged. Under DDP, call it on every rank. A passed-in writer is flushed, not closed.
+        Frees the log dir for another logger.
+        """
+        try:
+            if final_checkpoint:
+                self._log_final()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _log_final(self) -> None:
+        if self._seen_step < 0:  # maybe_log was never called: the caller chose every step
+            return
+        changed = self._seen_version is not None and _state_version(self._state) != self._seen_version
+        step = self._seen_step + int(changed)
+        if self._distributed:
+            if _world() == 1:
+                warnings.warn("convviz: close() came after the process group was destroyed, so the final "
+                              "checkpoint is skipped: call close() before destroy_process_group()",
+                              ConvVizWarning, stacklevel=3)
+                return
+            # Every rank must take the same decision, as every rank joins the checkpoint's gather.
+            decided = torch.tensor([step], device=self.device)
+            dist.broadcast(decided, src=0)
+            step = int(decided)
+        if step > self._last_step:
+            self.log(step)
 
     def __enter__(self) -> "ConvVizLogger":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # After an exception (Ctrl-C included) the model may be broken, and the user waits.
+        self.close(final_checkpoint=exc_type is None)
+
+
+def _check_step(step: Any) -> int:
+    """``step`` as an int; TypeError for anything but an integer (int, numpy or 0-d torch integer)."""
+    if isinstance(step, bool) or (isinstance(step, torch.Tensor) and step.is_floating_point()):
+        raise TypeError(f"step must be an integer, got {step!r}")
+    try:
+        return operator.index(step)
+    except TypeError:
+        raise TypeError(
+            f"step must be an integer (int, numpy or 0-d torch integer), got {type(step).__name__} {step!r}: "
+            "pass the global step counter, e.g. trainer.global_step or your own int"
+        ) from None
+
+
+class _LogDirLock:
+    """An exclusive lock on a log dir for one writing logger, held until ``release`` or process exit.
+
+    The lock is an ``flock`` on ``.convviz.lock`` (which names the holder), so a crashed
+    process never leaves a stale lock behind: the kernel drops it with the process.
+    """
+
+    NAME = ".convviz.lock"
+    _fd: int | None = None
+
+    def __init__(self, log_dir: str) -> None:
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, self.NAME)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            raise RuntimeError(
+                f"another ConvVizLogger ({holder}) is writing to {log_dir!r}: two loggers on one log dir would "
+                "mix their checkpoints. close() the other logger first, or log into another directory"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def _gather(topk: TopK, k: int) -> TopK:
@@ -383,6 +525,22 @@ def _world() -> int:
 def _device_of(model: nn.Module) -> torch.device:
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return list(itertools.chain(model.parameters(), model.buffers()))
+
+
+def _state_version(tensors: list[torch.Tensor]) -> int | None:
+    """A number that grows with every in-place change to ``tensors``.
+
+    Optimizer steps and BatchNorm statistics update parameters and buffers in place, which
+    bumps their version counters (fused optimizers do not). None if some tensor has no counter.
+    """
+    try:
+        return sum(t._version for t in tensors)
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
 
 
 def _writer_log_dir(writer: Any) -> str:

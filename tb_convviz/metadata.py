@@ -8,15 +8,21 @@ A convviz run is a TensorBoard log dir holding, per checkpoint step:
 * ``convviz/<layer>/{topk_overlap,dead_fraction,mean_peak}`` (SCALAR, written
   for the Scalars dashboard).
 
-and, at steps of their own (a chunk counter, strictly increasing):
+and, at steps of their own (a chunk counter that a writer never reuses):
 
-* ``convviz/probe/index`` (TENSOR): int32 ``[m, 2]`` rows of (probe index,
-  label) for the images stored in the chunk with the same step.
-* ``convviz/probe/images`` (BLOB_SEQUENCE): the m encoded images (PNG or JPEG)
-  of that chunk, in the same order. Both carry a ``ProbeInfo``.
+* ``convviz/probe/chunk`` (BLOB_SEQUENCE, carries a ``ProbeInfo``): m + 1
+  blobs. Blob 0 is the chunk's index (``encode_chunk_index``: int32 rows of
+  probe index and label); blob i is image i - 1 of that index, prefixed with
+  its own probe index (``encode_image_blob``). A chunk is one record, so its
+  index and images cannot be paired across records or files, and each image
+  names itself, so a reader that resolves a blob to the wrong record (two
+  records at one step) sees the mismatch instead of showing wrong pixels.
 
 Each probe image is stored once, in the first chunk written after the first
-checkpoint whose records name it. This module imports no torch.
+checkpoint whose records name it. Format v1 (before the chunk tag) paired a
+``convviz/probe/index`` tensor with a ``convviz/probe/images`` blob sequence
+by step; it is still read where that pairing is unambiguous. This module
+imports no torch.
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ from tb_convviz import plugin_data_pb2
 
 PLUGIN_NAME = "convviz"
 # Bump on changes an older reader would misread; keep in step with plugin_data.proto.
-PROTO_VERSION = 1
+# v2: probe chunks as one self-describing blob sequence (PROBE_CHUNK_TAG).
+PROTO_VERSION = 2
 
 TOPK_TAG_PREFIX = "convviz/topk/"
+PROBE_CHUNK_TAG = "convviz/probe/chunk"
+# Format v1 probe chunks, read for runs written before v2.
 PROBE_INDEX_TAG = "convviz/probe/index"
 PROBE_IMAGES_TAG = "convviz/probe/images"
+_INDEX_MAGIC = b"CVZX"
+_IMAGE_MAGIC = b"CVZI"
 SCALAR_NAMES = ("topk_overlap", "dead_fraction", "mean_peak")
 
 RECORD_DTYPE = np.dtype([("value", "<f4"), ("image", "<i4"), ("y", "<i2"), ("x", "<i2")])
@@ -89,6 +100,37 @@ def parse_plugin_metadata(content: bytes) -> plugin_data_pb2.PluginData:
     if data.version < 1 or data.WhichOneof("content") is None:
         raise ValueError("corrupted convviz plugin data: no version or content")
     return data
+
+
+def encode_chunk_index(indices, labels) -> bytes:
+    """Blob 0 of a probe chunk: a magic, then little-endian int32 (probe index, label) rows."""
+    rows = np.stack([np.asarray(indices, "<i4"), np.asarray(labels, "<i4")], axis=1)
+    return _INDEX_MAGIC + rows.tobytes()
+
+
+def decode_chunk_index(blob: bytes) -> np.ndarray:
+    """The int ``[m, 2]`` rows of a chunk's index blob; ValueError if it is not one."""
+    if not isinstance(blob, bytes) or not blob.startswith(_INDEX_MAGIC) or (len(blob) - 4) % 8:
+        raise ValueError("the chunk's first blob is not a convviz probe index")
+    return np.frombuffer(blob, "<i4", offset=4).reshape(-1, 2).astype(np.int64)
+
+
+def encode_image_blob(index: int, image: bytes) -> bytes:
+    """A stored probe image, prefixed with the probe index it shows."""
+    return _IMAGE_MAGIC + int(index).to_bytes(4, "little", signed=True) + image
+
+
+def decode_image_blob(blob: bytes, index: int) -> bytes:
+    """The encoded image of ``blob``; ValueError unless the blob says it shows probe image ``index``."""
+    if not isinstance(blob, bytes) or not blob.startswith(_IMAGE_MAGIC) or len(blob) < 8:
+        raise ValueError(f"the blob stored for probe image {index} is not a convviz probe image")
+    named = int.from_bytes(blob[4:8], "little", signed=True)
+    if named != index:
+        raise ValueError(
+            f"the blob stored for probe image {index} holds probe image {named}: the run's probe chunks "
+            "are inconsistent (two records at one step?), so the image is not shown"
+        )
+    return blob[8:]
 
 
 def encode_records(values: np.ndarray, image: np.ndarray, y: np.ndarray, x: np.ndarray) -> bytes:

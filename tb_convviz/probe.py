@@ -54,6 +54,12 @@ class ProbeSet:
         class_names: Sequence[str] | None = None,
     ) -> "ProbeSet":
         """``n`` images drawn without replacement (by ``seed``) from a dataset of (image, label) pairs."""
+        if isinstance(dataset, torch.utils.data.DataLoader):
+            raise TypeError("from_dataset takes a dataset, not a DataLoader (which yields batches): "
+                            "pass loader.dataset")
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise TypeError(f"from_dataset needs a dataset with len() and indexing (a map-style dataset), got "
+                            f"{type(dataset).__name__}: draw the images yourself and pass them to ProbeSet(images)")
         size = len(dataset)
         if size == 0:
             raise ValueError("the dataset is empty: a probe set needs at least one image")

@@ -73,11 +73,13 @@ class Run:
         self.probe: Probe | None = None
         self.scalars: dict[str, dict[int, float]] = {}
         self.last_chunk = -1
+        # Probe chunks that could not be used, each saying why (their images are not shown).
+        self.errors: list[str] = []
+        # Whether probe chunks of format v1 (index tensor + image blobs paired by step) were read.
+        self.legacy_chunks = False
         self._payloads: dict[str, dict[int, bytes]] = {}
         self._images: dict[int, bytes] = {}
         self._labels: dict[int, int] = {}
-        # (index, label) rows of the chunk whose images come next in the same event.
-        self._pending_index = np.zeros((0, 2), np.int32)
 
     @property
     def steps(self) -> list[int]:
@@ -116,13 +118,14 @@ class Run:
         return self._labels.get(index, -1)
 
     def _add(self, event) -> None:
+        legacy_index = None  # a v1 chunk's index rows, paired only with images of the same event
         for value in event.summary.value:
             content = value.metadata.plugin_data.content if value.HasField("metadata") else None
             if value.metadata.plugin_data.plugin_name == "scalars" and value.tag.startswith("convviz/"):
                 self.scalars.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
                 continue
             layer = metadata.layer_of_tag(value.tag)
-            if layer is None and value.tag not in (metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG):
+            if layer is None and value.tag not in _PROBE_TAGS:
                 continue
             data = metadata.parse_plugin_metadata(content) if content else None
             if layer is not None:
@@ -131,18 +134,40 @@ class Run:
                     self._payloads[layer] = {}
                 if layer in self._payloads:
                     self._payloads[layer][event.step] = tensor_util.make_ndarray(value.tensor).item()
-            elif value.tag == metadata.PROBE_INDEX_TAG:
-                if data is not None and self.probe is None:
-                    p = data.probe
-                    self.probe = Probe(p.n, p.height, p.width, p.channels, list(p.class_names), p.fingerprint)
-                self._pending_index = tensor_util.make_ndarray(value.tensor).reshape(-1, 2)
-                self.last_chunk = max(self.last_chunk, event.step)
-            else:
-                blobs = tensor_util.make_ndarray(value.tensor).reshape(-1)
-                for (index, label), blob in zip(self._pending_index.tolist(), blobs):
-                    self._images.setdefault(index, blob)
-                    self._labels.setdefault(index, label)
-                self._pending_index = np.zeros((0, 2), np.int32)
+                continue
+            if data is not None and self.probe is None and data.WhichOneof("content") == "probe":
+                p = data.probe
+                self.probe = Probe(p.n, p.height, p.width, p.channels, list(p.class_names), p.fingerprint)
+            self.last_chunk = max(self.last_chunk, event.step)
+            if value.tag == metadata.PROBE_INDEX_TAG:
+                self.legacy_chunks = True
+                legacy_index = tensor_util.make_ndarray(value.tensor).reshape(-1, 2)
+                continue
+            blobs = tensor_util.make_ndarray(value.tensor).reshape(-1).tolist()
+            try:
+                if value.tag == metadata.PROBE_CHUNK_TAG:
+                    rows = metadata.decode_chunk_index(blobs[0] if blobs else b"")
+                    images = [metadata.decode_image_blob(blob, i) for i, blob in zip(rows[:, 0].tolist(), blobs[1:])]
+                else:
+                    rows, images = (legacy_index if legacy_index is not None else np.zeros((0, 2))), blobs
+                if len(rows) != len(images):
+                    raise ValueError(f"{len(rows)} index rows but {len(images)} images")
+            except ValueError as e:
+                self.errors.append(f"probe chunk at step {event.step}: {e}; its images are not used")
+                continue
+            for (index, label), blob in zip(rows.tolist(), images):
+                self._images.setdefault(index, blob)
+                self._labels.setdefault(index, label)
+
+
+_PROBE_TAGS = (metadata.PROBE_CHUNK_TAG, metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG)
+# No record tb-convviz writes comes near this (a chunk is at most a few MB, a checkpoint's
+# records 12 bytes per unit and rank); a larger length is damage, not a record to allocate.
+MAX_RECORD_BYTES = 1 << 30
+
+
+class DamagedEventFile(ValueError):
+    """An event file whose framing cannot be a real record (e.g. a crafted record length)."""
 
 
 def event_files(path: str) -> list[str]:
@@ -155,6 +180,7 @@ def read_events(path: str) -> Iterator[event_pb2.Event]:
 
     Stops there quietly, as TensorBoard's loaders do; unlike tensorboard's
     ``EventFileLoader``, checksums use C code rather than pure Python (~1 s per MB).
+    Raises :class:`DamagedEventFile` for a record length no real record has.
     """
     with open(path, "rb") as f:
         while True:
@@ -162,6 +188,11 @@ def read_events(path: str) -> Iterator[event_pb2.Event]:
             if len(header) < 12 or struct.unpack("<I", header[8:])[0] != summary.masked_crc(header[:8]):
                 return
             (length,) = struct.unpack("<Q", header[:8])
+            if length > MAX_RECORD_BYTES:
+                raise DamagedEventFile(
+                    f"{path} is damaged: the record at byte {f.tell() - 12} claims {length} bytes (more than "
+                    f"{MAX_RECORD_BYTES}); move the file out of the log dir to read the rest of the run"
+                )
             data = f.read(length + 4)
             if len(data) < length + 4 or struct.unpack("<I", data[length:])[0] != summary.masked_crc(data[:length]):
                 return

@@ -15,7 +15,9 @@ class Schedule:
     list) or ``total_steps`` (``checkpoints`` steps spaced quadratically over
     ``[0, total_steps]``, so early training is sampled densely). With none, it
     logs at 0, 1, 2, 5, 10, 20, 50, 100, ... A step that is skipped over (the
-    caller did not ask at it) is made up at the next step asked about.
+    caller did not ask at it) is made up at the next step asked about. Step
+    ``total_steps`` is the model after the last update: a loop that asks before
+    each update never reaches it, and ``ConvVizLogger.close()`` logs it instead.
     """
 
     def __init__(

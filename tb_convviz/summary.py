@@ -6,6 +6,7 @@ Events are framed as TFRecords exactly as tensorboard's ``RecordWriter`` does
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -58,21 +59,14 @@ def topk_pb(info: plugin_data_pb2.LayerInfo, records: bytes) -> summary_pb2.Summ
 def probe_chunk_pb(
     info: plugin_data_pb2.ProbeInfo, indices: Sequence[int], labels: Sequence[int], images: Sequence[bytes]
 ) -> summary_pb2.Summary:
-    """A chunk of stored probe images with their (index, label) rows."""
+    """A chunk of stored probe images, self-describing: its index blob, then each image naming itself."""
     if not (len(indices) == len(labels) == len(images)):
         raise ValueError("indices, labels and images must have the same length")
-    rows = np.stack([np.asarray(indices, np.int32), np.asarray(labels, np.int32)], axis=1)
-    index_md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_TENSOR)
-    blob_md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
-    blobs = tensor_util.make_tensor_proto(np.array(list(images), dtype=object), shape=[len(images)])
-    return summary_pb2.Summary(
-        value=[
-            summary_pb2.Summary.Value(
-                tag=metadata.PROBE_INDEX_TAG, metadata=index_md, tensor=tensor_util.make_tensor_proto(rows)
-            ),
-            summary_pb2.Summary.Value(tag=metadata.PROBE_IMAGES_TAG, metadata=blob_md, tensor=blobs),
-        ]
-    )
+    blobs = [metadata.encode_chunk_index(indices, labels)]
+    blobs += [metadata.encode_image_blob(i, image) for i, image in zip(indices, images)]
+    md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+    tensor = tensor_util.make_tensor_proto(np.array(blobs, dtype=object), shape=[len(blobs)])
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=metadata.PROBE_CHUNK_TAG, metadata=md, tensor=tensor)])
 
 
 def scalars_pb(values: dict[str, float]) -> summary_pb2.Summary:
@@ -112,20 +106,53 @@ class EventWriter:
     Unlike tensorboard's ``EventFileWriter``, writes to its own file are synchronous,
     so a failed write (disk full) raises here, in the caller, and not in a thread,
     and checksums use C code (a checkpoint can carry megabytes of images).
+
+    A write that fails part way is cut off again, so the file ends with its last
+    complete record and later writes append to the same file; ``broken`` says whether
+    that failed too (then the file must not be written again).
     """
 
     def __init__(self, target: str | Any, *, filename_suffix: str = ".convviz") -> None:
         self._summaries = None if isinstance(target, str) else target
-        self._file = None
+        self._fd: int | None = None
+        self._end = 0  # where the last complete record ends
+        self.broken = False
         if self._summaries is None:
             # The name format of tensorboard's EventFileWriter, which TensorBoard globs for.
             name = "events.out.tfevents.%010d.%s.%s.%s%s" % (
                 _file_time(target), socket.gethostname(), os.getpid(), next(_file_ids), filename_suffix)
-            self._file = open(os.path.join(target, name), "wb")
-            self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+            self.path = os.path.join(target, name)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+            except OSError:
+                # Nothing readable in it: leave no file behind, so retries on a full disk add none.
+                self.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise
 
     def _add(self, event: event_pb2.Event) -> None:
-        self._file.write(frame_record(event.SerializeToString()))
+        if self.broken:
+            raise OSError(f"{self.path} could not be repaired after a failed write; open a new file")
+        record = memoryview(frame_record(event.SerializeToString()))
+        try:
+            written = 0
+            while written < len(record):
+                written += os.write(self._fd, record[written:])
+        except OSError:
+            self._cut()
+            raise
+        self._end += len(record)
+
+    def _cut(self) -> None:
+        # Loaders stop before an incomplete record and read on from there, so removing it keeps
+        # the file valid for them; a record they have read is never touched.
+        try:
+            os.ftruncate(self._fd, self._end)
+            os.lseek(self._fd, self._end, os.SEEK_SET)
+        except OSError:
+            self.broken = True
 
     def write(self, summary: summary_pb2.Summary, step: int) -> None:
         if self._summaries is not None:
@@ -134,12 +161,14 @@ class EventWriter:
             self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def flush(self) -> None:
-        (self._file or self._summaries).flush()
+        if self._summaries is not None:
+            self._summaries.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        else:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        elif self._summaries is not None:
             self._summaries.flush()
 
 

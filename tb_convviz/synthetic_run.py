@@ -66,13 +66,15 @@ def write_synthetic_run(
     step_every: int = 10,
     fc_layer: bool = False,
     chunk_bytes: int = summary.CHUNK_BYTES,
+    field_size: int | None = None,
     seed: int = 0,
 ) -> SyntheticRun:
     """Write ``checkpoints`` x ``layers`` top-k records over a random probe set into ``logdir``.
 
     Layers are named ``conv1``..``convL`` with receptive fields of a conv3x3 + pool2
     chain; ``fc_layer`` adds a fully connected ``fc`` layer (records without a
-    position); ``chunk_bytes`` caps each probe-image chunk. Units change their top-k
+    position); ``chunk_bytes`` caps each probe-image chunk; ``field_size`` gives every
+    conv layer a square receptive field of that many pixels instead (e.g. a huge one). Units change their top-k
     at a rate that decays over checkpoints, slower for higher layers, as in Zeiler &
     Fergus Fig. 4. A few units are dead (all values 0).
     """
@@ -93,6 +95,8 @@ def write_synthetic_run(
         if index <= layers:
             name = f"conv{index}"
             rf, fmap = layer_geometry(index, image_size)
+            if field_size is not None:
+                rf = dataclasses.replace(rf, size=(field_size, field_size))
         else:
             name, rf, fmap = "fc", ReceptiveField.whole_input(image_size, image_size), 0
         fields[name] = rf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -109,6 +110,15 @@ def test_quick_demo_serves_and_stops_on_ctrl_c(served):
     assert served.tb_gone
 
 
+def test_readme_states_what_quick_reaches(served):
+    """The README's --quick accuracy is what a real --quick run reaches (seeded, so it moves only with torch)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"`--quick`.*?reaches only about (\d+)% test accuracy", readme, re.S)
+    assert stated, "the README must say what --quick reaches"
+    measured = float(re.search(r"Test accuracy: (\d+\.\d)% on 512 images", served.stdout).group(1))
+    assert abs(measured - int(stated.group(1))) <= 10, (measured, stated.group(1))
+
+
 def test_quick_demo_convviz_data_reads_back(served):
     run = read_run(served.logdir / "seed0")
     assert [layer.name for layer in run.layers] == LAYERS
@@ -145,7 +155,7 @@ def test_quick_demo_readable_by_tensorboard_event_loader(served):
     steps = read_run(logdir / "seed0").steps
     for layer in LAYERS:
         assert [e.step for e in acc.Tensors(f"convviz/topk/{layer}")] == steps
-    assert acc.Tensors("convviz/probe/images")
+    assert acc.Tensors("convviz/probe/chunk")
 
 
 def test_shapes_deterministic_by_seed():
@@ -283,31 +293,61 @@ def test_fashion_mnist_files_present_locally(tmp_path, capsys):
     assert run.probe.class_names[0] == "T-shirt/top" and len(run.probe.class_names) == 10
 
 
-def test_served_tensorboard_stops_when_the_demo_is_killed(tmp_path):
-    """`kill` (SIGTERM) of `tb-convviz demo --serve` must not leave its TensorBoard running."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (TensorBoard's Rust data server), from /proc."""
+    pids = [pid]
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                pids += process_tree(int(child))
+    return pids
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (nobody reaped it yet) has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_served_tensorboard_stops_when_the_demo_is_killed(tmp_path, signum):
+    """`kill` (SIGTERM) or `kill -9` (SIGKILL, an OOM kill) of `tb-convviz demo --serve` ends its TensorBoard."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     script = (
         "import sys, time; from pathlib import Path; from tb_convviz.cli import _TensorBoard\n"
-        f"with _TensorBoard(Path({str(tmp_path)!r}), {port}):\n"
-        "    print('serving', flush=True); time.sleep(600)\n"
+        f"with _TensorBoard(Path({str(tmp_path)!r}), {port}) as server:\n"
+        "    print(server._proc.pid, flush=True); time.sleep(600)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    served = []
     try:
-        assert proc.stdout.readline().strip() == "serving"
+        tensorboard = int(proc.stdout.readline())
         deadline = time.monotonic() + 90
         while True:
             try:
-                urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=5).close()
+                HTTP.open(f"http://localhost:{port}/data/runs", timeout=5).close()
                 break
             except OSError:
                 assert time.monotonic() < deadline, "TensorBoard did not start"
                 time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        served = process_tree(tensorboard)
+        assert len(served) >= 2, "expected TensorBoard and its data server"
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == (128 + signum if signum == signal.SIGTERM else -signum)
+        deadline = time.monotonic() + 30
+        while any(running(pid) for pid in served) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in served if running(pid)], "TensorBoard outlived the demo"
+        with pytest.raises(OSError):
+            HTTP.open(f"http://localhost:{port}/data/runs", timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=5)
+        for pid in served:  # leave no orphan behind, even when the test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

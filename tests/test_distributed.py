@@ -19,6 +19,9 @@ LAYERS = ["conv1", "relu2", "fc"]
 K = 6
 BATCH = 7
 STEPS = [0, 1, 3]
+FINAL = 3  # the trained model after the first phase's 3 updates
+RESUMED = [2, 3, 4, 6]
+LOGGED = [0, 1, 3, 4, 6]  # 3 is the first phase's final checkpoint; 6 the second's
 
 
 class Net(nn.Module):
@@ -52,16 +55,21 @@ def _worker(rank, root):
         (pathlib.Path(root) / "rank0.pid").write_text(str(os.getpid()))
     try:
         # The second phase resumes a multi-node job whose log dir is on node 0's disk only:
-        # rank 1 sees an empty directory, yet must skip exactly what rank 0 skips.
-        for phase, log_dir, steps in (("train", "ddp", STEPS), ("resume", "ddp" if rank == 0 else "empty", [2, 3, 5])):
+        # rank 1 sees an empty directory, yet must skip exactly what rank 0 skips. Each phase
+        # ends with close() logging the trained model, one step after the last maybe_log.
+        for phase, log_dir, steps, first in (("train", "ddp", STEPS, 0),
+                                              ("resume", "ddp" if rank == 0 else "empty", RESUMED, FINAL)):
             torch.manual_seed(0)
-            model = nn.parallel.DistributedDataParallel(Net())
+            net = Net()
+            if phase == "resume":
+                net.load_state_dict(torch.load(os.path.join(root, f"{FINAL}.pt")))
+            model = nn.parallel.DistributedDataParallel(net)
             logger = ConvVizLogger(model, make_probe(), os.path.join(root, log_dir), layers=LAYERS, k=K,
                                    batch_size=BATCH, steps=steps)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-            for step in range(6):
+            for step in range(first, first + 3):
                 logger.maybe_log(step)
-                if rank == 0 and phase == "train":
+                if rank == 0:
                     torch.save(model.module.state_dict(), os.path.join(root, f"{step}.pt"))
                 # Each rank trains on a batch of its own, so its BatchNorm statistics differ from rank 0's
                 # until DDP's next forward.
@@ -70,6 +78,8 @@ def _worker(rank, root):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+            if rank == 0:
+                torch.save(model.module.state_dict(), os.path.join(root, f"{first + 3}.pt"))
             logger.close()
     finally:
         dist.destroy_process_group()
@@ -93,8 +103,8 @@ def single_process_run(root, log_dir, steps):
 
 def test_two_gloo_ranks_with_ddp_equal_one_process_exactly(spawned, tmp_path):
     ddp = read_run(spawned / "ddp")
-    single = single_process_run(spawned, tmp_path, STEPS + [5])
-    assert ddp.steps == single.steps == STEPS + [5]
+    single = single_process_run(spawned, tmp_path, LOGGED)
+    assert ddp.steps == single.steps == LOGGED
     assert [l.name for l in ddp.layers] == LAYERS
     for layer in LAYERS:
         for step in ddp.steps:
@@ -114,6 +124,6 @@ def test_only_rank_0_writes_and_a_resume_follows_rank_0(spawned):
     files = event_files(str(spawned / "ddp"))
     assert len(files) == 2 and all(os.path.basename(f).split(".")[-3] == pid for f in files)  # one per phase
     assert not os.path.exists(spawned / "empty") or not os.listdir(spawned / "empty")
-    # The resumed phase skipped 2 and 3 (already logged by rank 0) and logged 5 on both ranks;
-    # had rank 1 logged 2, the gathers would have mismatched and the job failed.
-    assert read_run(spawned / "ddp").steps == STEPS + [5]
+    # The resumed phase, from step 3, skipped 3 (already logged by rank 0) and logged 4 and the final 6 on
+    # both ranks; had rank 1 logged 3, the gathers would have mismatched and the job failed.
+    assert read_run(spawned / "ddp").steps == LOGGED

@@ -121,3 +121,19 @@ def test_export_needs_no_torch(logdir, tmp_path):
             f"'--out', {str(tmp_path / 'f.png')!r}]) == 0; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split()[-1] == "False", done.stderr
+
+
+def test_unknown_run_lists_the_runs_or_says_why_there_are_none(logdir, tmp_path):
+    def error(*args):
+        done = run_cli(*args, "--layer", "1", "--out", str(tmp_path / "x.png"))
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        return done.stderr
+
+    (tmp_path / "empty").mkdir()
+    assert f"'{logdir / 'run1'}' is itself a run (its event files are directly in it): leave out --run, or pass " \
+           "--run ." in error("--logdir", str(logdir / "run1"), "--run", "seed9")
+    assert f"'{tmp_path / 'empty'}' holds no runs: no TensorBoard event files in it or its subfolders" in \
+           error("--logdir", str(tmp_path / "empty"), "--run", "seed9")
+    assert f"the log dir '{tmp_path / 'nowhere'}' does not exist" in \
+           error("--logdir", str(tmp_path / "nowhere"), "--run", "seed9")
+    assert not (tmp_path / "x.png").exists()

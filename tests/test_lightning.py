@@ -100,7 +100,18 @@ def test_without_a_tensorboard_logger_it_says_where_it_writes(tmp_path):
         L.Trainer(**TRAINER, logger=False, default_root_dir=tmp_path,
                   callbacks=[ConvVizCallback(make_probe(), layers=LAYERS, k=3, steps=[1, 3])]).fit(
             TinyModule(), train_loader())
-    assert read_run(tmp_path / "convviz_logs" / "version_0").steps == [1, 3]
+    assert read_run(tmp_path / "convviz_logs" / "version_0").steps == [1, 3, 4]  # and the trained model
+
+
+@pytest.mark.parametrize("schedule", [{"every_n_steps": 3}, {"total_steps": 16}])
+def test_training_ends_with_the_trained_model_at_the_final_global_step(tmp_path, schedule):
+    """Whatever the schedule, the last checkpoint is the trained model at the last global step."""
+    logger = TensorBoardLogger(tmp_path, name="exp")
+    callback = ConvVizCallback(make_probe(), layers=LAYERS, k=3, batch_size=5, **schedule)
+    module = fit([callback], logger, max_steps=-1, max_epochs=2)  # 8 batches an epoch: global steps 1 to 16
+    run = read_run(logger.log_dir)
+    assert run.steps[0] == 0 and run.steps[-1] == 16 and run.steps.count(16) == 1, run.steps
+    assert_logged_like_a_plain_logger(run, module, 16, tmp_path)
 
 
 def test_lightning_checkpoint_files_log_after_the_fact(tmp_path):

@@ -124,8 +124,9 @@ def test_each_winning_image_is_stored_once_and_only_winners(tmp_path):
     for f in os.listdir(tmp_path):
         for event in event_file_loader.EventFileLoader(str(tmp_path / f)).Load():
             for v in event.summary.value:
-                if v.tag == metadata.PROBE_INDEX_TAG:
-                    stored_rows += tensor_util.make_ndarray(v.tensor)[:, 0].tolist()
+                if v.tag == metadata.PROBE_CHUNK_TAG:
+                    index_blob = tensor_util.make_ndarray(v.tensor)[0]
+                    stored_rows += metadata.decode_chunk_index(index_blob)[:, 0].tolist()
     assert len(stored_rows) == len(set(stored_rows)) == len(winners)
     # Stored as displayed: de-normalised with mean/std.
     index = min(winners)
@@ -198,9 +199,9 @@ def test_round_trip_through_tensorboard_data_provider(tmp_path):
     dp = data_provider.MultiplexerDataProvider(mux, str(tmp_path))
     ctx = context.RequestContext()
     tensors = dp.list_tensors(ctx, experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run1"]
-    assert set(tensors) == {metadata.topk_tag(n) for n in LAYERS} | {metadata.PROBE_INDEX_TAG}
+    assert set(tensors) == {metadata.topk_tag(n) for n in LAYERS}
     blobs = dp.list_blob_sequences(ctx, experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run1"]
-    assert set(blobs) == {metadata.PROBE_IMAGES_TAG}
+    assert set(blobs) == {metadata.PROBE_CHUNK_TAG}
     scalars = dp.list_scalars(ctx, experiment_id="", plugin_name="scalars")["run1"]
     assert {metadata.scalar_tag(n, s) for n in LAYERS for s in metadata.SCALAR_NAMES} <= set(scalars)
     read = dp.read_tensors(ctx, experiment_id="", plugin_name=metadata.PLUGIN_NAME, downsample=1000,
@@ -212,7 +213,7 @@ def test_round_trip_through_tensorboard_data_provider(tmp_path):
     np.testing.assert_array_equal(records["image"], read_run(tmp_path / "run1").topk("block1", 11).image)
     md = mux.SummaryMetadata("run1", metadata.topk_tag("block1"))
     assert md.data_class == summary_pb2.DATA_CLASS_TENSOR
-    assert mux.SummaryMetadata("run1", metadata.PROBE_IMAGES_TAG).data_class == summary_pb2.DATA_CLASS_BLOB_SEQUENCE
+    assert mux.SummaryMetadata("run1", metadata.PROBE_CHUNK_TAG).data_class == summary_pb2.DATA_CLASS_BLOB_SEQUENCE
 
 
 def test_shares_a_log_dir_with_the_users_summary_writer(tmp_path):

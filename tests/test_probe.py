@@ -76,3 +76,17 @@ def test_bad_metadata(kwargs, message):
 def test_non_tensor_images_say_what_to_do():
     with pytest.raises(TypeError, match="torch.Tensor"):
         ProbeSet(np.zeros((3, 3, 4, 4)))
+
+
+def test_from_dataset_given_a_data_loader_says_to_pass_its_dataset():
+    loader = torch.utils.data.DataLoader(Pairs(n=10), batch_size=4)
+    with pytest.raises(TypeError, match=r"not a DataLoader \(which yields batches\): pass loader\.dataset"):
+        ProbeSet.from_dataset(loader, n=5)
+    assert len(ProbeSet.from_dataset(loader.dataset, n=5)) == 5
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(3, 4, 4), 0
+
+    with pytest.raises(TypeError, match="needs a dataset with len.. and indexing .a map-style dataset., got Stream"):
+        ProbeSet.from_dataset(Stream())

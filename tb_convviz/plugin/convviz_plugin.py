@@ -28,14 +28,19 @@ from tb_convviz.plugin.data import ConvVizData, Layer, Probe, RunListing
 logger = tb_logging.get_logger()
 
 MAX_LIMIT = 4096
-# The assignment is O(units³); 1024 units take a few seconds on one core.
+# The assignment is O(units³); 1024 units take up to a few seconds on one core.
 MAX_MATCH_UNITS = 1024
+# Published in `runs`, so that the frontend never asks for more than a request may do.
+LIMITS = {
+    "max_size": render.MAX_SIZE, "min_size": render.MIN_SIZE, "max_output_pixels": render.MAX_OUTPUT_PIXELS,
+    "max_decoded_pixels": render.MAX_DECODED_PIXELS, "max_units_per_page": MAX_LIMIT,
+}
 _STATIC_ROUTE = f"/data/plugin/{metadata.PLUGIN_NAME}/static/"
 _STATIC_TYPES = {
     ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
     ".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json",
 }
-_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
 def frontend_dir() -> str:
@@ -51,6 +56,8 @@ def _route(handler: Callable) -> Callable:
     @functools.wraps(handler)
     @wrappers.Request.application
     def app(self, request):
+        if request.method not in ("GET", "HEAD"):
+            return _method_not_allowed(request)
         try:
             return handler(self, request, _Params(request.args))
         except errors.PublicError as e:
@@ -132,7 +139,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         for listing in self._data.listings(ctx, eid).values():
             layers = self._layers(ctx, eid, listing)
             probe = self._data.probe(ctx, eid, listing)
-            problems = list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
+            problems = (list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
+                        + list(self._data.problems(eid, listing)))
             runs.append({
                 "run": listing.name,
                 "steps": sorted({s for layer in layers for s in layer.steps}),
@@ -140,7 +148,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                 "probe": _probe_json(probe),
                 "error": _summarise(problems),
             })
-        return _json(request, {"runs": runs})
+        return _json(request, {"runs": runs, "limits": LIMITS})
 
     @_route
     def _serve_stats(self, request, params):
@@ -243,6 +251,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             )
         other_step = _step(other_listing, other_layer, params, name="other_step", required=True)
         match = params.bounded("match", 0, 1, default=0) == 1
+        offset = params.bounded("offset", 0, 1 << 31, default=0)
+        limit = params.bounded("limit", 1, MAX_LIMIT, default=MAX_LIMIT)
         a, b = layer.records(step)["image"], other_layer.records(other_step)["image"]
         same_unit = metadata.topk_overlap(a, b)
         if match:
@@ -261,13 +271,13 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             {**_pair_json(u, int(partner[u]), a[u], b[partner[u]], overlaps[u]),
              "records": _records_json(rows[u], layer, probe),
              "other_records": _records_json(other_rows[partner[u]], other_layer, other_probe)}
-            for u in range(layer.info.units)
+            for u in range(offset, min(offset + limit, layer.info.units))
         ]
         return _json(request, {
             "run": listing.name, "step": step, "other_run": other_listing.name, "other_step": other_step,
             "layer": layer.name, "matched": match, "mean_overlap": _number(overlaps.mean()),
             "unit_for_unit_mean_overlap": _number(same_unit.mean()),
-            "unique": int(np.sum(overlaps == 0)), "units": units,
+            "unique": int(np.sum(overlaps == 0)), "total_units": layer.info.units, "offset": offset, "units": units,
         })
 
     @_route
@@ -295,6 +305,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_static(self, request):
+        if request.method not in ("GET", "HEAD"):
+            return _method_not_allowed(request)
         relative = request.path[len(_STATIC_ROUTE):] if request.path.startswith(_STATIC_ROUTE) else ""
         path = self._static_file(relative)
         if path is None:
@@ -322,6 +334,15 @@ class ConvVizPlugin(base_plugin.TBPlugin):
     def _layer(self, ctx, eid: str, params: _Params) -> tuple[RunListing, Layer]:
         listing = self._data.listing(ctx, eid, params.text("run"))
         return listing, self._data.layer(ctx, eid, listing, params.text("layer"))
+
+
+def _method_not_allowed(request):
+    response = http_util.Respond(
+        request, {"error": f"method {request.method} is not allowed: the convviz routes answer GET only"},
+        "application/json", code=405,
+    )
+    response.headers["Allow"] = "GET, HEAD"
+    return response
 
 
 def _context(request):

@@ -36,10 +36,14 @@ MAX_IMAGE_PIXELS = 1 << 24
 
 
 class ByteLRU:
-    """Thread-safe least-recently-used map bounded by the total ``nbytes`` of its values."""
+    """Thread-safe least-recently-used map bounded in entries and in bytes, keys included.
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    Keys may come from requests (experiment ids, run names), so each entry is charged
+    its key's size and a fixed overhead besides the ``nbytes`` of its value.
+    """
+
+    def __init__(self, max_bytes: int, max_entries: int = 4096, entry_overhead: int = 256) -> None:
+        self.max_bytes, self.max_entries, self.entry_overhead = max_bytes, max_entries, entry_overhead
         self._items: collections.OrderedDict[Hashable, tuple[Any, int]] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -53,6 +57,7 @@ class ByteLRU:
             return item[0]
 
     def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+        nbytes += self.entry_overhead + _key_bytes(key)
         if nbytes > self.max_bytes:
             return
         with self._lock:
@@ -61,7 +66,7 @@ class ByteLRU:
                 self._bytes -= old[1]
             self._items[key] = (value, nbytes)
             self._bytes += nbytes
-            while self._bytes > self.max_bytes:
+            while self._bytes > self.max_bytes or len(self._items) > self.max_entries:
                 _, (_, size) = self._items.popitem(last=False)
                 self._bytes -= size
 
@@ -74,17 +79,35 @@ class ByteLRU:
     def nbytes(self) -> int:
         return self._bytes
 
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _key_bytes(key: Hashable) -> int:
+    if isinstance(key, (str, bytes)):
+        return len(key)
+    if isinstance(key, tuple):
+        return sum(_key_bytes(part) for part in key)
+    return 16
+
 
 class _SingleFlight:
-    """Runs one loader per key at a time, so a page of concurrent requests reads a series once."""
+    """Runs one loader per key at a time, so a page of concurrent requests reads a series once.
+
+    A fixed set of locks, picked by the key's hash: the table never grows, whatever the
+    keys; two keys that share a lock only wait for each other.
+    """
+
+    STRIPES = 64
 
     def __init__(self) -> None:
-        self._locks: dict[Hashable, threading.Lock] = {}
-        self._lock = threading.Lock()
+        self._locks = tuple(threading.Lock() for _ in range(self.STRIPES))
 
     def lock(self, key: Hashable) -> threading.Lock:
-        with self._lock:
-            return self._locks.setdefault(key, threading.Lock())
+        return self._locks[hash(key) % self.STRIPES]
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +143,8 @@ class Probe:
     blob_keys: dict[int, str]
     labels: dict[int, int]
     errors: tuple[str, ...] = ()
+    # Format version of the chunks: v2 image blobs name their probe index, v1 blobs are bare.
+    version: int = metadata.PROTO_VERSION
 
     def label_name(self, label: int | None) -> str | None:
         names = self.info.class_names if self.info is not None else ()
@@ -135,6 +160,8 @@ class RunListing:
     probe: plugin_data_pb2.ProbeInfo | None
     probe_version: tuple | None
     errors: tuple[str, ...]
+    # Format of the probe chunks: 2 (one self-describing blob sequence) or 1 (legacy index + images).
+    probe_format: int = metadata.PROTO_VERSION
 
 
 class ConvVizData:
@@ -151,6 +178,8 @@ class ConvVizData:
         self._series = ByteLRU(series_cache_bytes)
         self.images = ByteLRU(image_cache_bytes)
         self._flight = _SingleFlight()
+        # Per run, probe images found inconsistent when read (shown in the run's error).
+        self.damaged = ByteLRU(1 << 20, max_entries=256)
         # Each blob is one provider call, a gRPC round trip under the Rust loader; a mosaic
         # needs k of them, so they are issued together. The Python loader reads in-process,
         # where threads only add GIL contention (measured 1.3-1.5x slower cold mosaics).
@@ -162,10 +191,13 @@ class ConvVizData:
     def listings(self, ctx, eid: str, run: str | None = None) -> dict[str, RunListing]:
         """Listings of every run with convviz data, or of ``run`` alone."""
         rtf = provider.RunTagFilter(runs=[run]) if run is not None else None
-        tensors = self._provider.list_tensors(
-            ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, run_tag_filter=rtf
-        )
-        return {name: _listing(name, tags) for name, tags in sorted(tensors.items()) if tags}
+        kwargs = dict(experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, run_tag_filter=rtf)
+        tensors = _unless_vanished(lambda: self._provider.list_tensors(ctx, **kwargs), {})
+        blobs = _unless_vanished(lambda: self._provider.list_blob_sequences(ctx, **kwargs), {})
+        return {
+            name: _listing(name, tags, blobs.get(name, {}).get(metadata.PROBE_CHUNK_TAG))
+            for name, tags in sorted(tensors.items()) if tags
+        }
 
     def listing(self, ctx, eid: str, run: str) -> RunListing:
         """The listing of ``run``; NotFoundError naming the valid runs if it has no convviz data."""
@@ -210,9 +242,26 @@ class ConvVizData:
         cache_key = (eid, listing.name, index, key)
         image = self.images.get(cache_key)
         if image is None:
-            image = decode_image(self._provider.read_blob(ctx, blob_key=key), f"probe image {index}")
+            blob = self._provider.read_blob(ctx, blob_key=key)
+            if probe.version >= 2:
+                try:
+                    blob = metadata.decode_image_blob(blob, index)
+                except ValueError as e:
+                    self._note_damage(eid, listing, f"run {listing.name!r}: {e}")
+                    raise errors.NotFoundError(str(e)) from None
+            image = decode_image(blob, f"probe image {index}")
             self.images.put(cache_key, image, image.nbytes)
         return image
+
+    def _note_damage(self, eid: str, listing: RunListing, problem: str) -> None:
+        key = (eid, listing.name, listing.probe_version)
+        notes = self.damaged.get(key) or ()
+        if problem not in notes and len(notes) < 5:
+            self.damaged.put(key, notes + (problem,), len(problem))
+
+    def problems(self, eid: str, listing: RunListing) -> tuple[str, ...]:
+        """Inconsistent probe images met while serving the listed run (they are never drawn)."""
+        return self.damaged.get((eid, listing.name, listing.probe_version)) or ()
 
     def prefetch(self, ctx, eid: str, listing: RunListing, probe: Probe, indices) -> None:
         """Read and decode the stored, uncached images among ``indices`` concurrently.
@@ -237,7 +286,10 @@ class ConvVizData:
         return {tag: {d.step: d.value for d in series} for tag, series in data.get(run, {}).items()}
 
     def _cached(self, key: Hashable, version: Hashable, load: Callable[[], Any]) -> Any:
-        """The value of series ``key`` at ``version``; one version per key is kept."""
+        """The value of series ``key`` at ``version``; one version per key is kept.
+
+        ``load`` returns (value, nbytes); nbytes None means "incomplete, do not keep".
+        """
         entry = self._series.get(key)
         if entry is None or entry[0] != version:
             with self._flight.lock(key):
@@ -245,15 +297,20 @@ class ConvVizData:
                 if entry is None or entry[0] != version:
                     value, nbytes = load()
                     entry = (version, value)
-                    self._series.put(key, entry, nbytes)
+                    if nbytes is not None:
+                        self._series.put(key, entry, nbytes)
         return entry[1]
 
     def _read_layer(self, ctx, eid: str, run: str, name: str, info: plugin_data_pb2.LayerInfo):
         tag = metadata.topk_tag(name)
-        series = self._provider.read_tensors(
+        read = _unless_vanished(lambda: self._provider.read_tensors(
             ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS,
             run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
-        ).get(run, {}).get(tag, [])
+        ), None)
+        if read is None:  # the loader is swapping the series in: nothing yet, and nothing kept
+            return Layer(name=name, info=info, field=ReceptiveField.from_proto(info.receptive_field),
+                         steps=(), records_by_step={}), None
+        series = read.get(run, {}).get(tag, [])
         records, problems, nbytes = {}, [], 0
         for datum in series:  # a repeated step keeps its last value, as TensorBoard shows it
             try:
@@ -271,36 +328,107 @@ class ConvVizData:
         return layer, nbytes + 64 * len(records)
 
     def _read_probe(self, ctx, eid: str, listing: RunListing):
-        rtf = provider.RunTagFilter(runs=[listing.name], tags=[metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG])
-        kwargs = dict(experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS, run_tag_filter=rtf)
-        rows = self._provider.read_tensors(ctx, **kwargs).get(listing.name, {}).get(metadata.PROBE_INDEX_TAG, [])
-        blobs = self._provider.read_blob_sequences(ctx, **kwargs).get(listing.name, {})
-        refs = {d.step: d.values for d in blobs.get(metadata.PROBE_IMAGES_TAG, [])}
-        blob_keys, labels, problems = {}, {}, []
-        for datum in rows:
-            chunk = np.asarray(datum.numpy)
-            if chunk.ndim != 2 or chunk.shape[1] != 2 or chunk.dtype.kind not in "iu":
-                problems.append(f"probe chunk {datum.step}: index is not an int [m, 2] tensor; chunk skipped")
+        if listing.probe_format < 2:
+            return self._read_legacy_probe(ctx, eid, listing)
+        rtf = provider.RunTagFilter(runs=[listing.name], tags=[metadata.PROBE_CHUNK_TAG])
+        read = _unless_vanished(lambda: self._provider.read_blob_sequences(
+            ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS, run_tag_filter=rtf,
+        ), None)
+        if read is None:
+            return Probe(info=listing.probe, blob_keys={}, labels={}), None
+        chunks, problems, seen = [], [], set()
+        for datum in read.get(listing.name, {}).get(metadata.PROBE_CHUNK_TAG, []):
+            if datum.step in seen:  # a reader resolves a step to one record; the others are unreachable
+                problems.append(f"probe chunk {datum.step} is stored twice; only the first is used")
+            elif not datum.values:
+                problems.append(f"probe chunk {datum.step} is empty; chunk skipped")
+            else:
+                chunks.append(datum)
+            seen.add(datum.step)
+        indexes = self._map(lambda d: self._chunk_index(ctx, d), chunks)
+        blob_keys, labels = {}, {}
+        for datum, rows in zip(chunks, indexes):
+            if isinstance(rows, str):
+                problems.append(f"probe chunk {datum.step}: {rows}; chunk skipped")
                 continue
-            values = refs.get(datum.step, ())
-            if len(values) != len(chunk):
-                problems.append(
-                    f"probe chunk {datum.step}: {len(chunk)} index rows but {len(values)} images; "
-                    "only the matching ones are used"
-                )
-            for (index, label), ref in zip(chunk.tolist(), values):
+            if len(rows) != len(datum.values) - 1:
+                problems.append(f"probe chunk {datum.step}: {len(rows)} index rows but {len(datum.values) - 1} "
+                                "images; chunk skipped")
+                continue
+            for (index, label), ref in zip(rows.tolist(), datum.values[1:]):
                 if index not in blob_keys:  # stored once; a duplicate is ignored
                     blob_keys[index], labels[index] = ref.blob_key, label
         probe = Probe(info=listing.probe, blob_keys=blob_keys, labels=labels, errors=tuple(problems))
         return probe, 128 * len(blob_keys)
 
+    def _chunk_index(self, ctx, datum) -> np.ndarray | str:
+        """The index rows of a chunk, or why they cannot be read."""
+        try:
+            return metadata.decode_chunk_index(self._provider.read_blob(ctx, blob_key=datum.values[0].blob_key))
+        except (ValueError, errors.PublicError) as e:
+            return str(e)
 
-def _listing(run: str, tags: dict[str, provider.TensorTimeSeries]) -> RunListing:
-    layers, problems, probe, probe_version = {}, [], None, None
-    for tag, series in sorted(tags.items()):
+    def _map(self, function, items) -> list:
+        if self._readers is None or len(items) < 2:
+            return [function(item) for item in items]
+        return list(self._readers.map(function, items))
+
+    def _read_legacy_probe(self, ctx, eid: str, listing: RunListing):
+        """v1 chunks: an index tensor and an image blob sequence, paired by step only where that is unambiguous."""
+        rtf = provider.RunTagFilter(runs=[listing.name], tags=[metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG])
+        kwargs = dict(experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS, run_tag_filter=rtf)
+        tensors = _unless_vanished(lambda: self._provider.read_tensors(ctx, **kwargs), None)
+        blobs = _unless_vanished(lambda: self._provider.read_blob_sequences(ctx, **kwargs), None)
+        if tensors is None or blobs is None:
+            return Probe(info=listing.probe, blob_keys={}, labels={}, version=1), None
+        rows = tensors.get(listing.name, {}).get(metadata.PROBE_INDEX_TAG, [])
+        images = blobs.get(listing.name, {}).get(metadata.PROBE_IMAGES_TAG, [])
+        refs = {d.step: d.values for d in images}
+        counts = collections.Counter([d.step for d in rows] + [d.step for d in images])
+        twice = {step for step, count in counts.items() if count > 2}
+        blob_keys, labels, problems = {}, {}, []
+        for datum in rows:
+            chunk = np.asarray(datum.numpy)
+            if datum.step in twice:
+                problems.append(f"probe chunk {datum.step} is stored twice (format v1 pairs by step); chunk skipped")
+                continue
+            if chunk.ndim != 2 or chunk.shape[1] != 2 or chunk.dtype.kind not in "iu":
+                problems.append(f"probe chunk {datum.step}: index is not an int [m, 2] tensor; chunk skipped")
+                continue
+            values = refs.get(datum.step, ())
+            if len(values) != len(chunk):
+                problems.append(f"probe chunk {datum.step}: {len(chunk)} index rows but {len(values)} images; "
+                                "chunk skipped")
+                continue
+            for (index, label), ref in zip(chunk.tolist(), values):
+                if index not in blob_keys:
+                    blob_keys[index], labels[index] = ref.blob_key, label
+        probe = Probe(info=listing.probe, blob_keys=blob_keys, labels=labels, errors=tuple(problems), version=1)
+        return probe, 128 * len(blob_keys)
+
+
+def _unless_vanished(read: Callable[[], Any], vanished: Any) -> Any:
+    """``read()``, or ``vanished`` when TensorBoard's Python loader drops a series mid-read.
+
+    During a reload, ``plugin_event_accumulator`` can list a tag whose tensors are gone a
+    moment later (KeyError): that series is simply not there yet.
+    """
+    try:
+        return read()
+    except KeyError:
+        return vanished
+
+
+def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
+             chunks: provider.BlobSequenceTimeSeries | None) -> RunListing:
+    layers, problems, probe, probe_version, probe_format = {}, [], None, None, metadata.PROTO_VERSION
+    probe_series = [(metadata.PROBE_CHUNK_TAG, chunks)] if chunks is not None else []
+    if chunks is None and metadata.PROBE_INDEX_TAG in tags:
+        probe_series, probe_format = [(metadata.PROBE_INDEX_TAG, tags[metadata.PROBE_INDEX_TAG])], 1
+    for tag, series in sorted(tags.items()) + probe_series:
         version = (series.max_step, series.max_wall_time)
         name = metadata.layer_of_tag(tag)
-        if name is None and tag != metadata.PROBE_INDEX_TAG:
+        if name is None and (tag, series) not in probe_series:
             continue  # a series a newer tb-convviz may add; not an error
         try:
             data = metadata.parse_plugin_metadata(series.plugin_content)
@@ -318,7 +446,8 @@ def _listing(run: str, tags: dict[str, provider.TensorTimeSeries]) -> RunListing
             problems.append(f"{tag}: {reason}")
             continue
         layers[name] = (data.layer, version)
-    return RunListing(name=run, layers=layers, probe=probe, probe_version=probe_version, errors=tuple(problems))
+    return RunListing(name=run, layers=layers, probe=probe, probe_version=probe_version, errors=tuple(problems),
+                      probe_format=probe_format)
 
 
 def _invalid_layer(data: plugin_data_pb2.PluginData) -> str | None:

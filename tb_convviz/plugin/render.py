@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import math
+import threading
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tensorboard import errors
 
-from tb_convviz.geometry import ReceptiveField, crop
+from tb_convviz.geometry import PAD_VALUE, ReceptiveField, crop
 from tb_convviz.plugin.data import ByteLRU, ConvVizData, Layer, Probe, RunListing
 
 # Range of the `size=` parameter: the longer side of a resampled patch, in pixels.
 MIN_SIZE, MAX_SIZE = 8, 512
 BOX_COLOR = (255, 40, 40)
+MISSING_COLOR = (200, 60, 60)
+# The work one request may ask for: pixels of the PNG it gets (larger requests are
+# downscaled to fit) and pixels of probe images decoded for it (more answers 400).
+MAX_OUTPUT_PIXELS = 1 << 21
+MAX_DECODED_PIXELS = 1 << 26
+# Renders at once: each holds up to MAX_OUTPUT_PIXELS of RGBA plus its decoded images.
+CONCURRENT_RENDERS = 2
+# How long a request waits for its turn before it is answered 503 (try again).
+RENDER_WAIT_S = 60.0
+_renders = threading.BoundedSemaphore(CONCURRENT_RENDERS)
+# After a render this large, freed memory is handed back to the system (glibc keeps it otherwise).
+TRIM_ABOVE_BYTES = 256 << 10
+_libc = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
 def grid_shape(k: int) -> tuple[int, int]:
@@ -40,16 +57,47 @@ def resize(image: np.ndarray, size: int | None) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(shape, method))
 
 
+def fit_size(shape: tuple[int, int], size: int | None, cells: int = 1) -> int:
+    """The longer side for patches of ``shape`` (h, w) at ``size`` (None: natural) so that ``cells`` fit the budget."""
+    side = max(shape) if size is None else size
+    rows, cols = grid_shape(cells)
+    while side > 1:
+        h, w = (max(round(n * side / max(shape)), 1) for n in shape)
+        if (rows * h + rows - 1) * (cols * w + cols - 1) <= MAX_OUTPUT_PIXELS:
+            break
+        side = max(1, min(side - 1, math.floor(side * math.sqrt(MAX_OUTPUT_PIXELS / ((rows * h) * (cols * w))))))
+    return side
+
+
+def crop_resized(image: np.ndarray, box: tuple[int, int, int, int], size: int | None) -> np.ndarray:
+    """``resize(crop(image, box), size)``, without building the padded crop when it is much larger than the image."""
+    top, left, bottom, right = box
+    h, w = image.shape[:2]
+    if size is None or size >= max(bottom - top, right - left) or (bottom - top) * (right - left) <= 4 * h * w:
+        return resize(crop(image, box), size)
+    out_h, out_w = resize(np.zeros((bottom - top, right - left), np.uint8), size).shape
+    scale_h, scale_w = out_h / (bottom - top), out_w / (right - left)
+    out = np.full((out_h, out_w) + image.shape[2:], PAD_VALUE, image.dtype)
+    t, l, b, r = max(top, 0), max(left, 0), min(bottom, h), min(right, w)
+    if t < b and l < r:
+        y0, x0 = round((t - top) * scale_h), round((l - left) * scale_w)
+        y1, x1 = max(round((b - top) * scale_h), y0 + 1), max(round((r - left) * scale_w), x0 + 1)
+        part = np.asarray(Image.fromarray(image[t:b, l:r]).resize((x1 - x0, y1 - y0), Image.Resampling.BOX))
+        out[y0:y1, x0:x1] = part
+    return out
+
+
 def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
 
 
-def mosaic(tiles: list[np.ndarray | None], tile_shape: tuple[int, int]) -> np.ndarray:
+def mosaic(tiles: list[np.ndarray | bool | None], tile_shape: tuple[int, int]) -> np.ndarray:
     """RGBA grid of ``tiles`` (rank order, row-major) with 1-pixel transparent separators.
 
-    Missing tiles (records without a stored image) and unused grid cells stay transparent.
+    None (a record without a stored image) and unused grid cells stay transparent; False
+    (a stored image that cannot be shown) is drawn as a "missing" cross.
     """
     rows, cols = grid_shape(len(tiles))
     th, tw = tile_shape
@@ -59,9 +107,18 @@ def mosaic(tiles: list[np.ndarray | None], tile_shape: tuple[int, int]) -> np.nd
             continue
         r, c = divmod(i, cols)
         top, left = r * (th + 1), c * (tw + 1)
-        out[top:top + th, left:left + tw, :3] = _rgb(tile)
+        out[top:top + th, left:left + tw, :3] = _rgb(tile) if tile is not False else _missing(th, tw)
         out[top:top + th, left:left + tw, 3] = 255
     return out
+
+
+def _missing(h: int, w: int) -> np.ndarray:
+    pil = Image.new("RGB", (w, h), (PAD_VALUE,) * 3)
+    draw = ImageDraw.Draw(pil)
+    width = max(1, min(h, w) // 16)
+    draw.line((0, 0, w - 1, h - 1), fill=MISSING_COLOR, width=width)
+    draw.line((0, h - 1, w - 1, 0), fill=MISSING_COLOR, width=width)
+    return np.asarray(pil)
 
 
 def draw_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -94,18 +151,22 @@ class Renderer:
     def patch(self, ctx, eid: str, listing: RunListing, probe: Probe, layer: Layer,
               record: np.void, size: int | None) -> bytes:
         image, y, x = int(record["image"]), int(record["y"]), int(record["x"])
+        size = fit_size(layer.field.size, size)
         key = ("patch", eid, listing.name, record_box(layer.field, layer.positional, y, x), image, size)
         return self._cached(key, lambda: encode_png(self._patch(ctx, eid, listing, probe, layer, image, y, x, size)))
 
     def mosaic(self, ctx, eid: str, listing: RunListing, probe: Probe, layer: Layer,
                records: np.ndarray, size: int | None) -> bytes:
+        size = fit_size(layer.field.size, size, len(records))
         content = np.stack([records["image"], records["y"].astype(np.int32), records["x"].astype(np.int32)])
         key = ("mosaic", eid, listing.name, layer.field, layer.positional, content.tobytes(), size)
 
         def render() -> bytes:
-            self._data.prefetch(ctx, eid, listing, probe, records["image"].tolist())
+            stored = sorted({int(i) for i in records["image"].tolist() if int(i) in probe.blob_keys})
+            check_decoded(probe, len(stored))
+            self._data.prefetch(ctx, eid, listing, probe, stored)
             tiles = [
-                self._patch(ctx, eid, listing, probe, layer, int(r["image"]), int(r["y"]), int(r["x"]), size)
+                self._tile(ctx, eid, listing, probe, layer, int(r["image"]), int(r["y"]), int(r["x"]), size)
                 if int(r["image"]) in probe.blob_keys else None
                 for r in records
             ]
@@ -118,17 +179,63 @@ class Renderer:
                     box: tuple[int, int, int, int] | None) -> bytes:
         def render() -> bytes:
             image = self._data.image(ctx, eid, listing, probe, index)
-            return encode_png(image if box is None else draw_box(image, box))
+            h, w = image.shape[:2]
+            side = fit_size((h, w), None)
+            scale = side / max(h, w)
+            if scale < 1:  # shown within the budget; the box follows the image
+                image = resize(image, side)
+                box_ = None if box is None else tuple(round(v * scale) for v in box)
+            else:
+                box_ = box
+            return encode_png(image if box_ is None else draw_box(image, box_))
 
         return self._cached(("probe", eid, listing.name, index, box), render)
 
+    def _tile(self, ctx, eid, listing, probe, layer, image, y, x, size) -> np.ndarray | bool:
+        """A mosaic tile, or False for a stored image that cannot be shown (drawn as missing)."""
+        try:
+            return self._patch(ctx, eid, listing, probe, layer, image, y, x, size)
+        except errors.NotFoundError:
+            return False
+
     def _patch(self, ctx, eid, listing, probe, layer, image, y, x, size) -> np.ndarray:
         pixels = self._data.image(ctx, eid, listing, probe, image)
-        return resize(crop(pixels, record_box(layer.field, layer.positional, y, x)), size)
+        return crop_resized(pixels, record_box(layer.field, layer.positional, y, x), size)
 
     def _cached(self, key, render) -> bytes:
         png = self.pngs.get(key)
         if png is None:
-            png = render()
+            # Renders wait their turn, so concurrent large requests do not multiply memory,
+            # and the memory of a large one goes back to the system after it.
+            if not _renders.acquire(timeout=RENDER_WAIT_S):
+                raise Busy(f"the convviz plugin is busy rendering other images (waited {RENDER_WAIT_S:.0f} s); "
+                           "try again")
+            try:
+                png = self.pngs.get(key)
+                if png is None:
+                    png = render()
+                    if len(png) > TRIM_ABOVE_BYTES and _libc is not None and hasattr(_libc, "malloc_trim"):
+                        _libc.malloc_trim(0)
+            finally:
+                _renders.release()
             self.pngs.put(key, png, len(png))
         return png
+
+
+class Busy(errors.PublicError):
+    """Every render slot stayed taken for RENDER_WAIT_S: 503, try again."""
+
+    error_code = "Unavailable"
+    http_code = 503
+
+
+def check_decoded(probe: Probe, images: int) -> None:
+    """InvalidArgumentError (400) when ``images`` probe images are more pixels than one request may decode."""
+    info = probe.info
+    pixels = images * (info.height * info.width if info is not None else 0)
+    if pixels > MAX_DECODED_PIXELS:
+        raise errors.InvalidArgumentError(
+            f"this mosaic needs {images} probe images of {info.height}x{info.width} decoded "
+            f"({pixels} pixels), more than the {MAX_DECODED_PIXELS} one request may decode; "
+            "use the patch route for single records"
+        )
