@@ -40,6 +40,7 @@ setup(
             "playwright>=1.40",
             "werkzeug>=2",
             "lightning>=2.0",
+            "timm>=0.9",
         ],
     },
     entry_points={

@@ -118,6 +118,16 @@ def scale_rows(sc: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def construction_rows(c: dict) -> list[tuple[str, str, str]]:
+    worst = max(c["results"], key=lambda r: r["ratio"])
+    peak = max(c["results"], key=lambda r: r["peak_extra_bytes"])
+    each = ", ".join(f"{r['model'].split('.', 1)[1]} {r['ratio']:.1f}" for r in c["results"])
+    return [(f"logger construction ÷ one forward of a {c['batch']}-image probe batch ({c['size']} px), "
+             f"{len(c['results'])} zoo models", "a few forwards",
+             f"median {c['median_ratio']:.2f}, max {worst['ratio']:.2f} ({worst['model']}); peak extra memory "
+             f"≤ {peak['peak_extra_bytes'] / MIB:.0f} MiB ({peak['model']}); per model: {each}")]
+
+
 def worst_rows(w: dict) -> list[tuple[str, str, str]]:
     return [
         (f"worst request ({name}), cold", "< 2 s, < 200 MB extra",
@@ -130,13 +140,14 @@ def worst_rows(w: dict) -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["overhead", "storage", "serve", "matching", "page", "scale", "worst"])
+                        choices=["overhead", "construction", "storage", "serve", "matching", "page", "scale", "worst"])
     parser.add_argument("--serve_requests", type=int, default=200)
     parser.add_argument("--scale_checkpoints", type=int, nargs="+", default=[50, 200])
     args = parser.parse_args()
     requests = ["--requests", str(args.serve_requests)]
     benchmarks = [
         ("overhead", ["overhead.py"], overhead_rows),
+        ("construction", ["construction.py"], construction_rows),
         ("storage", ["storage.py"], storage_rows),
         ("serve", ["serve.py", "--load_fast", "true", *requests], serve_rows),
         ("serve", ["serve.py", "--load_fast", "false", *requests], serve_rows),

@@ -151,6 +151,7 @@ export class UnitView {
       h("button", { type: "button", class: "cv-button", disabled: !ordered && unit >= layer.units - 1, onclick: () => go(1),
         title: `Next unit${order} (↓)` }, "Next unit ›"),
       unitJump(layer, (next) => this.app.navigate({ unit: next }), unit),
+      fieldNote(layer),
     );
   }
 
@@ -227,4 +228,20 @@ export class UnitView {
         String(layer.k), ". Keys: ← → checkpoints, ↑ ↓ units, z zoom."),
       h("ol", { class: "cv-evo-strip", "aria-label": `Unit ${unit} over training` }, columns));
   }
+}
+
+/** Says when a patch cannot localise anything: the unit sees the whole probe image, or more. */
+function fieldNote(layer) {
+  const rf = layer.receptive_field, [inH, inW] = layer.input ?? [];
+  if (rf?.method === "global") {
+    return h("p", { class: "cv-dim cv-field-note" },
+      "Every unit of this layer sees the whole probe image (a global receptive field), so each patch is the whole image.");
+  }
+  const [height, width] = rf?.size ?? [];
+  if (inH && height >= inH && width >= inW) {
+    return h("p", { class: "cv-dim cv-field-note" },
+      `The receptive field (${height}×${width} px) covers the whole ${inH}×${inW} probe image: each patch is the whole image, ` +
+      "placed where the unit looks, with grey where the field runs past the image.");
+  }
+  return null;
 }

@@ -1,23 +1,31 @@
 """Which modules to log: name resolution, wrapper unwrapping and the ``layers="auto"`` rule.
 
-The auto rule: torchvision AlexNet logs the ReLU after each of its 5 convs;
-VGG the max-pool ending each of its 5 blocks; ResNet the stem's ReLU and
-layer1..layer4. Any other model: take its Conv2d modules in execution order,
-pick 5 evenly spaced ones (all if fewer) and log, for each, the first
-activation module that runs after it and before the next conv, else the conv.
+The auto rule picks the network's stages. Stage *i* ends with the last tensor at one spatial
+resolution before the next downsampling, after its activation and residual add: its name is
+the module that outputs it (the outermost, when blocks nest). Stages come, in order of
+preference, from the layout a model publishes (timm's ``feature_info``), from torchvision's
+known layouts (AlexNet's 5 conv ReLUs, VGG's 5 pools, ResNet's ``relu, layer1..4``,
+SqueezeNet's ``features``), or else from one traced forward: wherever the main path's
+resolution drops, the tensor entering the downsampling block ends a stage, and the last
+spatial tensor ends the last one. Global pools (the heads, and the squeeze-excitation gates
+inside blocks) and their 1×1 maps are never stages. Of more than 5 stages, 5 are spread
+over the depth, first and last included.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 
 import torch
 from torch import nn
 
 AUTO_LAYERS = 5
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.PReLU, nn.Tanh)
 WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+# A resolution at most this fraction of the stage's is a downsampling; unpadded convs
+# (Inception's) shrink maps by a few pixels within a stage.
+_DOWNSAMPLED = 0.75
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -66,18 +74,35 @@ class Call:
     name: str
     module: nn.Module
     output: tuple[int, ...] | None  # shape, None if not a tensor
+    start: int = 0  # order of the call's start and end among all starts and ends
+    end: int = 0
+    input_tensor: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    output_tensor: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def is_leaf(self) -> bool:
+        return next(self.module.children(), None) is None
+
+    def contains(self, other: "Call") -> bool:
+        return self.start <= other.start and other.end <= self.end
 
 
 def trace_calls(model: nn.Module, batch: torch.Tensor) -> list[Call]:
-    """Run ``model(batch)`` and list every module call in execution order (leaves and containers)."""
+    """Run ``model(batch)`` and list every module call in order of its end (leaves and containers)."""
     calls: list[Call] = []
     names = {m: n for n, m in model.named_modules()}
+    clock, starts = iter(range(1 << 62)), []
+
+    def pre_hook(module, inputs):
+        starts.append((next(clock), next((t for t in inputs if isinstance(t, torch.Tensor)), None)))
 
     def hook(module, _inputs, output):
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-        calls.append(Call(names.get(module, "?"), module, shape))
+        start, first = starts.pop()
+        tensor = output if isinstance(output, torch.Tensor) else None
+        calls.append(Call(names.get(module, "?"), module, tuple(tensor.shape) if tensor is not None else None,
+                          start, next(clock), first, tensor))
 
-    handles = [m.register_forward_hook(hook) for m in names]
+    handles = [h for m in names for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook))]
     try:
         model(batch)
     finally:
@@ -86,58 +111,176 @@ def trace_calls(model: nn.Module, batch: torch.Tensor) -> list[Call]:
     return calls
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage output: the module's name and its stride (input pixels per unit)."""
+
+    name: str
+    stride: int
+
+
 def auto_layers(model: nn.Module, calls: list[Call]) -> list[str]:
     """Module names picked by the ``layers="auto"`` rule (see module docstring)."""
-    known = _known_architecture(model, "", calls)
+    stages = model_stages(model, calls)
+    if len(stages) > AUTO_LAYERS:
+        step = (len(stages) - 1) / (AUTO_LAYERS - 1)
+        stages = [stages[round(i * step)] for i in range(AUTO_LAYERS)]
+    elif len(stages) < AUTO_LAYERS:
+        warnings.warn(f"layers='auto': the model has {len(stages)} stage(s), not {AUTO_LAYERS}, so "
+                      f"tb-convviz logs all of them: {', '.join(s.name for s in stages)}. Pass "
+                      f"layers=[...] with module names to choose others.", stacklevel=4)
+    return [s.name for s in stages]
+
+
+def model_stages(model: nn.Module, calls: list[Call]) -> list[Stage]:
+    """All stages of ``model`` (see module docstring), from a trace of its forward pass."""
+    once = _called_once(calls)
+    candidates = [(model, "")]
     # A wrapper such as a LightningModule holding `self.model = resnet18()`.
-    children = [(n, m) for n, m in model.named_children() if next(m.parameters(), None) is not None]
-    if known is None and len(children) == 1:
-        known = _known_architecture(children[0][1], children[0][0] + ".", calls)
-    if known is not None:
-        return known
-    convs = _conv_positions(calls)
-    if not convs:
-        raise ValueError(
-            "layers='auto' found no nn.Conv2d in the model's forward; pass layers=[...] with module names"
-        )
-    if len(convs) > AUTO_LAYERS:
-        step = (len(convs) - 1) / (AUTO_LAYERS - 1)
-        convs = [convs[round(i * step)] for i in range(AUTO_LAYERS)]
-    return _after_convs(calls, convs)
+    children = [(m, n + ".") for n, m in model.named_children() if next(m.parameters(), None) is not None]
+    if len(children) == 1:
+        candidates += children
+    for net, prefix in candidates:
+        stages = _published(net, prefix, once) or _known_architecture(net, prefix, calls, once)
+        if stages:
+            return stages
+    stages = _traced(calls, _input_size(calls))
+    _refuse_non_convnets(stages, calls)
+    return stages
 
 
-def _known_architecture(model: nn.Module, prefix: str, calls: list[Call]) -> list[str] | None:
-    """Names for torchvision's AlexNet, VGG and ResNet layouts (``model`` is the root's ``prefix``), else None."""
-    kind = type(model).__name__
-    modules = dict(model.named_modules())
-    if kind == "AlexNet" and isinstance(getattr(model, "features", None), nn.Sequential):
-        return _after_convs(calls, _conv_positions(calls))  # call names are the root's already
-    if kind == "VGG" and isinstance(getattr(model, "features", None), nn.Sequential):
-        pools = [n for n, m in model.features.named_children() if isinstance(m, nn.MaxPool2d)]
-        if len(pools) == 5:
-            return [f"{prefix}features.{n}" for n in pools]
-    if all(n in modules for n in ("relu", "layer1", "layer2", "layer3", "layer4")):
-        return [prefix + n for n in ("relu", "layer1", "layer2", "layer3", "layer4")]
-    return None
-
-
-def _conv_positions(calls: list[Call]) -> list[int]:
-    return [i for i, c in enumerate(calls) if isinstance(c.module, nn.Conv2d)]
-
-
-def _after_convs(calls: list[Call], convs: list[int]) -> list[str]:
+def _called_once(calls: list[Call]) -> dict[str, Call]:
+    """The calls of modules that ran exactly once, by name, with a 4-D output."""
     counts: dict[str, int] = {}
     for c in calls:
         counts[c.name] = counts.get(c.name, 0) + 1
-    picked = []
-    for pos in convs:
-        conv = calls[pos]
-        choice = conv.name
-        for later in calls[pos + 1:]:
-            if isinstance(later.module, nn.Conv2d):
+    return {c.name: c for c in calls
+            if c.name and counts[c.name] == 1 and c.output is not None and len(c.output) == 4}
+
+
+def _stride(call: Call, size: tuple[int, int]) -> int:
+    return max(1, round(size[0] / call.output[2]))
+
+
+def _published(net: nn.Module, prefix: str, once: dict[str, Call]) -> list[Stage] | None:
+    """timm's ``feature_info`` (module names and reductions), if every listed module ran once, 4-D."""
+    info = getattr(net, "feature_info", None)
+    if not isinstance(info, list) or not info or not all(isinstance(d, dict) and "module" in d for d in info):
+        return None
+    stages = []
+    for entry in info:
+        name = prefix + entry["module"]
+        if name not in once or not isinstance(entry.get("reduction"), int):
+            return None
+        stage = Stage(name, entry["reduction"])
+        if stages and stages[-1].stride == stage.stride:
+            stages[-1] = stage  # the last of equal reductions ends the stage
+        else:
+            stages.append(stage)
+    return stages if all(a.stride < b.stride for a, b in zip(stages, stages[1:])) else None
+
+
+def _known_architecture(net: nn.Module, prefix: str, calls: list[Call],
+                        once: dict[str, Call]) -> list[Stage] | None:
+    """torchvision's AlexNet, VGG, ResNet and SqueezeNet layouts, else None."""
+    kind = type(net).__name__
+    features = getattr(net, "features", None)
+    names: list[str] = []
+    if kind == "AlexNet" and isinstance(features, nn.Sequential):
+        convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
+        names = [f"features.{i + 1}" for i in convs if isinstance(features[i + 1], nn.ReLU)]
+    elif kind == "VGG" and isinstance(features, nn.Sequential):
+        names = [f"features.{i}" for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
+    elif kind == "SqueezeNet" and isinstance(features, nn.Sequential):  # not its 1×1-conv classifier
+        inside = [c for c in calls if c.name.startswith(prefix + "features.")]
+        return _traced(inside, _input_size(calls)) or None
+    elif all(hasattr(net, n) for n in ("relu", "layer1", "layer2", "layer3", "layer4")):
+        names = ["relu", "layer1", "layer2", "layer3", "layer4"]
+    names = [prefix + n for n in names]
+    if not names or not all(n in once for n in names):
+        return None
+    size = _input_size(calls)
+    return [Stage(n, _stride(once[n], size)) for n in names]
+
+
+def _input_size(calls: list[Call]) -> tuple[int, int]:
+    root = max(calls, key=lambda c: c.end - c.start)  # the model's own call
+    return tuple(root.input_tensor.shape[-2:])
+
+
+def _spatial(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
+    """(h, w) of a 4-D shape with more than one position; None for 1×1 maps, vectors, tokens."""
+    if shape is None or len(shape) != 4 or shape[2] * shape[3] <= 1:
+        return None
+    return shape[2], shape[3]
+
+
+def _traced(calls: list[Call], size: tuple[int, int]) -> list[Stage]:
+    """Stages from the order of module calls for ``size`` inputs (see module docstring)."""
+    once = _called_once(calls)
+    leaves = sorted((c for c in calls if c.is_leaf), key=lambda c: c.start)
+    stages: list[Stage] = []
+    resolution, previous_end = size, -1
+    for leaf in leaves:
+        out = _spatial(leaf.output)
+        if out is None or not _downsampled(out, resolution):
+            continue
+        # The outermost block that starts the downsampling takes the stage's output as input.
+        for block in sorted((c for c in calls if c.contains(leaf) and c.start > previous_end), key=lambda c: c.start):
+            shape = _spatial(tuple(block.input_tensor.shape)) if block.input_tensor is not None else None
+            producer = _producer(block.input_tensor, once, previous_end, block.start)
+            if shape is not None and not _downsampled(shape, resolution) and shape <= resolution and producer:
+                stages.append(Stage(producer.name, _stride(producer, size)))
+                previous_end = producer.end
                 break
-            if isinstance(later.module, ACTIVATIONS) and counts[later.name] == 1 and later.output == conv.output:
-                choice = later.name
-                break
-        picked.append(choice)
-    return picked
+        resolution = out
+    # The last stage ends with the last spatial output, outside any block that downsamples it.
+    inner = _inside_resizing_blocks(calls)
+    last = [c for c in once.values() if c.start > previous_end and _spatial(c.output) is not None
+            and id(c) not in inner]
+    if last:
+        tail = max(last, key=lambda c: (c.end, -c.start))
+        if not stages or _stride(tail, size) > stages[-1].stride:
+            stages.append(Stage(tail.name, _stride(tail, size)))
+    return stages
+
+
+def _inside_resizing_blocks(calls: list[Call]) -> set[int]:
+    """ids of the calls inside a (named) module call whose output has another resolution."""
+    inner, open_calls = set(), []
+    for call in sorted(calls, key=lambda c: c.start):
+        while open_calls and open_calls[-1].end < call.start:
+            open_calls.pop()
+        if any(outer.name and _spatial(outer.output) != _spatial(call.output) for outer in open_calls):
+            inner.add(id(call))
+        open_calls.append(call)
+    return inner
+
+
+def _downsampled(shape: tuple[int, int], resolution: tuple[int, int]) -> bool:
+    return shape[0] <= resolution[0] * _DOWNSAMPLED or shape[1] <= resolution[1] * _DOWNSAMPLED
+
+
+def _producer(tensor: torch.Tensor, once: dict[str, Call], after: int, before: int) -> Call | None:
+    """The outermost module that output ``tensor`` within (after, before), or None."""
+    made = [c for c in once.values() if c.output_tensor is tensor and after < c.start and c.end < before]
+    return max(made, key=lambda c: (c.end, -c.start)) if made else None
+
+
+def _refuse_non_convnets(stages: list[Stage], calls: list[Call]) -> None:
+    """A clear error for models whose trunk works on tokens (transformers, MLPs), not feature maps."""
+    spatial = [c for c in calls if c.is_leaf and _spatial(c.output) is not None]
+    tokens = [c for c in calls if c.is_leaf and c.output is not None and len(c.output) == 3]
+    if stages and len(tokens) <= len(spatial):
+        return
+    model = type(max(calls, key=lambda c: c.end - c.start).module).__name__ if calls else "the model"
+    first_token = min((c.start for c in tokens), default=float("inf"))
+    maps = [c for c in spatial if c.start < first_token]
+    found = (f"its (N, C, H, W) feature maps end at {maps[-1].name!r} {maps[-1].output}"
+             if maps else "no module outputs an (N, C, H, W) feature map larger than 1×1")
+    if tokens:
+        found += f", and {len(tokens)} modules run on (N, L, C) token tensors, e.g. {tokens[-1].name!r}"
+    raise ValueError(
+        f"layers='auto' finds no ConvNet stages in {model}: {found} (a transformer or MLP?). "
+        f"tb-convviz ranks units of (N, C, H, W) or (N, F) outputs: pass layers=[...] with their "
+        f"module names from model.named_modules() to log them.")

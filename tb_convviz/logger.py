@@ -43,7 +43,7 @@ class ConvVizLogger:
     """Logs, at each checkpoint, the top-``k`` probe images of every unit of ``layers``.
 
     Writes into ``log_dir`` (or into ``writer``, a ``torch.utils.tensorboard.SummaryWriter``),
-    for TensorBoard's ConvViz tab. ``layers`` is ``"auto"`` (5 layers spread over the
+    for TensorBoard's ConvViz tab. ``layers`` is ``"auto"`` (the model's stages, 5 at most, spread over the
     depth) or module names. The schedule is ``every_n_steps``, an explicit ``steps``
     list, or ``total_steps`` (checkpoints dense early); by default 0, 1, 2, 5, 10, 20, ...
     Under ``torch.distributed`` each rank ranks its share of the probe set and rank 0 writes.

@@ -5,14 +5,14 @@ calls (``F.relu``, ``torch.cat``, ``x + y``, in-place ops) are followed as well 
 Each tensor derived from the input carries, per spatial axis, the field size ``r``, the jump
 ``j`` between neighbouring units and the centre ``c`` of unit 0, all in input pixels.
 Anything the walk cannot follow makes that layer fall back to the gradient method, which
-measures the field on the model itself with constant weights; nothing is guessed.
+measures the field on the model itself with constant weights; nothing is guessed. In both,
+a gate computed from a global pool (squeeze-excitation, ECA) scales the main path without
+widening its field, as published receptive-field tables count it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
@@ -33,8 +33,9 @@ _METHODS = ("auto", "analytic", "gradient")
 # touch its border; a field that still does at the largest size is reported as global.
 _SCALES = (1, 2, 4)
 _MAX_SIDE = 2048
-# How many of the most central triples of units the gradient method tries per input size.
-_TRIPLES = 4
+# How many units of the central diagonal the gradient method seeds per input size (one
+# image each), giving the triples of adjacent units it tries.
+_UNITS = 5
 
 _Axis = tuple[int, int, float]  # (size r, jump j, centre c of unit 0), in input pixels
 
@@ -46,9 +47,21 @@ class _Lost:
     op: str
 
 
+@dataclasses.dataclass(frozen=True)
+class _Map:
+    """A tensor with spatial positions: per spatial axis (r, j, c), and where those axes are.
+
+    ``dims`` counts from the end: (-2, -1) for (N, C, H, W), (-3, -2) for channels-last
+    (N, H, W, C) as ConvNeXt's blocks permute to.
+    """
+
+    axes: tuple[_Axis, _Axis]
+    dims: tuple[int, int] = (-2, -1)
+
+
 # Every element depends on the whole input (global pooling, or anything computed from it).
 _GLOBAL = "global"
-_State = Union[tuple[_Axis, _Axis], str, _Lost]
+_State = Union[_Map, str, _Lost]
 
 _POINTWISE = frozenset("""
     relu relu_ relu6 hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu selu_ celu celu_
@@ -64,8 +77,16 @@ _POINTWISE = frozenset("""
 _RESHAPES = frozenset("""
     view view_as reshape reshape_as flatten unflatten unsqueeze unsqueeze_ squeeze squeeze_
     expand expand_as repeat contiguous clone detach detach_ to type type_as float double half
-    bfloat16 cat concat concatenate chunk split tensor_split
+    bfloat16
 """.split())
+# Ops that join or cut tensors along one dimension, which must not be spatial.
+_JOINS = {"cat": 1, "concat": 1, "concatenate": 1, "chunk": 2, "split": 2, "tensor_split": 2}
+# A factor computed from a global pool scales the main path (squeeze-excitation, ECA, CBAM's
+# channel attention): the field stays the main path's, as published receptive-field tables do.
+_MULTIPLY = frozenset("mul mul_ __mul__ __rmul__ __imul__ div div_ __truediv__ __itruediv__".split())
+# Saturating activations become identity in the gradient method, where large sums would
+# otherwise sit on their flat parts and hide pixels the unit does depend on.
+_SATURATING = frozenset("relu6 hardtanh hardtanh_ hardswish clamp clamp_ clip clip_".split())
 # Ops along one dimension: (argument index, keyword, default, counted in the output's dims).
 _ALONG_DIM = {
     "stack": (1, "dim", 0, True), "unbind": (1, "dim", 0, False),
@@ -194,11 +215,13 @@ def _analytic(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, i
     x = torch.zeros(1, in_channels, *size, device=reference.device if reference is not None else None,
                     dtype=reference.dtype if reference is not None else None)
     walk = _Walk()
-    walk.track(x, ((1, 1, 0.0), (1, 1, 0.0)))
+    walk.track(x, _Map(((1, 1, 0.0), (1, 1, 0.0))))
     fields = {}
 
     def on_output(module, output):
         state = _GLOBAL if output.dim() == 2 else walk.state(output)
+        if isinstance(state, _Map) and state.dims != (-2, -1):
+            state = _Lost(f"{type(module).__name__} output in channels-last layout")
         fields[module] = _field(state or _Lost(f"{type(module).__name__} output"), size)
 
     with torch.no_grad(), walk:
@@ -211,7 +234,7 @@ def _field(state: _State, size: tuple[int, int]) -> ReceptiveField | _Lost:
         return state
     if state == _GLOBAL:
         return ReceptiveField.whole_input(*size)
-    (rh, jh, ch), (rw, jw, cw) = state
+    (rh, jh, ch), (rw, jw, cw) = state.axes
     return ReceptiveField(size=(rh, rw), stride=(jh, jw), offset=(ch, cw), method="analytic")
 
 
@@ -270,37 +293,63 @@ def _follow(name: str, args: tuple, kwargs: dict, tracked: list[tuple[torch.Tens
         return lost
     if all(s == _GLOBAL for s in states):
         return _GLOBAL
+    if name in _MULTIPLY:  # a gate from a global pool does not widen the field
+        tracked = [(t, s) for t, s in tracked if s != _GLOBAL]
+        states = [s for _, s in tracked]
     x = _arg(args, kwargs, 0, "input")
-    if name in _WINDOWED:
-        if len(tracked) != 1 or tracked[0][0] is not x or x.dim() < 3:
+    dims = {s.dims for s in states if isinstance(s, _Map)}
+    if len(dims) > 1:
+        return _Lost(f"{name} of tensors in different layouts")
+    layout = out_layout = dims.pop()
+    spatial = {x.dim() + d for d in layout} if isinstance(x, torch.Tensor) else set()
+    if name in _WINDOWED or name == "pad":
+        if len(tracked) != 1 or tracked[0][0] is not x or x.dim() < 3 or layout != (-2, -1):
             return _Lost(name)
+        if name == "pad":
+            pad = list(_arg(args, kwargs, 1, "pad"))
+            (rh, jh, ch), (rw, jw, cw) = states[0].axes
+            top = pad[2] if len(pad) >= 4 else 0
+            return _Map(((rh, jh, ch - top * jh), (rw, jw, cw - pad[0] * jw)))
         return _windowed(name, args, kwargs, states[0], x, outputs[0])
-    if name == "pad":
-        pad = list(_arg(args, kwargs, 1, "pad"))
-        if len(tracked) != 1 or tracked[0][0] is not x or x.dim() < 3:
+    if name == "permute":
+        order = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
+        order = [d % x.dim() for d in (order or kwargs["dims"])]
+        return _Map(states[0].axes, tuple(order.index(d) - x.dim() for d in sorted(spatial)))
+    if name in ("layer_norm", "linear"):  # over the last dims only
+        normalised = len(_arg(args, kwargs, 1, "normalized_shape")) if name == "layer_norm" else 1
+        if len(tracked) != 1 or tracked[0][0] is not x or min(layout) >= -normalised:
             return _Lost(name)
-        (rh, jh, ch), (rw, jw, cw) = states[0]
-        top = pad[2] if len(pad) >= 4 else 0
-        return (rh, jh, ch - top * jh), (rw, jw, cw - pad[0] * jw)
+        return _Map(states[0].axes, layout)
     dim = _arg(args, kwargs, 1, "dim")
     if name in _REDUCTIONS and not isinstance(dim, torch.Tensor):  # torch.max(a, b) is pointwise
-        dims, spatial = _dims(dim, x.dim()), {x.dim() - 2, x.dim() - 1}
-        if spatial <= dims:
+        reduced = _dims(dim, x.dim())
+        if spatial <= reduced:
             return _GLOBAL
-        if spatial & dims:
+        if spatial & reduced:
             return _Lost(name)
-    elif not (name in _POINTWISE or name in _RESHAPES or name in _REDUCTIONS
-              or _spatial_dims_kept(name, args, kwargs, outputs)):
+        if not _arg(args, kwargs, 2, "keepdim", False):  # dims after the spatial ones go away
+            out_layout = tuple(d + sum(1 for r in reduced if r > x.dim() + d) for d in layout)
+    elif name in _JOINS:
+        along = _arg(args, kwargs, _JOINS[name], "dim", 0)
+        if not all(isinstance(t, torch.Tensor) for t, _ in tracked) or {(along % t.dim()) - t.dim() for t, _ in tracked} & set(layout):
+            return _Lost(name)
+    elif name in _RESHAPES:
+        # Row-major reshapes keep positions whenever the sizes from the first spatial axis on are kept.
+        if any(o.dim() < -min(layout) or o.shape[min(layout):] != x.shape[min(layout):] for o in outputs):
+            return _Lost(name)
+    elif not (name in _POINTWISE or _spatial_dims_kept(name, args, kwargs, outputs, layout)):
         return _Lost(name)
     for tensor, state in tracked:
-        if state != _GLOBAL and (tensor.dim() < 3 or any(
-                o.dim() < 3 or o.shape[-2:] != tensor.shape[-2:] for o in outputs)):
+        if state != _GLOBAL and (tensor.dim() < -min(layout) or any(
+                o.dim() < -min(out_layout) or any(o.shape[d] != tensor.shape[e] for d, e in zip(out_layout, layout))
+                for o in outputs)):
             return _Lost(name)
-    return _merge(states)
+    return _merge(states, out_layout)
 
 
-def _spatial_dims_kept(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tensor]) -> bool:
-    """Whether an op that may touch any dimension leaves the last two (spatial) alone."""
+def _spatial_dims_kept(name: str, args: tuple, kwargs: dict, outputs: list[torch.Tensor],
+                       layout: tuple[int, int]) -> bool:
+    """Whether an op that may touch any dimension leaves the spatial ones alone."""
     x = args[0]
     if name in _ALONG_DIM:
         index, keyword, default, of_output = _ALONG_DIM[name]
@@ -308,13 +357,9 @@ def _spatial_dims_kept(name: str, args: tuple, kwargs: dict, outputs: list[torch
         dims = [_arg(args, kwargs, index, keyword, default)]
         if name in ("transpose", "swapaxes", "swapdims"):
             dims.append(_arg(args, kwargs, index + 1, keyword[:-1] + "1"))
-        return all(d is None or d % ndim < ndim - 2 for d in dims)
-    if name == "permute":
-        order = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
-        order = [d % x.dim() for d in (order or kwargs["dims"])]
-        return order[-2:] == [x.dim() - 2, x.dim() - 1]
+        return all(d is None or d % ndim - ndim not in layout for d in dims)
     if name == "__getitem__":
-        return _indexes_leading_dims(args[1], x.dim())
+        return layout == (-2, -1) and _indexes_leading_dims(args[1], x.dim())
     return False
 
 
@@ -340,19 +385,19 @@ def _dims(dim: Any, ndim: int) -> set[int]:
     return {d % ndim for d in ([dim] if isinstance(dim, int) else dim)}
 
 
-def _merge(states: list[_State]) -> _State:
+def _merge(states: list[_State], layout: tuple[int, int]) -> _State:
     """Union of the fields of the combined tensors (the largest, when they are nested)."""
     if any(s == _GLOBAL for s in states):
         return _GLOBAL
     axes = []
-    for per_axis in zip(*states):
+    for per_axis in zip(*(s.axes for s in states)):
         jumps = {j for _, j, _ in per_axis}
         if len(jumps) > 1:
             return _Lost("branches with different strides")
         low = min(c - (r - 1) / 2 for r, _, c in per_axis)
         high = max(c + (r - 1) / 2 for r, _, c in per_axis)
         axes.append((round(high - low) + 1, jumps.pop(), (low + high) / 2))
-    return tuple(axes)
+    return _Map(tuple(axes), layout)
 
 
 def _windowed(name: str, args: tuple, kwargs: dict, state: _State, x: torch.Tensor,
@@ -386,8 +431,8 @@ def _windowed(name: str, args: tuple, kwargs: dict, state: _State, x: torch.Tens
         padding = tuple(s // 2 for s in span)  # PyTorch puts the odd pixel on the far side
     else:
         padding = _pair(padding)
-    return tuple((r + e * j, j * s, c + (e / 2 - p) * j)
-                 for (r, j, c), e, s, p in zip(state, span, stride, padding))
+    return _Map(tuple((r + e * j, j * s, c + (e / 2 - p) * j)
+                      for (r, j, c), e, s, p in zip(state.axes, span, stride, padding)))
 
 
 def _arg(args: tuple, kwargs: dict, index: int, keyword: str, default: Any = None) -> Any:
@@ -408,10 +453,13 @@ def _gradient(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, i
               in_channels: int) -> dict[nn.Module, ReceptiveField]:
     """Measure fields as the support of central units' input gradients, with constant weights.
 
-    Positive weights, zero biases, normalisation as identity and max pooling as averaging
-    make every path from an input pixel to a unit count, so the support is the full field.
-    The model runs through ``torch.func.functional_call`` with stand-in parameters (in
-    float64, against underflow along deep paths), so it is never modified or copied.
+    Positive weights, zero biases, normalisation and saturating activations as identity and
+    max pooling as averaging make every path from an input pixel to a unit count, so the
+    support is the full field; gates from a global pool are held constant, as in the
+    analytic walk. The model runs through ``torch.func.functional_call`` with stand-in
+    parameters (in float64, against underflow along deep paths), so it is never modified or
+    copied. Each input size costs one forward of a batch of ``_UNITS`` images and one
+    backward per layer: image ``b`` seeds unit ``b`` of the central diagonal.
     """
     reference = next(_params_and_buffers(net), None)
     device = reference.device if reference is not None else torch.device("cpu")
@@ -424,7 +472,7 @@ def _gradient(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, i
         h, w = size[0] * scale, size[1] * scale
         if scale > 1 and max(h, w) > _MAX_SIDE:
             break
-        image = torch.ones(1, in_channels, h, w, device=device, dtype=dtype, requires_grad=True)
+        image = torch.ones(_UNITS, in_channels, h, w, device=device, dtype=dtype, requires_grad=True)
         outputs = {}
         with torch.enable_grad(), _Smoothed():
             _capture(lambda x: torch.func.functional_call(net, probe, (x,)), image.clone(),
@@ -436,6 +484,7 @@ def _gradient(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, i
                 del pending[module]
             else:
                 failures[module] = field
+        del outputs
         if not pending:
             break
     for module, name in pending.items():
@@ -467,29 +516,25 @@ def _probe_tensors(net: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def _measure(output: torch.Tensor, image: torch.Tensor) -> ReceptiveField | str:
-    """Field from the input gradients of three adjacent units along a diagonal, or why not.
+    """Field from the input gradients of adjacent units along the central diagonal, or why not.
 
-    Tries the most central triples of units first. The reasons for failing: "small" (fewer
+    Tries the most central triple of units first. The reasons for failing: "small" (fewer
     than 3x3 units), "clipped" (a field touches the input border), "irregular" (the fields
     are not translates of each other: padding or reflection inside the net reaches them, or
     the units lie on no grid, as after upsampling) and "independent" (a unit sees no input
     pixel). The first two and border effects go away on a larger input.
     """
     h, w = output.shape[-2:]
-    if min(h, w) < 3:
+    n = min(len(image), h, w)
+    if n < 3:
         return "small"
-    middle = ((h - 3) / 2, (w - 3) / 2)
-    near = [range(max(0, int(m) - 1), min(n - 2, int(m) + 3)) for m, n in zip(middle, (h, w))]
-    starts = sorted(itertools.product(*near),
-                    key=lambda s: abs(s[0] - middle[0]) + abs(s[1] - middle[1]))
-    boxes: dict[tuple[int, int], tuple[int, ...] | None] = {}
+    units = [((h - n) // 2 + i, (w - n) // 2 + i) for i in range(n)]
+    boxes = _unit_boxes(output, image, units)
+    starts = sorted(range(n - 2), key=lambda i: abs(i - (n - 3) / 2))
     reasons = set()
-    for y, x in starts[:_TRIPLES]:
-        units = [(y + i, x + i) for i in range(3)]
-        for unit in units:
-            if unit not in boxes:
-                boxes[unit] = _unit_box(output, image, *unit)
-        triple = [boxes[unit] for unit in units]
+    for first in starts:
+        triple = boxes[first:first + 3]
+        y, x = units[first]
         if None in triple:
             reasons.add("independent")
             continue
@@ -510,23 +555,38 @@ def _measure(output: torch.Tensor, image: torch.Tensor) -> ReceptiveField | str:
     return next(r for r in ("clipped", "irregular", "independent") if r in reasons)
 
 
-def _unit_box(output: torch.Tensor, image: torch.Tensor, y: int, x: int) -> tuple[int, ...] | None:
-    """(top, left, bottom, right) of the input pixels unit (y, x) depends on, or None."""
-    grad, = torch.autograd.grad(output[0, :, y, x].sum(), image, retain_graph=True)
-    hit = grad[0].ne(0).any(0)
-    rows, cols = hit.any(1).nonzero().flatten().tolist(), hit.any(0).nonzero().flatten().tolist()
-    return (rows[0], cols[0], rows[-1], cols[-1]) if rows else None
+def _unit_boxes(output: torch.Tensor, image: torch.Tensor,
+                units: list[tuple[int, int]]) -> list[tuple[int, ...] | None]:
+    """(top, left, bottom, right) of the input pixels each unit depends on (None if none).
+
+    One backward: unit ``b`` is seeded in image ``b`` of the batch, which no other image sees.
+    """
+    rows, cols = zip(*units)
+    batch = torch.arange(len(units), device=output.device)
+    seed = output[batch, :, torch.tensor(rows), torch.tensor(cols)].sum()
+    grad, = torch.autograd.grad(seed, image, retain_graph=True)
+    boxes = []
+    for hit in grad[:len(units)].ne(0).any(1):
+        ys, xs = hit.any(1).nonzero().flatten().tolist(), hit.any(0).nonzero().flatten().tolist()
+        boxes.append((ys[0], xs[0], ys[-1], xs[-1]) if ys else None)
+    return boxes
 
 
 class _Smoothed(TorchFunctionMode):
-    """Max pooling becomes averaging over the same windows; normalisation and dropout, identity."""
+    """Max pooling becomes averaging over the same windows; normalisation, dropout and
+    saturating activations, identity; gates (1×1 maps scaling larger ones), constants."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _NORMS or name in _DROPOUTS:
+        if name in _NORMS or name in _DROPOUTS or name in _SATURATING:
             # A copy, so that in-place ops after it cannot clobber tensors autograd saved.
             return _arg(args, kwargs, 0, "input").clone()
+        if name in _MULTIPLY and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
+            maps = [a for a in args if a.dim() >= 3 and a.shape[-2:] != (1, 1)]
+            if maps:
+                args = tuple(a.detach() if a.dim() >= 3 and a.shape[-2:] == (1, 1) else a for a in args)
+                return func(*args, **kwargs)
         match = _MAX_POOL.fullmatch(name)
         if match is None:
             return func(*args, **kwargs)

@@ -34,6 +34,10 @@ def watched(browser):
     w.context.close()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavy zoo checks (run by CI too); alone: pytest -m slow")
+
+
 @pytest.fixture(scope="session")
 def two_seeds(tmp_path_factory):
     """A log dir with two short real trainings of the demo net, runs ``seed0`` and ``seed1``."""

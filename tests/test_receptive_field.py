@@ -201,9 +201,14 @@ def test_fully_connected_and_globally_pooled_layers_see_the_whole_input():
     fields = receptive_fields(resnet, ["avgpool", "fc"], (64, 48))
     assert fields["fc"] == ReceptiveField.whole_input(64, 48)
     assert fields["avgpool"] == ReceptiveField.whole_input(64, 48)
-    # The gate sees the whole image, so the gated units do too.
-    assert receptive_field(nn.Sequential(SqueezeExcite()), "0", 32).method == "global"
-    assert receptive_field(nn.Sequential(SqueezeExcite()), "0", 32, method="gradient").method == "global"
+
+
+
+def test_a_gate_from_a_global_pool_does_not_widen_the_field():
+    # As published tables count them: the gated units see what the conv sees.
+    for method in ("analytic", "gradient"):
+        rf = receptive_field(nn.Sequential(SqueezeExcite()), "0", 32, method=method)
+        assert (rf.method, rf.size, rf.stride, rf.offset) == (method, (3, 3), (1, 1), (1.0, 1.0))
 
 
 def test_stops_before_a_head_that_fails_on_other_input_sizes():
@@ -285,3 +290,34 @@ def test_model_parameters_flags_gradients_and_rng_are_untouched(method):
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
     assert not any(m._forward_hooks for m in net.modules())
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7x7, permute to (N, H, W, C), LayerNorm and Linears, back, residual."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm, self.up, self.down = nn.LayerNorm(channels), nn.Linear(channels, 8), nn.Linear(8, channels)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.down(F.gelu(self.up(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+def test_channels_last_blocks_are_followed():
+    net = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), ChannelsLastBlock(), ChannelsLastBlock())
+    analytic = receptive_field(net, "2", 64, method="analytic")
+    assert (analytic.size, analytic.stride) == ((52, 52), (4, 4))
+    assert geometry(receptive_field(net, "2", 64, method="gradient")) == geometry(analytic)
+
+
+def test_gradient_method_sees_through_saturated_relu6():
+    # MobileNetV2's residual sums saturate ReLU6 under constant weights; it used to say that
+    # features.10 "does not depend on the input".
+    net = torchvision.models.mobilenet_v2(weights=None)
+    analytic = receptive_field(net, "features.10", 64, method="analytic")
+    measured = receptive_field(net, "features.10", 64, method="gradient")
+    assert measured.method == "gradient"
+    assert geometry(measured) == geometry(analytic)
