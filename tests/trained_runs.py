@@ -2,9 +2,9 @@
 
 Shared by the matching and tab tests through the session fixtures ``two_seeds`` and
 ``seeds_server`` of ``conftest.py`` (defined there so that a session trains once). The
-runs are small (32-px synthetic shapes, width-8 net, one epoch of 8 steps, 128 probe
-images) yet have the demo net's real receptive fields (7, 27, 51, 67, 83 px), which the
-layout tests need.
+runs are small (32-px synthetic shapes, width-8 net, 8 steps, 128 probe images) yet log
+the demo net's five conv layers with their real receptive fields (7, 27, 51, 67, 83 px),
+which the layout tests need.
 """
 
 from __future__ import annotations
@@ -20,18 +20,39 @@ SEEDS = (0, 1)
 PROBE = 128
 
 
-def train_seeds(root: pathlib.Path) -> None:
-    import torch
+LAYERS = [f"features.relu{i}" for i in range(1, 6)]
+STEPS = 8
 
+
+def train_seeds(root: pathlib.Path) -> None:
+    """Train the demo net for a few steps from each seed, logging its five conv layers at every step."""
+    import torch
+    import torch.nn.functional as F
+
+    from tb_convviz import ConvVizLogger, ProbeSet
     from tb_convviz.demo.data import load_data
     from tb_convviz.demo.model import DemoAlexNet
-    from tb_convviz.demo.train import train
 
     data = load_data("synthetic", size=32, limit=(512, PROBE))
+    # The same probe images for both seeds, so that the runs compare.
+    probe = ProbeSet.from_dataset(data.test, n=PROBE, seed=0, mean=data.mean, std=data.std, class_names=data.class_names)
     for seed in SEEDS:
         torch.manual_seed(seed)
-        train(DemoAlexNet(num_classes=len(data.class_names), width=8), data, root / f"seed{seed}",
-              epochs=1, batch_size=64, probe_size=PROBE, seed=seed)
+        model = DemoAlexNet(num_classes=len(data.class_names), width=8)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed))
+        with ConvVizLogger(model, probe, root / f"seed{seed}", layers=LAYERS, k=9, every_n_steps=1) as logger:
+            logger.maybe_log(0)
+            for step, (images, labels) in enumerate(loader, start=1):
+                model.train()
+                loss = F.cross_entropy(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                logger.maybe_log(step)
+                if step == STEPS:
+                    break
 
 
 @contextlib.contextmanager
