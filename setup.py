@@ -41,6 +41,8 @@ setup(
             "werkzeug>=2",
             "lightning>=2.0",
             "timm>=0.9",
+            # Checks that the convviz scalars are listed by a common third-party reader (pulls pandas).
+            "tbparse>=0.0.8",
         ],
     },
     entry_points={

@@ -80,7 +80,7 @@ def perturb(model) -> None:
 def timing(repeats: int) -> dict:
     model, probe = setup(1024)
     with tempfile.TemporaryDirectory() as log_dir:
-        logger = ConvVizLogger(model, probe, log_dir, k=9, batch_size=BATCH)
+        logger = ConvVizLogger(model, probe, log_dir, layers=DemoAlexNet.LOGGED_LAYERS, k=9, batch_size=BATCH)
         logger.log(0)  # first checkpoint: stores every winning image once
         plain_forward(model, probe)
         forward_s, checkpoint_s = [], []
@@ -103,7 +103,7 @@ def timing(repeats: int) -> dict:
 def memory(n: int, mode: str) -> int:
     model, probe = setup(n)
     with tempfile.TemporaryDirectory() as log_dir:
-        logger = ConvVizLogger(model, probe, log_dir, k=9, batch_size=BATCH)
+        logger = ConvVizLogger(model, probe, log_dir, layers=DemoAlexNet.LOGGED_LAYERS, k=9, batch_size=BATCH)
         if mode == "forward":
             return peak_extra(lambda: plain_forward(model, probe))
         return peak_extra(lambda: logger.log(0))

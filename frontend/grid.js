@@ -29,6 +29,11 @@ function changeChip(overlap, k, previousStep) {
   }, fresh ? `${fresh} new` : "same");
 }
 
+/** A unit whose activations were NaN or infinite at this checkpoint has no ranks to show. */
+export function notFiniteChip() {
+  return h("span", { class: "cv-chip cv-chip-dead", title: "NaN or infinite activations at this checkpoint: no ranks" }, "not finite");
+}
+
 export class GridView {
   constructor(app) {
     this.app = app;
@@ -161,11 +166,13 @@ export class GridView {
       tile.figure.setRecords(unit.records, { step, unit: unit.unit });
       this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, step, unit.unit, this.patch));
       tile.el.classList.toggle("cv-dead", unit.dead);
+      tile.el.classList.toggle("cv-not-finite", Boolean(unit.not_finite));
       tile.el.hidden = !passes(unit, filter);
       shown += !tile.el.hidden;
       fill(tile.meta,
         h("span", { class: "cv-unit" }, `#${unit.unit}`),
-        unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
+        unit.not_finite ? notFiniteChip()
+          : unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
           : changeChip(unit.overlap, layer.k, data.previous_step),
         h("span", { class: "cv-peak", title: "peak activation over the probe set" }, formatValue(unit.peak)),
       );
@@ -174,6 +181,7 @@ export class GridView {
       ? message("info", "No unit of this layer passes the filter", `at step ${step}. Choose "All units" to see every unit.`) : null);
     this.grid.append(...sortUnits(data.units, sort).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
     const dead = data.units.filter((u) => u.dead).length;
+    const notFinite = data.units.filter((u) => u.not_finite).length;
     const overlaps = data.units.map((u) => u.overlap).filter((o) => o != null);
     const mean = overlaps.length ? overlaps.reduce((a, b) => a + b, 0) / overlaps.length : null;
     fill(this.summary,
@@ -181,6 +189,7 @@ export class GridView {
       `${data.total_units} units · top-${layer.k} over ${run.probe?.n ?? "?"} probe images · `,
       mean == null ? "first checkpoint" : `${formatPercent(mean)} of top-${layer.k} kept since step ${data.previous_step}`,
       ` · ${dead} dead`,
+      notFinite ? ` · ${notFinite} not finite` : "",
     );
   }
 }

@@ -4,7 +4,7 @@ import { h, fill, message, formatValue, formatPercent } from "./dom.js";
 import { getJson, mosaicUrl, patchUrl, topk } from "./api.js";
 import { ImageFeed, MosaicFigure, mosaicGeometry, patchSizeFor, labelText, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
 import { unitJump, passes } from "./finder.js";
-import { sortUnits } from "./grid.js";
+import { sortUnits, notFiniteChip } from "./grid.js";
 import { showZoom } from "./zoom.js";
 
 const PATCH_PX = 64;
@@ -165,7 +165,7 @@ export class UnitView {
     return h("div", { class: "cv-card cv-unit-current" },
       h("h3", {}, `Top-${layer.k} at step ${checkpoint.step}`),
       h("div", { class: "cv-unit-current-body" },
-        h("button", {
+        checkpoint.not_finite ? h("div", { class: "cv-mosaic-frame" }, notFiniteChip()) : h("button", {
           type: "button", class: "cv-mosaic-frame", title: "Zoom: the patches large, at a size you pick (z)",
           onclick: () => this.zoom(checkpoint),
         }, figure.el),
@@ -173,7 +173,8 @@ export class UnitView {
           h("dt", {}, "Peak activation"), h("dd", {}, formatValue(peak)),
           h("dt", {}, "Kept since previous"), h("dd", {}, checkpoint.overlap == null ? "first checkpoint" : formatPercent(checkpoint.overlap)),
           h("dt", {}, "Top-1 image"), h("dd", {}, records[0] ? `#${records[0].image}${checkpoint.top1_changed ? " (new)" : ""}` : "–"),
-          h("dt", {}, "Status"), h("dd", {}, peak != null && peak > 0 ? "active" : "dead (no positive activation)"))));
+          h("dt", {}, "Status"), h("dd", {}, checkpoint.not_finite ? "not finite (NaN or infinite activations, no ranks)"
+            : peak != null && peak > 0 ? "active" : "dead (no positive activation)"))));
   }
 
   renderLabels(layer, checkpoint) {
@@ -206,6 +207,7 @@ export class UnitView {
           type: "button", class: "cv-evo-zoom", "aria-label": `Zoom the top-${layer.k} at step ${c.step}`,
           title: `Zoom: the top-${layer.k} at step ${c.step}, large`, onclick: () => this.zoom(c),
         }, "⤢")),
+      c.not_finite ? notFiniteChip() : null,
       records.map((r) => h("button", {
         type: "button", class: "cv-evo-patch", title: `${recordAlt(unit, c.step, r)}. Click: the whole probe image`,
         onclick: () => showProbeImage({ run: run.run, layer, step: c.step, unit, record: r }),

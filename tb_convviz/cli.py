@@ -104,7 +104,7 @@ def demo(args: argparse.Namespace) -> int:
             model, data, run_dir,
             epochs=args.epochs or (QUICK_EPOCHS if args.quick else DEMO_EPOCHS),
             probe_size=args.probe_size or (QUICK_PROBE if args.quick else DEMO_PROBE),
-            seed=args.seed,
+            seed=args.seed, layers=DemoAlexNet.LOGGED_LAYERS,
         )
         print(f"Test accuracy: {accuracy:.1%} on {len(data.test)} images", flush=True)
         if args.serve:

@@ -30,7 +30,8 @@ def grid_figure(run: Run, layer: str, step: int | None = None, units: list[int] 
     step = _check_step(run, info, step)
     units = list(range(min(info.units, 16))) if units is None else units
     records = run.topk(info.name, step)
-    cells = [(f"unit {u}", _mosaic(run, info, records, u, info.k, patch_size)) for u in units]
+    cells = [(f"unit {u}" + (" (not finite)" if records.not_finite[u] else ""),
+              _mosaic(run, info, records, u, info.k, patch_size)) for u in units]
     cols = math.ceil(math.sqrt(len(cells)))
     rows = [cells[i:i + cols] for i in range(0, len(cells), cols)]
     title = f"{_run_name(run)} · layer {info.index} ({info.name}) · step {step}"

@@ -28,16 +28,28 @@ WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 _DOWNSAMPLED = 0.75
 
 
+# Name prefixes of wrapped modules: DataParallel/DDP's `module.`, torch.compile's `_orig_mod.`.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel/DistributedDataParallel wrappers."""
-    while isinstance(model, WRAPPERS):
-        model = model.module
-    return model
+    """The module inside DataParallel/DistributedDataParallel and ``torch.compile`` wrappers.
+
+    A compiled model's eager module runs the probe pass: hooks see every layer, and
+    nothing is recompiled for it.
+    """
+    while True:
+        if isinstance(model, WRAPPERS):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def strip_prefix(name: str) -> str:
-    while name.startswith("module."):
-        name = name[len("module."):]
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
     return name
 
 
@@ -87,8 +99,8 @@ class Call:
         return self.start <= other.start and other.end <= self.end
 
 
-def trace_calls(model: nn.Module, batch: torch.Tensor) -> list[Call]:
-    """Run ``model(batch)`` and list every module call in order of its end (leaves and containers)."""
+def trace_calls(model: nn.Module, batch: torch.Tensor, call=None) -> list[Call]:
+    """Run ``model(batch)`` (or ``call(batch)``) and list every module call in order of its end."""
     calls: list[Call] = []
     names = {m: n for n, m in model.named_modules()}
     clock, starts = iter(range(1 << 62)), []
@@ -104,10 +116,13 @@ def trace_calls(model: nn.Module, batch: torch.Tensor) -> list[Call]:
 
     handles = [h for m in names for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook))]
     try:
-        model(batch)
+        (call or model)(batch)
     finally:
         for h in handles:
             h.remove()
+    root = max(calls, key=lambda c: c.end - c.start, default=None)
+    if root is not None and root.input_tensor is None:  # `call` passed a dict or several inputs
+        root.input_tensor = batch
     return calls
 
 
@@ -247,11 +262,16 @@ def _traced(calls: list[Call], size: tuple[int, int]) -> list[Stage]:
 
 def _inside_resizing_blocks(calls: list[Call]) -> set[int]:
     """ids of the calls inside a (named) module call whose output has another resolution."""
+    # The model, and a wrapper around all of it (a LightningModule's `self.model`, a module
+    # called through the logger's `forward=`), hold every leaf: they are not resizing blocks.
+    leaves = [c for c in calls if c.is_leaf] or calls
+    first, last = min(c.start for c in leaves), max(c.end for c in leaves)
     inner, open_calls = set(), []
     for call in sorted(calls, key=lambda c: c.start):
         while open_calls and open_calls[-1].end < call.start:
             open_calls.pop()
-        if any(outer.name and _spatial(outer.output) != _spatial(call.output) for outer in open_calls):
+        if any(outer.name and not (outer.start <= first and last <= outer.end)
+               and _spatial(outer.output) != _spatial(call.output) for outer in open_calls):
             inner.add(id(call))
         open_calls.append(call)
     return inner

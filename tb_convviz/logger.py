@@ -21,11 +21,12 @@ from tb_convviz import layers as layer_select
 from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
+from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward
 from tb_convviz.probe import ProbeSet
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.schedule import Schedule
-from tb_convviz.topk import TopK, TopKAccumulator, merge
+from tb_convviz.topk import TopK, TopKAccumulator, emptied, merge
 
 # Records store y and x as int16.
 MAX_FMAP_SIDE = 32767
@@ -46,6 +47,8 @@ class ConvVizLogger:
     for TensorBoard's ConvViz tab. ``layers`` is ``"auto"`` (the model's stages, 5 at most, spread over the
     depth) or module names. The schedule is ``every_n_steps``, an explicit ``steps``
     list, or ``total_steps`` (checkpoints dense early); by default 0, 1, 2, 5, 10, 20, ...
+    ``forward(model, images)`` calls a model that takes more than one tensor. The probe
+    pass runs in float32 (float64 models: float64) with autocast off, wherever it is called.
     Under ``torch.distributed`` each rank ranks its share of the probe set and rank 0 writes.
     """
 
@@ -63,6 +66,7 @@ class ConvVizLogger:
         steps: Iterable[int] | None = None,
         total_steps: int | None = None,
         device: torch.device | str | None = None,
+        forward: Forward | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -81,8 +85,8 @@ class ConvVizLogger:
         self.model, self.probe, self.k, self.batch_size = model, probe, k, batch_size
         self._net = layer_select.unwrap(model)
         self.device = torch.device(device) if device is not None else _device_of(self._net)
-        # Probe images follow the model's dtype, e.g. under Lightning's "16-true" precision.
-        self._dtype = next((p.dtype for p in self._net.parameters() if p.is_floating_point()), None)
+        self._forward = check_forward(forward)
+        self._call = ProbeCall(self._net, self._forward, self.device)
         self.schedule = Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)
         self.log_dir = os.fspath(log_dir) if log_dir is not None else _writer_log_dir(writer)
         self._user_writer = writer
@@ -121,6 +125,8 @@ class ConvVizLogger:
         self._seen_step, self._seen_version = -1, None
         self._state = _state_tensors(self._net)
         self._distributed = _world() > 1
+        self._warned_not_finite: set[str] = set()
+        self._warned_inputs = False
 
     # -- construction ---------------------------------------------------------------
 
@@ -128,11 +134,18 @@ class ConvVizLogger:
         _, sample = next(self.probe.batches(min(2, len(self.probe))))
         try:
             with preserved(self._net):
-                calls = layer_select.trace_calls(self._net, sample.to(self.device, self._dtype))
+                calls = layer_select.trace_calls(self._net, sample, call=self._call)
         except Exception as e:
+            if self._forward is not None:
+                raise ValueError(
+                    f"forward(model, images) failed on a probe batch of shape {tuple(sample.shape)} "
+                    f"({type(e).__name__}: {e}). It must call the model on `images`, a batch of any size "
+                    "(receptive fields use other input sizes too), building any other input from them."
+                ) from e
             raise ValueError(
                 f"the model failed on probe images of shape {tuple(sample.shape)} ({type(e).__name__}: {e}). "
-                "Pass probe images shaped and normalised exactly as the model's training input."
+                "Pass probe images shaped and normalised exactly as the model's training input, or "
+                "forward=lambda model, images: ... if the model takes more than one input."
             ) from e
         if isinstance(layers, str):
             if layers != "auto":
@@ -161,7 +174,9 @@ class ConvVizLogger:
 
     def _describe_layers(self) -> dict[str, plugin_data_pb2.LayerInfo]:
         channels, height, width = self.probe.shape
-        fields = receptive_fields(self._net, self.layers, input_size=(height, width), in_channels=channels)
+        with autocast_off(self.device.type):
+            fields = receptive_fields(self._net, self.layers, input_size=(height, width), in_channels=channels,
+                                      forward=self._forward)
         infos = {}
         for index, name in enumerate(self.layers, start=1):
             shape = self._shapes[name]
@@ -253,7 +268,7 @@ class ConvVizLogger:
             self._warn_order(step)
             return False
         try:
-            results = self._collect()
+            results, not_finite = self._collect()
         except Exception as e:
             self._failed("probe pass", f"the probe pass of the checkpoint at step {step} failed "
                          f"({type(e).__name__}: {e}); checkpoints are skipped until it works again")
@@ -262,6 +277,7 @@ class ConvVizLogger:
         self._last_step = step
         if _rank() != 0:
             return True
+        self._warn_not_finite(step, not_finite)
         try:
             self._write(step, results)
         except Exception as e:
@@ -287,7 +303,30 @@ class ConvVizLogger:
             )
             self._warned_order = True
 
-    def _collect(self) -> dict[str, TopK]:
+    def _warn_not_finite(self, step: int, not_finite: dict[str, torch.Tensor]) -> None:
+        for name, units in not_finite.items():
+            count = int(units.sum())
+            if count and name not in self._warned_not_finite:
+                self._warned_not_finite.add(name)
+                warnings.warn(
+                    f"convviz: layer {name!r}: {count} of {len(units)} units had NaN or infinite activations "
+                    f"at step {step} (has training diverged?). They are recorded as not finite, without "
+                    "ranks; later checkpoints do not repeat this warning for this layer.",
+                    ConvVizWarning, stacklevel=3,
+                )
+
+    def _check_inputs(self, first: int, batch: torch.Tensor) -> None:
+        if self._warned_inputs or not batch.is_floating_point():
+            return
+        bad = (~batch.isfinite()).flatten(1).any(dim=1).nonzero().flatten()
+        if len(bad):
+            self._warned_inputs = True
+            warnings.warn(
+                f"convviz: probe image(s) {(bad + first).tolist()[:8]} have NaN or infinite pixels; the units "
+                "whose activations they make non-finite are recorded as not finite", ConvVizWarning, stacklevel=4,
+            )
+
+    def _collect(self) -> tuple[dict[str, TopK], dict[str, torch.Tensor]]:
         rank, world = _rank(), _world()
         n = len(self.probe)
         # Ranks split whole batches of the single-process pass: a kernel's rounding can depend on
@@ -311,19 +350,29 @@ class ConvVizLogger:
         try:
             with preserved(self._net), _buffers_of_rank_0(self._net):
                 for first, batch in self.probe.batches(self.batch_size, start, stop):
+                    self._check_inputs(first, batch)
                     batch_state.update(first=first, seen=0)
                     try:
-                        self._net(batch.to(self.device, self._dtype, non_blocking=True))
+                        self._call(batch)
                     except _StopForward:
                         pass
         finally:
             for handle in handles:
                 handle.remove()
-        results = {}
+        results, not_finite = {}, {}
         for name, acc in accumulators.items():
-            topk = acc.result if acc.result is not None else TopK.empty(self._shapes[name][1], self.k, self.device)
-            results[name] = (_gather(topk, self.k) if world > 1 else topk).to("cpu")
-        return results
+            units = self._shapes[name][1]
+            topk = acc.result if acc.result is not None else TopK.empty(units, self.k, self.device)
+            bad = acc.not_finite if acc.not_finite is not None else torch.zeros(units, dtype=torch.bool,
+                                                                                  device=self.device)
+            if world > 1:
+                topk = _gather(topk, self.k)
+                bad = bad.to(torch.uint8)
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                bad = bad.bool()
+            not_finite[name] = bad.to("cpu")
+            results[name] = emptied(topk, bad).to("cpu")
+        return results, not_finite
 
     def _write(self, step: int, results: dict[str, TopK]) -> None:
         winners = set()
@@ -357,14 +406,19 @@ class ConvVizLogger:
         self._previous = images
 
     def _layer_scalars(self, name: str, values: np.ndarray, image: np.ndarray) -> dict[str, float]:
-        peak = values[:, 0]
+        # Not-finite units are neither dead nor counted in the means; a layer of only those
+        # gets a NaN mean peak (the Scalars dashboard shows the gap).
+        peak, finite = values[:, 0], ~metadata.not_finite(values, image)
         out = {
-            metadata.scalar_tag(name, "dead_fraction"): float(np.mean(~(peak > 0))),
-            metadata.scalar_tag(name, "mean_peak"): float(np.mean(np.where(np.isfinite(peak), peak, 0.0))),
+            metadata.scalar_tag(name, "dead_fraction"): float(np.mean(finite & ~(peak > 0))),
+            metadata.scalar_tag(name, "mean_peak"): float(np.mean(peak[finite])) if finite.any() else float("nan"),
         }
         previous = self._previous.get(name)
         if previous is not None and previous.shape == image.shape:
-            out[metadata.scalar_tag(name, "topk_overlap")] = metadata.topk_overlap(image, previous).mean().item()
+            both = finite & (previous >= 0).any(axis=1)
+            if both.any():
+                overlap = metadata.topk_overlap(image[both], previous[both]).mean().item()
+                out[metadata.scalar_tag(name, "topk_overlap")] = overlap
         return out
 
     def _open_writer(self) -> summary.EventWriter:

@@ -4,9 +4,13 @@ A convviz run is a TensorBoard log dir holding, per checkpoint step:
 
 * ``convviz/topk/<layer>`` (TENSOR): one DT_STRING scalar, the layer's top-k
   records packed as ``RECORD_DTYPE`` in ``[units, k]`` order (12 bytes each).
-  Its PluginData carries a ``LayerInfo``.
+  Its PluginData carries a ``LayerInfo``. A unit whose activations were NaN or
+  infinite on some probe image has no ranks: all its k records are value NaN,
+  image -1, y = x = -1 (format v2; an empty slot is value -inf, image -1).
 * ``convviz/<layer>/{topk_overlap,dead_fraction,mean_peak}`` (SCALAR, written
-  for the Scalars dashboard).
+  for the Scalars dashboard as ``simple_value``, as ``SummaryWriter.add_scalar``
+  does, so that ``EventAccumulator`` and tbparse list them too; a float32 tensor
+  before format v2).
 
 and, at steps of their own (a chunk counter that a writer never reuses):
 
@@ -34,7 +38,8 @@ from tb_convviz import plugin_data_pb2
 
 PLUGIN_NAME = "convviz"
 # Bump on changes an older reader would misread; keep in step with plugin_data.proto.
-# v2: probe chunks as one self-describing blob sequence (PROBE_CHUNK_TAG).
+# v2: probe chunks as one self-describing blob sequence (PROBE_CHUNK_TAG); not-finite
+# units (NaN records, see above; a v1 reader would call them dead); simple_value scalars.
 PROTO_VERSION = 2
 
 TOPK_TAG_PREFIX = "convviz/topk/"
@@ -148,6 +153,11 @@ def decode_records(payload: bytes, units: int, k: int) -> np.ndarray:
             f"top-k payload has {len(payload)} bytes, expected {expected} for {units} units x k={k}"
         )
     return np.frombuffer(payload, RECORD_DTYPE).reshape(units, k)
+
+
+def not_finite(values: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Per unit of ``[..., units, k]`` records, whether it is recorded as not finite (NaN, no image)."""
+    return np.isnan(values[..., 0]) & (image[..., 0] < 0)
 
 
 def topk_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -11,16 +12,26 @@ import torch
 # Images held in memory by ProbeSet.from_dataset up to this many bytes; larger
 # probe sets (e.g. a 50,000-image validation set) are read from the dataset per batch.
 IN_MEMORY_BYTES = 2 << 30
-# Images hashed into the fingerprint of a dataset-backed probe set.
+# Images hashed into the fingerprint of a dataset-backed probe set, and checked for display.
 FINGERPRINT_SAMPLES = 64
+# The display check warns when more than this fraction of sampled pixels is clipped, or when
+# the displayed images vary by less than this standard deviation (of the 0..1 display range).
+CLIPPED_FRACTION = 0.01
+CONSTANT_STD = 0.02
+
+
+class ProbeDisplayWarning(UserWarning):
+    """Probe images that would display badly (clipped, near-constant) or hold NaN/inf pixels."""
 
 
 class ProbeSet:
     """A fixed, ordered set of probe images, as fed to the model.
 
     ``images`` is an ``[N, C, H, W]`` tensor (already normalised for the model);
-    ``mean``/``std`` undo that normalisation for display. ``labels`` (length N)
-    and ``class_names`` are optional and only shown in the dashboard.
+    ``mean``/``std`` undo that normalisation for display. ``value_range`` is the
+    ``(low, high)`` of the de-normalised pixels; by default ``(0, 255)`` for integer
+    images or a mean above 1.5 (normalised from 0..255), else ``(0, 1)``. ``labels``
+    (length N) and ``class_names`` are optional and only shown in the dashboard.
     """
 
     def __init__(
@@ -30,6 +41,7 @@ class ProbeSet:
         class_names: Sequence[str] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        value_range: tuple[float, float] | None = None,
     ) -> None:
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"ProbeSet images must be a torch.Tensor [N, C, H, W], got {type(images).__name__}")
@@ -41,7 +53,8 @@ class ProbeSet:
         self._images = images.detach().cpu()
         self._dataset = None
         self._indices: list[int] = []
-        self._init_common(len(images), tuple(images.shape[1:]), labels, class_names, mean, std)
+        self._init_common(len(images), tuple(images.shape[1:]), labels, class_names, mean, std, value_range,
+                          images.dtype)
 
     @classmethod
     def from_dataset(
@@ -52,6 +65,7 @@ class ProbeSet:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         class_names: Sequence[str] | None = None,
+        value_range: tuple[float, float] | None = None,
     ) -> "ProbeSet":
         """``n`` images drawn without replacement (by ``seed``) from a dataset of (image, label) pairs."""
         if isinstance(dataset, torch.utils.data.DataLoader):
@@ -73,14 +87,14 @@ class ProbeSet:
             class_names = getattr(dataset, "classes", None) or getattr(dataset, "class_names", None)
         if n * first.numel() * first.element_size() <= IN_MEMORY_BYTES:
             pairs = [_image_label(dataset[i]) for i in indices]
-            return cls(torch.stack([p[0] for p in pairs]), [p[1] for p in pairs], class_names, mean, std)
+            return cls(torch.stack([p[0] for p in pairs]), [p[1] for p in pairs], class_names, mean, std, value_range)
         probe = cls.__new__(cls)
         probe._images, probe._dataset, probe._indices = None, dataset, indices
         labels = [_image_label(dataset[i])[1] for i in indices]
-        probe._init_common(n, tuple(first.shape), labels, class_names, mean, std)
+        probe._init_common(n, tuple(first.shape), labels, class_names, mean, std, value_range, first.dtype)
         return probe
 
-    def _init_common(self, n, shape, labels, class_names, mean, std) -> None:
+    def _init_common(self, n, shape, labels, class_names, mean, std, value_range, dtype) -> None:
         if n == 0:
             raise ValueError("the probe set is empty: pass at least one image (Zeiler & Fergus used ~50,000)")
         self.n, self.shape = n, shape
@@ -93,7 +107,9 @@ class ProbeSet:
         channels = shape[0]
         self.mean = _per_channel(mean, channels, "mean", 0.0)
         self.std = _per_channel(std, channels, "std", 1.0)
+        self.value_range = _value_range(value_range, dtype, self.mean)
         self.fingerprint = self._fingerprint()
+        self._check_display()
 
     def __len__(self) -> int:
         return self.n
@@ -120,11 +136,52 @@ class ProbeSet:
 
     def display(self, index: int) -> np.ndarray:
         """Probe image ``index`` de-normalised for display: uint8 ``[H, W, C]``."""
-        img = self.image(index).detach().to(torch.float32).cpu()
-        img = img * self.std.view(-1, 1, 1) + self.mean.view(-1, 1, 1)
-        if float(img.max()) > 1.5:  # already in 0..255
-            img = img / 255.0
-        return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+        shown = self._unit_range(self.image(index)).nan_to_num(0.0).clamp(0, 1)
+        return (shown * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+
+    def _unit_range(self, image: torch.Tensor) -> torch.Tensor:
+        # The same scale for every image, decided once: a per-image rule (say, "max above
+        # 1.5 means 0..255") turns a 0..1 image with one bright outlier near black.
+        low, high = self.value_range
+        image = image.detach().to(torch.float32).cpu() * self.std.view(-1, 1, 1) + self.mean.view(-1, 1, 1)
+        return (image - low) / (high - low)
+
+    def _samples(self) -> list[int]:
+        return sorted({int(i) for i in np.linspace(0, self.n - 1, min(self.n, FINGERPRINT_SAMPLES))})
+
+    def _check_display(self) -> None:
+        """Warn about NaN/inf pixels, and displays that would be clipped or near-constant."""
+        samples = self._samples()
+        if self._images is not None:
+            bad = [first + int(i) for first, batch in self.batches(256) if batch.is_floating_point()
+                   for i in (~batch.isfinite()).flatten(1).any(dim=1).nonzero().flatten()]
+        else:  # a dataset too large to scan at construction: its sample, and the logger checks each batch
+            bad = [i for i in samples if not self.image(i).isfinite().all()]
+        if bad:
+            warnings.warn(
+                f"ProbeSet: probe image(s) {_some(bad)} have NaN or infinite pixels. The model's activations "
+                "on them are then usually not finite, and every unit that sees such an activation is "
+                "recorded as 'not finite' instead of ranked. Replace the pixels (torch.nan_to_num) or "
+                "leave those images out.", ProbeDisplayWarning, stacklevel=4,
+            )
+        shown = torch.stack([self._unit_range(self.image(i)) for i in samples])
+        shown = shown[shown.isfinite()]
+        if shown.numel() == 0:
+            return
+        clipped = float(((shown < -0.02) | (shown > 1.02)).float().mean())
+        spread = float(shown.clamp(0, 1).std()) if shown.numel() > 1 else 0.0
+        low, high = self.value_range
+        how = (f"de-normalised with mean={self.mean.tolist()}, std={self.std.tolist()} and shown as "
+               f"{low:g}..{high:g}")
+        fix = ("pass the mean= and std= the images were normalised with, and value_range=(0, 255) for "
+               "images in 0..255")
+        if clipped > CLIPPED_FRACTION:
+            warnings.warn(f"ProbeSet: {clipped:.0%} of the sampled probe pixels fall outside the display "
+                          f"range ({how}), so the dashboard shows them clipped: {fix}",
+                          ProbeDisplayWarning, stacklevel=4)
+        elif spread < CONSTANT_STD:
+            warnings.warn(f"ProbeSet: the probe images would display as near-constant ({how}; pixel "
+                          f"std {spread:.3f} of the range): {fix}", ProbeDisplayWarning, stacklevel=4)
 
     def _fingerprint(self) -> str:
         # Full hash for in-memory sets; dataset-backed sets hash an evenly spaced
@@ -150,6 +207,25 @@ def _image_label(item) -> tuple[torch.Tensor, int]:
             f"dataset items must be tensors [C, H, W] (add transforms.ToTensor()), got {type(image).__name__}"
         )
     return image, int(label) if not isinstance(label, torch.Tensor) else int(label.item())
+
+
+def _value_range(value_range, dtype: torch.dtype, mean: torch.Tensor) -> tuple[float, float]:
+    if value_range is not None:
+        try:
+            low, high = (float(v) for v in value_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"value_range must be a (low, high) pair such as (0, 1) or (0, 255), "
+                             f"got {value_range!r}") from None
+        if not (np.isfinite(low) and np.isfinite(high) and high > low):
+            raise ValueError(f"value_range must have finite low < high, got {value_range!r}")
+        return low, high
+    if not dtype.is_floating_point or float(mean.abs().max()) > 1.5:
+        return 0.0, 255.0
+    return 0.0, 1.0
+
+
+def _some(indices: list[int], shown: int = 8) -> str:
+    return ", ".join(map(str, indices[:shown])) + (f", ... ({len(indices)} in all)" if len(indices) > shown else "")
 
 
 def _per_channel(values, channels: int, name: str, default: float) -> torch.Tensor:

@@ -55,13 +55,21 @@ class Probe:
 
 @dataclasses.dataclass(frozen=True)
 class TopKRecords:
-    """One layer's records at one step, each ``[units, k]``; y = x = -1 without a position."""
+    """One layer's records at one step, each ``[units, k]``; y = x = -1 without a position.
+
+    A unit whose activations were NaN or infinite has no ranks: values NaN, image -1.
+    """
 
     values: np.ndarray
     image: np.ndarray
     y: np.ndarray
     x: np.ndarray
     label: np.ndarray
+
+    @property
+    def not_finite(self) -> np.ndarray:
+        """``[units]`` bool: the units recorded as not finite at this step."""
+        return metadata.not_finite(self.values, self.image)
 
 
 class Run:
@@ -122,7 +130,10 @@ class Run:
         for value in event.summary.value:
             content = value.metadata.plugin_data.content if value.HasField("metadata") else None
             if value.metadata.plugin_data.plugin_name == "scalars" and value.tag.startswith("convviz/"):
-                self.scalars.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
+                # simple_value since format v2; a float32 tensor before.
+                scalar = value.simple_value if value.WhichOneof("value") == "simple_value" else \
+                    float(tensor_util.make_ndarray(value.tensor))
+                self.scalars.setdefault(value.tag, {})[event.step] = scalar
                 continue
             layer = metadata.layer_of_tag(value.tag)
             if layer is None and value.tag not in _PROBE_TAGS:

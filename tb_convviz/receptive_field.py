@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from tb_convviz import layers as layer_select
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
+from tb_convviz.model_call import Calling, Forward
 
 __all__ = ["receptive_field", "receptive_fields"]
 
@@ -118,20 +119,24 @@ class _Done(BaseException):
 
 
 def receptive_field(model: nn.Module, layer: str, input_size: int | Sequence[int], *,
-                    in_channels: int = 3, method: str = "auto") -> ReceptiveField:
+                    in_channels: int = 3, method: str = "auto",
+                    forward: Forward | None = None) -> ReceptiveField:
     """Receptive field of the units of ``layer`` (a module name) for inputs of ``input_size``."""
     return receptive_fields(model, [layer], input_size, in_channels=in_channels,
-                            method=method)[layer]
+                            method=method, forward=forward)[layer]
 
 
 def receptive_fields(model: nn.Module, layers: Iterable[str], input_size: int | Sequence[int], *,
-                     in_channels: int = 3, method: str = "auto") -> dict[str, ReceptiveField]:
+                     in_channels: int = 3, method: str = "auto",
+                     forward: Forward | None = None) -> dict[str, ReceptiveField]:
     """Receptive fields of several layers, from one trace of the model.
 
     ``method="auto"`` walks the graph analytically and measures by gradient only the layers
     the walk cannot follow; ``"analytic"`` raises for those instead; ``"gradient"`` measures
     every layer. Layers with 2-D (fully connected) outputs see the whole input. The model's
     parameters, buffers, gradients, train/eval flags and the RNG states are left untouched.
+    ``forward(model, images)`` calls a model that takes more than one tensor; it gets
+    small batches, at ``input_size`` and larger.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -140,12 +145,13 @@ def receptive_fields(model: nn.Module, layers: Iterable[str], input_size: int | 
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     net = layer_select.unwrap(model)
+    calling = Calling(net, forward)
     modules = dict(zip(layers, layer_select.resolve(net, layers).values()))
     names = {module: name for name, module in reversed(modules.items())}
     with preserved(net, no_grad=False):
         fields: dict[nn.Module, ReceptiveField | _Lost] = {}
         if method != "gradient":
-            fields = _analytic(net, names, size, in_channels)
+            fields = _analytic(net, calling, names, size, in_channels)
         lost = {m: name for m, name in names.items() if not isinstance(fields.get(m), ReceptiveField)}
         if method == "analytic" and lost:
             module, name = next(iter(lost.items()))
@@ -153,7 +159,7 @@ def receptive_fields(model: nn.Module, layers: Iterable[str], input_size: int | 
                 f"the analytic walk cannot follow the graph up to layer {name!r}: it stops at "
                 f"`{fields[module].op}`; use method='auto' to measure it by gradient instead")
         if lost:
-            fields.update(_gradient(net, lost, size, in_channels))
+            fields.update(_gradient(net, calling, lost, size, in_channels))
     return {name: fields[module] for name, module in modules.items()}
 
 
@@ -209,7 +215,7 @@ def _capture(run: Callable[[torch.Tensor], Any], x: torch.Tensor, names: Mapping
 # Analytic walk --------------------------------------------------------------------------
 
 
-def _analytic(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, int],
+def _analytic(net: nn.Module, calling: Calling, names: Mapping[nn.Module, str], size: tuple[int, int],
               in_channels: int) -> dict[nn.Module, ReceptiveField | _Lost]:
     reference = next((t for t in _params_and_buffers(net) if t.is_floating_point()), None)
     x = torch.zeros(1, in_channels, *size, device=reference.device if reference is not None else None,
@@ -225,7 +231,7 @@ def _analytic(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, i
         fields[module] = _field(state or _Lost(f"{type(module).__name__} output"), size)
 
     with torch.no_grad(), walk:
-        _capture(net, x, names, on_output)
+        _capture(calling, x, names, on_output)
     return fields
 
 
@@ -449,7 +455,7 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 # Gradient method ------------------------------------------------------------------------
 
 
-def _gradient(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, int],
+def _gradient(net: nn.Module, calling: Calling, names: Mapping[nn.Module, str], size: tuple[int, int],
               in_channels: int) -> dict[nn.Module, ReceptiveField]:
     """Measure fields as the support of central units' input gradients, with constant weights.
 
@@ -464,7 +470,7 @@ def _gradient(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, i
     reference = next(_params_and_buffers(net), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    probe = _probe_tensors(net, dtype)
+    probe = {f"net.{name}": t for name, t in _probe_tensors(net, dtype).items()}
     fields: dict[nn.Module, ReceptiveField] = {}
     failures: dict[nn.Module, str] = {}
     pending = dict(names)
@@ -475,7 +481,7 @@ def _gradient(net: nn.Module, names: Mapping[nn.Module, str], size: tuple[int, i
         image = torch.ones(_UNITS, in_channels, h, w, device=device, dtype=dtype, requires_grad=True)
         outputs = {}
         with torch.enable_grad(), _Smoothed():
-            _capture(lambda x: torch.func.functional_call(net, probe, (x,)), image.clone(),
+            _capture(lambda x: torch.func.functional_call(calling, probe, (x,)), image.clone(),
                      pending, outputs.__setitem__)
         for module, output in outputs.items():
             field = ReceptiveField.whole_input(*size) if output.dim() == 2 else _measure(output, image)

@@ -70,18 +70,17 @@ def probe_chunk_pb(
 
 
 def scalars_pb(values: dict[str, float]) -> summary_pb2.Summary:
-    """Scalars for the Scalars dashboard (plugin ``scalars``, data class SCALAR)."""
+    """Scalars as ``SummaryWriter.add_scalar`` writes them, for every reader of event files.
+
+    ``simple_value`` is what ``EventAccumulator.Scalars`` and tbparse list (they file a
+    tensor-valued scalar under tensors); the metadata names the Scalars dashboard.
+    """
     md = summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
         data_class=summary_pb2.DATA_CLASS_SCALAR,
     )
     return summary_pb2.Summary(
-        value=[
-            summary_pb2.Summary.Value(
-                tag=tag, metadata=md, tensor=tensor_util.make_tensor_proto(np.float32(v))
-            )
-            for tag, v in values.items()
-        ]
+        value=[summary_pb2.Summary.Value(tag=tag, metadata=md, simple_value=float(v)) for tag, v in values.items()]
     )
 
 

@@ -40,18 +40,21 @@ def spatial_max(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and unit, the maximum over space and its first raster position.
 
     ``activations`` is ``[B, C, ...]``; returns float32 values and int64 positions,
-    both ``[B, C]`` (positions -1 for ``[B, C]`` inputs).
+    both ``[B, C]`` (positions -1 for ``[B, C]`` inputs). max() returns the first maximal
+    index and propagates NaN, so a value is NaN or +inf if any activation of it was.
     """
     if activations.dim() == 2:
-        values = _nan_lowest(activations.float())
+        values = activations.float()
         return values, torch.full_like(values, -1, dtype=torch.int64)
-    # max() returns the first maximal index; it propagates NaN, which then ranks lowest.
     values, positions = activations.flatten(2).max(dim=2)
-    return _nan_lowest(values.float()), positions
+    return values.float(), positions
 
 
-def _nan_lowest(values: torch.Tensor) -> torch.Tensor:
-    return values.masked_fill(values.isnan(), float("-inf"))
+def emptied(topk: TopK, units: torch.Tensor) -> TopK:
+    """``topk`` with the rows of ``units`` (a bool mask) as not-finite records: value NaN, image and position -1."""
+    rows = units.to(topk.values.device).unsqueeze(1)
+    return TopK(topk.values.masked_fill(rows, float("nan")), topk.image.masked_fill(rows, -1),
+                topk.position.masked_fill(rows, -1))
 
 
 def merge(a: TopK, b: TopK, k: int | None = None) -> TopK:
@@ -72,15 +75,22 @@ class TopKAccumulator:
     """Accumulates a layer's top-k batch by batch, on the activations' device.
 
     Memory is ``O(units * (k + batch))`` whatever the number of probe images.
+    ``not_finite`` marks the units whose spatial maximum was NaN or infinite on some
+    image: their ranks mean nothing, so callers report them instead (see ``emptied``).
     """
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.result: TopK | None = None
+        self.not_finite: torch.Tensor | None = None
 
     def update(self, activations: torch.Tensor, first_image: int) -> None:
         """Add a batch whose images are ``first_image .. first_image + B - 1``."""
         values, positions = spatial_max(activations)
+        finite = values.isfinite()
+        bad = ~finite.all(dim=0)
+        self.not_finite = bad if self.not_finite is None else self.not_finite | bad
+        values = values.masked_fill(values.isnan(), float("-inf"))  # NaN ranks lowest, +inf highest
         batch, units = values.shape
         image = torch.arange(first_image, first_image + batch, device=values.device)
         candidates = TopK(values.t(), image.unsqueeze(0).expand(units, batch), positions.t())

@@ -16,6 +16,9 @@ class DemoAlexNet(nn.Module):
     ``width`` scales every layer's channel count.
     """
 
+    # The paper's layers 1..5; ``layers="auto"`` would take stages, and conv3..5 share one resolution.
+    LOGGED_LAYERS = [f"features.relu{i}" for i in range(1, 6)]
+
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32) -> None:
         super().__init__()
         c1, c2, c3, c4, c5 = width, 2 * width, 3 * width, 3 * width, 2 * width

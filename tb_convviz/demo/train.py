@@ -26,6 +26,7 @@ def train(
     probe_size: int = 1024,
     k: int = 9,
     seed: int = 0,
+    layers: str | list[str] = "auto",
 ) -> float:
     """Train ``model`` (already on its device) on ``data``; returns the final test accuracy.
 
@@ -45,7 +46,8 @@ def train(
         data.test, n=probe_size, seed=0, mean=data.mean, std=data.std, class_names=data.class_names,
     )
     writer = SummaryWriter(os.fspath(run_dir))
-    logger = ConvVizLogger(model, probe, writer=writer, k=min(k, len(probe)), total_steps=total_steps)
+    logger = ConvVizLogger(model, probe, writer=writer, layers=layers, k=min(k, len(probe)),
+                           total_steps=total_steps)
     step, test_accuracy = 0, float("nan")
     with writer, logger, tqdm(total=total_steps, unit="step", dynamic_ncols=True) as bar:
         checkpoints = int(logger.maybe_log(step))

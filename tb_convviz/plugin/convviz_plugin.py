@@ -480,9 +480,10 @@ def _records_json(row: np.ndarray, layer: Layer, probe: Probe) -> list[dict]:
 
 
 def _unit_summary(row: np.ndarray) -> dict:
+    not_finite = bool(metadata.not_finite(row["value"], row["image"]))
     values = row["value"][(row["image"] >= 0) & np.isfinite(row["value"])]
     peak = float(values.max()) if values.size else None
-    return {"peak": peak, "dead": not (peak is not None and peak > 0)}
+    return {"peak": peak, "dead": not not_finite and not (peak is not None and peak > 0), "not_finite": not_finite}
 
 
 def _number(value) -> float | None:
