@@ -78,6 +78,15 @@ def serve_rows(v: dict) -> list[tuple[str, str, str]]:
              f"cold {cold['p95']:.1f}, image plugin {base['p95']:.1f} ms")]
 
 
+def matching_rows(m: dict) -> list[tuple[str, str, str]]:
+    parts = [f"{r['units']} units {r['matched_ms']:.0f} ms (×{r['ratio']:.0f}, peak {r['peak_bytes'] / MIB:.1f} MiB)"
+             for r in m["results"]]
+    r = m["results"][-1]
+    return [("matching units across runs (`compare?match=1`) vs unit for unit", "—",
+             "; ".join(parts) + f"; mean overlap {r['mean_overlap_matched']:.0%} matched vs "
+             f"{r['mean_overlap_unit_for_unit']:.0%} unit for unit on shuffled, partly changed units")]
+
+
 def page_rows(out: dict | str) -> list[tuple[str, str, str]]:
     if isinstance(out, dict):
         figures = ", ".join(f"{k} {v}" for k, v in out.items() if k != "benchmark")
@@ -147,7 +156,7 @@ def worst_rows(w: dict) -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["overhead", "construction", "storage", "serve", "page", "scale", "worst",
+                        choices=["overhead", "construction", "storage", "serve", "matching", "page", "scale", "worst",
                                  "projections"])
     parser.add_argument("--serve_requests", type=int, default=200)
     parser.add_argument("--scale_checkpoints", type=int, nargs="+", default=[50, 200])
@@ -159,6 +168,7 @@ def main() -> None:
         ("storage", ["storage.py"], storage_rows),
         ("serve", ["serve.py", "--load_fast", "true", *requests], serve_rows),
         ("serve", ["serve.py", "--load_fast", "false", *requests], serve_rows),
+        ("matching", ["matching.py"], matching_rows),
         ("page", ["page.py"], page_rows),
         ("worst", ["worst_requests.py"], worst_rows),
         ("projections", ["projections.py", "--page"], projection_rows),

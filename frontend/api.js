@@ -82,9 +82,16 @@ export function clampSize(size) {
   return Math.min(limits.max_size, Math.max(limits.min_size, Math.round(size)));
 }
 
+/** The `size` to ask for to draw `css` CSS pixels sharply on this screen (2x on most laptops' screens). */
+export const screenSize = (css) => clampSize(css == null ? css : css * Math.min(window.devicePixelRatio || 1, 2));
+
+/**
+ * `size`: the CSS pixels a patch's longer side is drawn at. The API resamples each patch to
+ * that size (times the screen's pixel ratio), so every layer is drawn alike and sharp.
+ */
 export const mosaicUrl = (run, layer, step, unit, size) =>
-  routeUrl("mosaic", { run, layer, step, unit, size: clampSize(size) });
+  routeUrl("mosaic", { run, layer, step, unit, size: screenSize(size) });
 export const patchUrl = (run, layer, step, unit, rank, size) =>
-  routeUrl("patch", { run, layer, step, unit, rank, size: clampSize(size) });
+  routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size) });
 export const probeImageUrl = (run, layer, step, unit, rank, index) =>
   routeUrl("probe_image", { run, index, layer, step, unit, rank });

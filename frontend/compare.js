@@ -1,16 +1,26 @@
-// Compare: one layer at two checkpoints of a run, or at the same step of two runs. B is the
-// run and step the other views show; A, the reference, defaults to B's previous checkpoint.
+// Compare: one layer at two checkpoints of a run, or at two runs. B is the run and step the
+// other views show; A, the reference, defaults to B's previous checkpoint. Across runs, units
+// are matched one-to-one by the overlap of their top-k images (unit i of one seed is not
+// unit i of another); within a run that is a toggle, which shows units that swapped roles.
 
 import { h, fill, select, message, formatPercent } from "./dom.js";
 import { allUnits, mosaicUrl } from "./api.js";
-import { layerTabs, startMosaicGrid, fitImage, layerTitle } from "./widgets.js";
+import { layerTabs, startMosaicGrid, MosaicFigure, layerTitle, nearestStep, CHANGED_BELOW } from "./widgets.js";
 import { sortUnits } from "./grid.js";
-import { effectiveShow, projectionMosaicUrl, showToggle } from "./show.js";
+import { showZoom } from "./zoom.js";
+import { assignProjection, effectiveShow, showToggle } from "./show.js";
 
-const MOSAIC_PX = 104;
-// Units that keep fewer than half of their top-k images count as changed.
-const CHANGED_BELOW = 0.5;
-export const ORDERS = [["change", "Most changed first"], ["unit", "Unit index"]];
+const PATCH_PX = 36;
+export const ORDERS = [["change", "Least shared first"], ["unit", "Unit index"]];
+
+// The backend matches layers of at most this many units (http_api.md, `compare`).
+const MATCH_MAX_UNITS = 1024;
+
+/** Whether units are matched: as the state says, else across runs yes and within a run no. */
+export function matching(state, layer) {
+  if ((layer?.units ?? 0) > MATCH_MAX_UNITS) return false;
+  return (state.match ?? (state.other_run !== state.run ? "1" : "0")) === "1";
+}
 
 export class CompareView {
   constructor(app) {
@@ -19,6 +29,7 @@ export class CompareView {
     this.layerKey = null;
     this.tiles = new Map();
     this.feed = null;
+    this.data = null;
     this.tabs = h("div", { class: "cv-tabs-slot" });
     this.controls = h("div", { class: "cv-toolbar cv-compare-controls" });
     this.summary = h("p", { class: "cv-summary" });
@@ -35,29 +46,32 @@ export class CompareView {
     const { state, run, layer, runs } = this.app;
     const other = runs.find((r) => r.run === state.other_run) ?? run;
     const otherLayer = other.layers.find((l) => l.name === layer.name);
+    const match = matching(state, layer);
     fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
-    this.renderControls(run, layer, other, otherLayer);
+    this.renderControls(run, layer, other, otherLayer, match);
     const seq = ++this.seq;
     if (!otherLayer) {
       this.showError(`Run ${other.run} has no layer ${layer.name}`, "Pick another run for A, or a layer both runs logged.");
       return;
     }
-    const layerKey = JSON.stringify([run.run, other.run, layer.name, layer.units, effectiveShow(state.show, layer)]);
+    const layerKey = JSON.stringify([run.run, other.run, layer.name, layer.units, layer.k, effectiveShow(state.show, layer)]);
     if (layerKey !== this.layerKey) this.build(layer, layerKey);
     this.grid.setAttribute("aria-busy", "true");
     let data;
     try {
       data = await allUnits("compare", {
         run: other.run, layer: layer.name, step: state.other_step, other_run: run.run, other_step: state.step,
+        match: match ? 1 : 0,
       });
     } catch (e) {
       if (seq === this.seq) this.showError("Could not compare these checkpoints", e.message);
       return;
     }
     if (seq !== this.seq) return;
+    this.data = data;
     fill(this.notice);
     this.grid.hidden = false;
-    this.showUnits(layer, data, state.order);
+    this.showUnits(layer, otherLayer, data, state.order);
     await this.feed.settle();
     if (seq === this.seq) this.grid.setAttribute("aria-busy", "false");
   }
@@ -69,15 +83,19 @@ export class CompareView {
     this.grid.setAttribute("aria-busy", "false");
   }
 
-  renderControls(run, layer, other, otherLayer) {
+  renderControls(run, layer, other, otherLayer, match) {
     const { state, runs } = this.app;
     const runOptions = runs.map((r) => [r.run, r.run]);
     const stepOptions = (steps) => steps.map((s) => [s, `step ${s}`]);
+    const stepsOf = (name) => runs.find((r) => r.run === name)?.layers.find((l) => l.name === layer.name)?.steps ?? [];
     const side = (name, runSelect, stepSelect) =>
-      h("div", { class: "cv-compare-side" }, h("span", { class: "cv-side-badge" }, name), runSelect, stepSelect);
+      h("div", { class: "cv-compare-side" }, h("span", { class: `cv-side-badge cv-side-${name}` }, name), runSelect, stepSelect);
     fill(this.controls,
       side("A",
-        select(runOptions, other.run, (value) => this.app.navigate({ other_run: value }), { "aria-label": "Run A" }),
+        // A new run for A keeps A's step where that run has it, else takes the nearest one.
+        select(runOptions, other.run, (value) => this.app.navigate({
+          other_run: value, other_step: nearestStep(stepsOf(value), state.other_step),
+        }), { "aria-label": "Run A" }),
         select(stepOptions(otherLayer?.steps ?? []), state.other_step, (value) => this.app.navigate({ other_step: Number(value) }),
           { "aria-label": "Step A", disabled: !otherLayer })),
       h("button", {
@@ -85,8 +103,19 @@ export class CompareView {
         onclick: () => this.app.navigate({ run: other.run, step: state.other_step, other_run: run.run, other_step: state.step }),
       }, "⇄"),
       side("B",
-        select(runOptions, run.run, (value) => this.app.navigate({ run: value }), { "aria-label": "Run B" }),
+        select(runOptions, run.run, (value) => this.app.navigate({
+          run: value, step: nearestStep(stepsOf(value), state.step),
+        }), { "aria-label": "Run B" }),
         select(stepOptions(layer.steps), state.step, (value) => this.app.navigate({ step: Number(value) }), { "aria-label": "Step B" })),
+      h("label", {
+        class: "cv-field cv-toggle",
+        title: layer.units > MATCH_MAX_UNITS ? `Matching is limited to layers of ${MATCH_MAX_UNITS} units`
+          : "Pair each unit of A with the unit of B whose top-k images overlap most (one-to-one)",
+      },
+        h("input", {
+          type: "checkbox", checked: match, "aria-label": "Match units by top-k overlap", disabled: layer.units > MATCH_MAX_UNITS,
+          onchange: (e) => this.app.navigate({ match: e.target.checked ? "1" : "0" }),
+        }), "Match units"),
       h("label", { class: "cv-field" }, "Sort by",
         select(ORDERS, state.order, (order) => this.app.navigate({ order }), { "aria-label": "Sort units by" })),
       showToggle(layer, state.show, (show) => this.app.navigate({ show })),
@@ -94,64 +123,114 @@ export class CompareView {
   }
 
   build(layer, layerKey) {
-    startMosaicGrid(this, layer, layerKey, MOSAIC_PX);
+    startMosaicGrid(this, layer, layerKey, PATCH_PX);
+    // "both": each side's projections beside its patches.
+    const show = effectiveShow(this.app.state.show, layer);
     const tiles = [];
     for (let unit = 0; unit < layer.units; unit++) {
-      const mosaic = () => fitImage(h("img", { class: "cv-mosaic", alt: "", decoding: "async" }), MOSAIC_PX);
-      const a = mosaic();
-      const b = mosaic();
-      // "both": each side's projections under its patches.
-      const both = effectiveShow(this.app.state.show, layer) === "both";
-      const pa = both ? mosaic() : null;
-      const pb = both ? mosaic() : null;
+      const side = (name) => {
+        const figure = new MosaicFigure(layer, PATCH_PX);
+        const projection = show === "both" ? new MosaicFigure(layer, PATCH_PX) : null;
+        projection?.img.classList.add("cv-projection");
+        const label = h("span", { class: "cv-side-label" });
+        const button = h("button", {
+          type: "button", class: "cv-side-image", onclick: () => this.zoom(unit, name),
+        }, [figure, projection].filter(Boolean).map((f) => h("span", { class: "cv-tile-image" }, f.el)));
+        return { figure, projection, label, el: h("span", { class: `cv-side cv-side-${name}` }, label, button), button };
+      };
+      const a = side("A");
+      const b = side("B");
       const meta = h("span", { class: "cv-tile-meta" });
-      const el = h("button", {
-        type: "button", class: "cv-tile cv-pair", dataset: { unit: String(unit) },
-        title: `Unit ${unit}: open its evolution over training`,
-        onclick: () => this.app.navigate({ view: "unit", unit }),
-      }, h("span", { class: both ? "cv-pair-images cv-pair-both" : "cv-pair-images" },
-        [a, pa, b, pb].filter(Boolean).map((img) => h("span", { class: "cv-tile-image" }, img))), meta);
-      this.tiles.set(unit, { el, a, b, pa, pb, meta });
+      const el = h("div", { class: "cv-tile cv-pair", dataset: { unit: String(unit) } },
+        h("span", { class: "cv-pair-images" }, a.el, b.el), meta);
+      this.tiles.set(unit, { el, a, b, meta });
       tiles.push(el);
     }
+    this.grid.classList.toggle("cv-grid-both", show === "both");
     fill(this.grid, ...tiles);
   }
 
-  showUnits(layer, data, order) {
+  /** Zoom into one side of unit `unit`'s pair, outlining the images both sides share. */
+  zoom(unit, name) {
+    const { layer } = this.app;
+    const pair = this.data?.units.find((u) => u.unit === unit);
+    if (!pair) return;
+    const isA = name === "A";
+    const records = (isA ? pair.records : pair.other_records) ?? [];
+    showZoom({
+      run: isA ? this.data.run : this.data.other_run, layer, step: isA ? this.data.step : this.data.other_step,
+      unit: isA ? unit : pair.other_unit, records, highlight: isA ? pair.ranks : pair.other_ranks, side: name,
+    });
+  }
+
+  /** `otherLayer`: the layer in A's run (its projections may have been logged at other steps). */
+  showUnits(layer, otherLayer, data, order) {
     const k = layer.k;
+    const same = data.run === data.other_run;
     let changed = 0;
+    let moved = 0;
     for (const unit of data.units) {
       const tile = this.tiles.get(unit.unit);
       if (!tile) continue;
       const isChanged = unit.overlap != null && unit.overlap < CHANGED_BELOW;
+      const unique = data.matched && unit.overlap === 0;
+      const partner = unit.other_unit;
       changed += isChanged;
-      tile.a.alt = `Unit ${unit.unit}, top-${k} patches of ${data.run} at step ${data.step}`;
-      tile.b.alt = `Unit ${unit.unit}, top-${k} patches of ${data.other_run} at step ${data.other_step}`;
-      const show = effectiveShow(this.app.state.show, layer);
-      const url = show === "projection" ? projectionMosaicUrl : mosaicUrl;
-      this.feed.assign(tile.a, url(data.run, data.layer, data.step, unit.unit));
-      this.feed.assign(tile.b, url(data.other_run, data.layer, data.other_step, unit.unit));
-      if (tile.pa) this.feed.assign(tile.pa, projectionMosaicUrl(data.run, data.layer, data.step, unit.unit));
-      if (tile.pb) this.feed.assign(tile.pb, projectionMosaicUrl(data.other_run, data.layer, data.other_step, unit.unit));
-      tile.el.classList.toggle("cv-changed", isChanged);
+      moved += partner !== unit.unit;
+      this.showSide(tile.a, "A", data.run, otherLayer, data.step, unit.unit, unit.records, unit.ranks);
+      this.showSide(tile.b, "B", data.other_run, layer, data.other_step, partner, unit.other_records, unit.other_ranks);
+      tile.el.classList.toggle("cv-changed", isChanged && !data.matched);
+      tile.el.classList.toggle("cv-unique", unique);
+      tile.el.dataset.otherUnit = String(partner);
       const shared = unit.shared?.length ?? Math.round((unit.overlap ?? 0) * k);
       fill(tile.meta,
-        h("span", { class: "cv-unit" }, `#${unit.unit}`),
-        isChanged ? h("span", { class: "cv-chip cv-chip-changed", style: { "--change": String(1 - unit.overlap) } }, "changed") : null,
-        h("span", { class: "cv-overlap", title: `${shared} of its top-${k} images appear in both` },
+        unique ? h("span", { class: "cv-chip cv-chip-unique", title: "The one-to-one matching found no unit of B that shares one of its top-k images" }, "unique feature")
+          : isChanged && !data.matched ? h("span", { class: "cv-chip cv-chip-changed", style: { "--change": String(1 - unit.overlap) } }, "changed") : null,
+        same && partner !== unit.unit ? h("span", { class: "cv-chip cv-chip-moved", title: `Unit ${unit.unit} of A is matched with unit ${partner} of B` },
+          `#${unit.unit} ↔ #${partner}`) : null,
+        h("span", { class: "cv-overlap", title: `${shared} of their top-${k} images appear in both` },
           h("span", { class: "cv-meter", "aria-hidden": "true" }, h("span", { style: { width: formatPercent(unit.overlap ?? 0) } })),
           `${shared}/${k} shared`),
+        h("button", {
+          type: "button", class: "cv-button cv-open-unit", title: `Open unit ${partner} of B (${data.other_run}) over training`,
+          onclick: () => this.app.navigate({ view: "unit", unit: partner }),
+        }, "›"),
       );
     }
     this.grid.append(...sortUnits(data.units, order).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
-    const same = data.run === data.other_run;
+    const unique = data.units.filter((u) => u.overlap === 0).length;
     fill(this.summary,
       `${layerTitle(layer)}: `,
-      h("b", {}, same ? `step ${data.step}` : `${data.run} @ ${data.step}`), " vs ",
-      h("b", {}, same ? `step ${data.other_step}` : `${data.other_run} @ ${data.other_step}`),
-      ` · mean top-${k} overlap ${formatPercent(data.mean_overlap)} · `,
-      h("b", { class: "cv-accent" }, `${changed} of ${data.units.length} units changed`),
-      ` (fewer than ${formatPercent(CHANGED_BELOW)} of their top-${k} shared)`,
+      h("b", {}, "A ", same ? `step ${data.step}` : `${data.run} @ ${data.step}`), " vs ",
+      h("b", {}, "B ", same ? `step ${data.other_step}` : `${data.other_run} @ ${data.other_step}`),
+      data.matched
+        ? [` · units matched one-to-one by top-${k} overlap: mean ${formatPercent(data.mean_overlap)} shared`,
+          ` (unit for unit: ${formatPercent(data.unit_for_unit_mean_overlap)}) · `,
+          h("b", { class: "cv-accent" }, `${unique} unique features`), ` (their match in B shares no image)`,
+          same ? ` · ${moved} units matched to another index` : null]
+        : [` · unit for unit: mean top-${k} overlap ${formatPercent(data.mean_overlap)} · `,
+          h("b", { class: "cv-accent" }, `${changed} of ${data.units.length} units changed`),
+          ` (fewer than ${formatPercent(CHANGED_BELOW)} of their top-${k} shared)`],
+      ". Outlined patches: images in both top-k sets.",
     );
+  }
+
+  showSide(side, name, run, layer, step, unit, records, ranks) {
+    const at = { run, layer, step, unit, records: records ?? [], patch: PATCH_PX, highlight: ranks ?? [] };
+    side.figure.img.alt = `${name}: unit ${unit}, top patches of ${run} at step ${step}`;
+    if (effectiveShow(this.app.state.show, this.app.layer) === "projection") {
+      side.figure.img.alt = `${name}: unit ${unit}, projections of its top records in ${run} at step ${step}`;
+      assignProjection(this.feed, side.figure, at);
+    } else {
+      side.figure.setRecords(at.records, { highlight: at.highlight, step, unit });
+      this.feed.assign(side.figure.img, mosaicUrl(run, layer.name, step, unit, PATCH_PX));
+    }
+    if (side.projection) {
+      side.projection.img.alt = `${name}: unit ${unit}, projections of its top records in ${run} at step ${step}`;
+      assignProjection(this.feed, side.projection, at);
+    }
+    fill(side.label, h("b", {}, name), ` #${unit}`);
+    side.label.title = `${name}: ${run} at step ${step}, unit ${unit}`;
+    side.button.title = `${name}: unit ${unit} of ${run} at step ${step}. Click to zoom`;
   }
 }

@@ -2,11 +2,11 @@
 
 import { h, fill, select, message, formatValue, formatPercent } from "./dom.js";
 import { topk, mosaicUrl } from "./api.js";
-import { layerTabs, StepSlider, LAZY_UNITS, startMosaicGrid, fitImage, recordsAlt } from "./widgets.js";
-import { effectiveShow, hasProjection, projectionMosaicUrl, showToggle } from "./show.js";
+import { layerTabs, StepSlider, LAZY_UNITS, startMosaicGrid, MosaicFigure, recordsAlt, PATCH_SIZES, DEFAULT_PATCH } from "./widgets.js";
+import { unitJump, filterOptions, filterSelect, passes } from "./finder.js";
+import { showZoom } from "./zoom.js";
+import { assignProjection, effectiveShow, hasProjection, projectionMosaicUrl, showToggle } from "./show.js";
 import { FiltersPanel, filtersToggle } from "./filters.js";
-
-const TILE_PX = 128;
 export const SORTS = [["unit", "Unit index"], ["peak", "Peak activation"], ["change", "Change since previous"]];
 
 /** Order of units for a sort key; "change" puts the units that changed most first. */
@@ -46,15 +46,23 @@ export class GridView {
     this.slider = new StepSlider({ onChange: (step) => app.navigate({ step }) });
     this.tabs = h("div", { class: "cv-tabs-slot" });
     this.sort = select(SORTS, "unit", (sort) => app.navigate({ sort }), { "aria-label": "Sort units by" });
+    this.patchSize = select(PATCH_SIZES.map((s) => [s, `${s} px`]), DEFAULT_PATCH,
+      (value) => app.navigate({ patch: Number(value) === DEFAULT_PATCH ? null : Number(value) }), { "aria-label": "Patch size" });
+    this.finder = h("span", { class: "cv-finder" });
     this.summary = h("p", { class: "cv-summary" });
     this.notice = h("div", { class: "cv-notice" });
     this.showSlot = h("span", { class: "cv-show-slot" });
     this.filtersSlot = h("div", { class: "cv-filters-slot" });
     this.filters = null;
     this.grid = h("div", { class: "cv-grid", "aria-busy": "true", "aria-label": "Units" });
+    this.data = null;
     this.el = h("section", { class: "cv-view cv-grid-view" },
       this.tabs,
-      h("div", { class: "cv-toolbar" }, this.slider.el, h("label", { class: "cv-field" }, "Sort by", this.sort), this.showSlot),
+      h("div", { class: "cv-toolbar" }, this.slider.el,
+        h("label", { class: "cv-field" }, "Sort by", this.sort),
+        h("label", { class: "cv-field", title: "Patch size in the tiles; z or the magnifier opens a unit larger" }, "Patches", this.patchSize),
+        this.showSlot),
+      h("div", { class: "cv-toolbar cv-finder-bar" }, this.finder),
       this.filtersSlot, this.summary, this.notice, this.grid);
   }
 
@@ -82,8 +90,20 @@ export class GridView {
   onKey(event) {
     if (event.key === "ArrowLeft") this.slider.move(-1);
     else if (event.key === "ArrowRight") this.slider.move(1);
-    else return false;
+    else if (event.key === "g") this.finder.querySelector(".cv-unit-jump")?.focus();
+    else if (event.key === "z") {
+      // The tile under the pointer, else the focused one.
+      const tile = this.grid.querySelector(".cv-tile:hover") ?? document.activeElement?.closest(".cv-tile");
+      if (!tile) return false;
+      this.zoom(Number(tile.dataset.unit));
+    } else return false;
     return true;
+  }
+
+  zoom(unit) {
+    const { run, layer } = this.app;
+    const found = this.data?.units.find((u) => u.unit === unit);
+    if (found) showZoom({ run: run.run, layer, step: this.data.step, unit, records: found.records });
   }
 
   async update() {
@@ -91,9 +111,10 @@ export class GridView {
     fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
     this.slider.update(layer.steps, state.step);
     this.sort.value = state.sort;
+    this.patchSize.value = String(this.patch);
     fill(this.showSlot, showToggle(layer, state.show, (show) => this.app.navigate({ show })));
     const filtersShown = this.updateFilters(run, layer, state);
-    const layerKey = JSON.stringify([run.run, layer.name, layer.units, effectiveShow(state.show, layer)]);
+    const layerKey = JSON.stringify([run.run, layer.name, layer.units, layer.k, this.patch, effectiveShow(state.show, layer)]);
     if (layerKey !== this.layerKey) this.build(layer, layerKey);
     const seq = ++this.seq;
     this.grid.setAttribute("aria-busy", "true");
@@ -109,7 +130,11 @@ export class GridView {
     }
     if (seq !== this.seq) return;
     fill(this.notice);
-    this.showUnits(run, layer, data, state.sort);
+    this.data = data;
+    fill(this.finder,
+      unitJump(layer, (unit) => this.app.navigate({ view: "unit", unit })),
+      filterSelect(filterOptions(data.units, layer.k), state.filter ?? "", (filter) => this.app.navigate({ filter: filter || null })));
+    this.showUnits(run, layer, data, state.sort, state.filter);
     await Promise.all([this.feed.settle(), filtersShown]);
     if (seq !== this.seq) return;
     this.grid.setAttribute("aria-busy", "false");
@@ -120,55 +145,78 @@ export class GridView {
   prefetchNext(run, layer, step) {
     const next = layer.steps[layer.steps.indexOf(step) + 1];
     if (next === undefined || layer.units >= LAZY_UNITS) return;
+    const show = effectiveShow(this.app.state.show, layer);
+    const projected = show !== "patch" && hasProjection(layer, next);
     for (let unit = 0; unit < layer.units; unit++) {
-      const img = new Image();
-      img.fetchPriority = "low";
-      img.src = mosaicUrl(run.run, layer.name, next, unit);
+      const urls = [show !== "projection" && mosaicUrl(run.run, layer.name, next, unit, this.patch),
+        projected && projectionMosaicUrl(run.run, layer.name, next, unit, this.patch)];
+      for (const url of urls.filter(Boolean)) {
+        const img = new Image();
+        img.fetchPriority = "low";
+        img.src = url;
+      }
     }
   }
 
+  /** Pixels per patch in the tiles: the same for every layer, so deep layers are not drawn smaller. */
+  get patch() {
+    return this.app.state.patch ?? DEFAULT_PATCH;
+  }
+
   build(layer, layerKey) {
-    startMosaicGrid(this, layer, layerKey, TILE_PX);
+    startMosaicGrid(this, layer, layerKey, this.patch);
     const tiles = [];
     const show = effectiveShow(this.app.state.show, layer);
+    this.grid.classList.toggle("cv-grid-both", show === "both");
     for (let unit = 0; unit < layer.units; unit++) {
-      const img = fitImage(h("img", { class: "cv-mosaic", alt: `Unit ${unit}`, decoding: "async" }), TILE_PX);
-      // "both": the projections' mosaic beside the patches', as in Fig. 2.
-      const projection = show === "both"
-        ? fitImage(h("img", { class: "cv-mosaic cv-projection", alt: "", decoding: "async" }), TILE_PX) : null;
+      const figure = new MosaicFigure(layer, this.patch, { alt: `Unit ${unit}` });
+      // "both": the projections' mosaic beside the patches', at the same patch size, as in Fig. 2.
+      const projection = show === "both" ? new MosaicFigure(layer, this.patch) : null;
+      projection?.img.classList.add("cv-projection");
       const meta = h("span", { class: "cv-tile-meta" });
-      const el = h("button", {
-        type: "button", class: show === "both" ? "cv-tile cv-pair" : "cv-tile", dataset: { unit: String(unit) },
+      const open = h("button", {
+        type: "button", class: "cv-tile-open", title: `Unit ${unit}: open its evolution over training`,
         onclick: () => this.app.navigate({ view: "unit", unit }),
-      }, projection ? h("span", { class: "cv-pair-images" }, h("span", { class: "cv-tile-image" }, img),
-        h("span", { class: "cv-tile-image" }, projection)) : h("span", { class: "cv-tile-image" }, img), meta);
-      for (const image of [img, projection].filter(Boolean)) {
+      }, projection ? h("span", { class: "cv-pair-images" }, h("span", { class: "cv-tile-image" }, figure.el),
+        h("span", { class: "cv-tile-image" }, projection.el)) : h("span", { class: "cv-tile-image" }, figure.el), meta);
+      const el = h("div", { class: "cv-tile", dataset: { unit: String(unit) } }, open,
+        h("button", {
+          type: "button", class: "cv-zoom-button", title: "Zoom: the patches large, with their probe images (z)",
+          "aria-label": `Zoom unit ${unit}`, onclick: () => this.zoom(unit),
+        }, "⤢"));
+      for (const image of [figure.img, projection?.img].filter(Boolean)) {
         image.addEventListener("error", () => el.classList.add("cv-broken"));
         image.addEventListener("load", () => el.classList.remove("cv-broken"));
       }
-      this.tiles.set(unit, { el, img, projection, meta });
+      this.tiles.set(unit, { el, img: figure.img, figure, projection, meta });
       tiles.push(el);
     }
     fill(this.grid, ...tiles);
   }
 
-  showUnits(run, layer, data, sort) {
+  showUnits(run, layer, data, sort, filter) {
     const step = data.step;
+    let shown = 0;
     for (const unit of data.units) {
       const tile = this.tiles.get(unit.unit);
       if (!tile) continue;
       tile.img.alt = recordsAlt(unit.unit, step, unit.records);
       const show = effectiveShow(this.app.state.show, layer);
-      const projected = projectionMosaicUrl(run.run, layer.name, step, unit.unit);
-      this.feed.assign(tile.img, show === "projection" ? projected : mosaicUrl(run.run, layer.name, step, unit.unit));
+      const at = { run: run.run, layer, step, unit: unit.unit, records: unit.records, patch: this.patch };
+      if (show === "projection") assignProjection(this.feed, tile.figure, at);
+      else {
+        tile.figure.setRecords(unit.records, { step, unit: unit.unit });
+        this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, step, unit.unit, this.patch));
+      }
       if (tile.projection) {
-        tile.projection.alt = `Unit ${unit.unit} at step ${step}: projections of its top records`;
-        this.feed.assign(tile.projection, projected);
+        tile.projection.img.alt = `Unit ${unit.unit} at step ${step}: projections of its top records`;
+        assignProjection(this.feed, tile.projection, at);
       }
       tile.el.classList.toggle("cv-unprojected", show !== "patch" && !hasProjection(layer, step));
       tile.el.classList.toggle("cv-dead", unit.dead);
       tile.el.classList.toggle("cv-not-finite", Boolean(unit.not_finite));
-      tile.el.title = `Unit ${unit.unit}: open its evolution over training`;
+      tile.el.hidden = !passes(unit, filter);
+      shown += !tile.el.hidden;
       fill(tile.meta,
         h("span", { class: "cv-unit" }, `#${unit.unit}`),
         unit.not_finite ? notFiniteChip()
@@ -177,12 +225,15 @@ export class GridView {
         h("span", { class: "cv-peak", title: "peak activation over the probe set" }, formatValue(unit.peak)),
       );
     }
+    fill(this.notice, filter && !shown
+      ? message("info", "No unit of this layer passes the filter", `at step ${step}. Choose "All units" to see every unit.`) : null);
     this.grid.append(...sortUnits(data.units, sort).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
     const dead = data.units.filter((u) => u.dead).length;
     const notFinite = data.units.filter((u) => u.not_finite).length;
     const overlaps = data.units.map((u) => u.overlap).filter((o) => o != null);
     const mean = overlaps.length ? overlaps.reduce((a, b) => a + b, 0) / overlaps.length : null;
     fill(this.summary,
+      filter ? h("b", {}, `${shown} of ${data.total_units} units shown · `) : null,
       `${data.total_units} units · top-${layer.k} over ${run.probe?.n ?? "?"} probe images · `,
       mean == null ? "first checkpoint" : `${formatPercent(mean)} of top-${layer.k} kept since step ${data.previous_step}`,
       ` · ${dead} dead`,

@@ -4,13 +4,16 @@
 
 import { h, fill, select, message } from "./dom.js";
 import { getJson, setLimits } from "./api.js";
-import { readState, writeState, rememberState, forgetState } from "./state.js";
+import { readState, writeState, rememberState, forgetState, shareUrl } from "./state.js";
 import { GridView, SORTS } from "./grid.js";
-import { StabilityView } from "./stability.js";
+import { StabilityView, AGAINST } from "./stability.js";
 import { UnitView } from "./unit.js";
-import { CompareView, ORDERS } from "./compare.js";
+import { CompareView, ORDERS, matching } from "./compare.js";
 import { EvolutionGridView, ROW_ORDERS } from "./evolution_grid.js";
 import { SHOWS } from "./show.js";
+import { PATCH_SIZES, DEFAULT_PATCH, nearestStep, openDialog } from "./widgets.js";
+import { followTensorBoardTheme } from "./theme.js";
+import { showHelp } from "./help.js";
 
 const POLL_MS = 12000;
 const VIEWS = { grid: GridView, stability: StabilityView, unit: UnitView, compare: CompareView, evolution: EvolutionGridView };
@@ -37,11 +40,20 @@ class App {
     this.runSlot = h("div", { class: "cv-run-slot" });
     this.nav = h("nav", { class: "cv-nav", "aria-label": "Views" });
     this.live = h("span", { class: "cv-live", "aria-live": "polite" });
+    this.copyButton = h("button", {
+      type: "button", class: "cv-button cv-copy-link", title: "Copy an address that opens this exact view",
+      onclick: () => this.copyLink(),
+    }, "Copy link");
+    const helpButton = h("button", {
+      type: "button", class: "cv-button cv-help-button", title: "Keyboard shortcuts (?)", "aria-label": "Keyboard shortcuts",
+      onclick: () => showHelp(),
+    }, "?");
     this.banner = h("div", { class: "cv-banner" });
     this.main = h("main", { class: "cv-main" });
     fill(root,
       h("header", { class: "cv-header" },
-        h("span", { class: "cv-brand" }, "ConvViz"), this.runSlot, this.nav, h("span", { class: "cv-spacer" }), this.live),
+        h("span", { class: "cv-brand" }, "ConvViz"), this.runSlot, this.nav, h("span", { class: "cv-spacer" }), this.live,
+        this.copyButton, helpButton),
       this.banner, this.main);
   }
 
@@ -69,10 +81,13 @@ class App {
     const layer = run.layers.find((l) => l.name === state.layer) ?? run.layers[0];
     state.layer = layer?.name;
     const steps = layer?.steps ?? [];
-    if (!steps.includes(state.step)) state.step = steps.at(-1);
+    // An unknown step (another run's, or gone) becomes the nearest one this layer has.
+    if (!steps.includes(state.step)) state.step = nearestStep(steps, state.step);
     // Own keys only: a link's "toString" or "__proto__" must not pass for a view.
     if (typeof state.view !== "string" || !Object.hasOwn(VIEWS, state.view)) state.view = "grid";
     if (!SORTS.some(([key]) => key === state.sort)) state.sort = "unit";
+    if (!PATCH_SIZES.includes(state.patch) || state.patch === DEFAULT_PATCH) delete state.patch;
+    if (typeof state.filter !== "string" || !/^(dead|changed|class:-?[0-9]{1,9})$/.test(state.filter)) delete state.filter;
     if (state.view === "unit" && !(Number.isInteger(state.unit) && state.unit >= 0 && state.unit < (layer?.units ?? 0))) {
       state.view = "grid";
     }
@@ -104,13 +119,21 @@ class App {
       if (!otherSteps.includes(state.other_step)) {
         // By default: what changed since the previous checkpoint, or since the same step of the other run.
         const i = steps.indexOf(state.step);
-        const reference = other === run ? steps[i > 0 ? i - 1 : Math.min(1, steps.length - 1)] : state.step;
-        state.other_step = otherSteps.includes(reference) ? reference : otherSteps.at(-1);
+        const reference = Number.isInteger(state.other_step) ? state.other_step
+          : other === run ? steps[i > 0 ? i - 1 : Math.min(1, steps.length - 1)] : state.step;
+        state.other_step = nearestStep(otherSteps, reference);
       }
+      if (state.match !== "0" && state.match !== "1") delete state.match;
+      // Only a choice that differs from the default (matched across runs, not within one) is kept.
+      if (state.match && matching({ ...state, match: undefined }, layer) === (state.match === "1")) delete state.match;
     } else {
       delete state.other_run;
       delete state.other_step;
       delete state.order;
+      delete state.match;
+    }
+    if (state.view !== "stability" || !AGAINST.some(([key]) => key === state.against) || state.against === AGAINST[0][0]) {
+      delete state.against;
     }
     return state;
   }
@@ -189,8 +212,30 @@ class App {
   onKey(event) {
     const target = event.target;
     if (event.defaultPrevented || event.altKey || event.ctrlKey || event.metaKey) return;
-    if (target.closest?.("input, select, textarea, dialog")) return;
-    if (this.view?.onKey?.(event)) event.preventDefault();
+    if (target.closest?.("input, select, textarea, dialog") || document.querySelector("dialog[open]")) return;
+    if (event.key === "?") {
+      showHelp();
+    } else if (/^[1-9]$/.test(event.key) && this.run?.layers[Number(event.key) - 1]) {
+      const layer = this.run.layers[Number(event.key) - 1].name;
+      this.navigate({ layer, view: this.state.view === "stability" ? "grid" : this.state.view });
+    } else if (!this.view?.onKey?.(event)) {
+      return;
+    }
+    event.preventDefault();
+  }
+
+  /** Copy an address that restores this view in a fresh browser; show it when the clipboard refuses. */
+  async copyLink() {
+    const link = shareUrl(this.state);
+    this.copyButton.dataset.link = link;
+    try {
+      await navigator.clipboard.writeText(link);
+      this.live.textContent = "Link copied";
+    } catch {
+      const field = h("input", { type: "text", class: "cv-link-field", readonly: true, value: link, "aria-label": "Link to this view" });
+      openDialog({ title: "Link to this view" }, h("p", { class: "cv-caption" }, "Copy this address; it opens this exact view:"), field);
+      field.select();
+    }
   }
 
   schedulePoll() {
@@ -250,6 +295,7 @@ function loadStylesheet() {
 /** Called by TensorBoard's plugin_entry.html inside the ConvViz iframe. */
 export function render() {
   loadStylesheet();
+  followTensorBoardTheme();
   document.documentElement.lang ||= "en";
   document.title = "ConvViz";
   const app = new App(document.body);

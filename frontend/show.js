@@ -1,13 +1,16 @@
 // Patch, projection, or both (Zeiler & Fergus Fig. 2): the toggle, and the image URLs each choice shows.
 
 import { h } from "./dom.js";
-import { routeUrl } from "./api.js";
+import { routeUrl, screenSize } from "./api.js";
 
 export const SHOWS = [["patch", "Patches"], ["projection", "Projections"], ["both", "Both"]];
 export const NOT_LOGGED = "not logged in this run";
 
-export const projectionMosaicUrl = (run, layer, step, unit) => routeUrl("projection_mosaic", { run, layer, step, unit });
-export const projectionUrl = (run, layer, step, unit, rank) => routeUrl("projection", { run, layer, step, unit, rank });
+// `size`: CSS pixels per projection, as for `mosaicUrl`, so projections are drawn as large as the patches beside them.
+export const projectionMosaicUrl = (run, layer, step, unit, size) =>
+  routeUrl("projection_mosaic", { run, layer, step, unit, size: screenSize(size) });
+export const projectionUrl = (run, layer, step, unit, rank, size) =>
+  routeUrl("projection", { run, layer, step, unit, rank, size: screenSize(size) });
 export const rowUrl = (run, layer, unit, steps, kind, size) =>
   routeUrl("row", { run, layer, unit, steps: steps.join(","), kind, size });
 
@@ -38,4 +41,18 @@ export function showToggle(layer, show, onChange) {
     }, label)),
     logged ? h("span", { class: "cv-dim cv-show-rule", title: rule }, p.rule)
       : h("span", { class: "cv-dim cv-show-missing" }, `Projections: ${NOT_LOGGED}`));
+}
+
+/**
+ * Point `figure` (a MosaicFigure of `patch`-pixel cells) at a unit's projections at `step`: all k
+ * in the patches' layout where all were projected, else the top-1 alone in the first cell.
+ */
+export function assignProjection(feed, figure, { run, layer, step, unit, records, patch, highlight = [] }) {
+  const all = hasProjection(layer, step, 1);
+  const { pw, ph } = figure.geometry;
+  figure.img.style.width = all ? "" : `${pw}px`;
+  figure.img.style.height = all ? "" : `${ph}px`;
+  figure.setRecords(all ? records : records.filter((r) => r.rank === 0),
+    { highlight: all ? highlight : highlight.filter((rank) => rank === 0), step, unit });
+  feed.assign(figure.img, projectionMosaicUrl(run, layer.name, step, unit, patch));
 }

@@ -5,6 +5,25 @@ import { getJson } from "./api.js";
 import { lineChart } from "./chart.js";
 import { layerTitle } from "./widgets.js";
 
+// Which overlap curve to draw: with the latest checkpoint (default) or with the previous one.
+export const AGAINST = [["final", "Latest checkpoint"], ["previous", "Previous checkpoint"]];
+const CURVES = {
+  final: {
+    key: "final_overlap",
+    title: "Top-k overlap with the latest checkpoint",
+    caption: "Mean fraction of each unit's top-k probe images that are also in its top-k at the latest checkpoint: " +
+      "how far each layer has converged toward its current features (100% at the latest checkpoint by definition). " +
+      "In Zeiler & Fergus (Fig. 4) lower layers converge within a few epochs, higher ones much later.",
+  },
+  previous: {
+    key: "topk_overlap",
+    title: "Top-k overlap with the previous checkpoint",
+    caption: "Mean fraction of each unit's top-k probe images that were already in its top-k one checkpoint earlier. " +
+      "It depends on the schedule too: the gap between checkpoints grows during training, so later points compare " +
+      "states further apart. A layer whose line stays near 100% has settled.",
+  },
+};
+
 // A layer counts as settled from the first checkpoint after which its overlap stays at or above this.
 const SETTLED_OVERLAP = 0.8;
 
@@ -55,18 +74,24 @@ export class StabilityView {
     const maxDead = Math.max(0, ...layers.flatMap((l) => l.dead_fraction.filter((v) => v != null)));
     const deadMax = Math.min(1, Math.max(0.1, Math.ceil(maxDead * 10) / 10));
     const onPoint = (s, step) => openLayer(s.layer, step);
+    const against = this.app.state.against ?? AGAINST[0][0];
+    const curve = CURVES[against];
+    const toggle = h("div", { class: "cv-segmented", role: "radiogroup", "aria-label": "Overlap with" },
+      AGAINST.map(([key, label]) => h("button", {
+        type: "button", role: "radio", "aria-checked": String(key === against), class: "cv-segment",
+        onclick: () => this.app.navigate({ against: key }),
+      }, label)));
     const legend = h("div", { class: "cv-legend" }, layers.map((layer) =>
       h("button", { type: "button", class: `cv-legend-item ${seriesClass(layer)}`, onclick: () => openLayer(layer) },
         h("span", { class: "cv-swatch", "aria-hidden": "true" }), layerTitle(layer), h("span", { class: "cv-dim cv-name" }, layer.name))));
     return [
       h("div", { class: "cv-cards" },
         h("div", { class: "cv-card cv-card-wide" },
-          h("h2", {}, "Top-k overlap with the previous checkpoint"),
-          h("p", { class: "cv-caption" },
-            "Mean fraction of each unit's top-k probe images that were already in its top-k one checkpoint earlier. ",
-            "A layer whose line stays near 100% has settled; in Zeiler & Fergus (Fig. 4) lower layers settle within a few epochs, higher ones much later."),
+          h("div", { class: "cv-card-head" }, h("h2", {}, curve.title), h("span", { class: "cv-spacer" }),
+            h("span", { class: "cv-field" }, "Overlap with", toggle)),
+          h("p", { class: "cv-caption" }, curve.caption),
           lineChart({
-            series: series("topk_overlap"), title: "Top-k overlap with the previous checkpoint, per layer",
+            series: series(curve.key), title: `${curve.title}, per layer`,
             yFormat: formatPercent, xLabel: "step", onPoint,
           }),
           legend),
@@ -83,7 +108,7 @@ export class StabilityView {
 
   table(layers, openLayer) {
     return h("table", { class: "cv-table" },
-      h("thead", {}, h("tr", {}, ["Layer", "Units", "Overlap now", "Dead now", `Settled (≥ ${formatPercent(SETTLED_OVERLAP)})`]
+      h("thead", {}, h("tr", {}, ["Layer", "Units", "Overlap with previous, now", "Dead now", `Settled (≥ ${formatPercent(SETTLED_OVERLAP)})`]
         .map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, layers.map((layer) => {
         const info = this.app.run.layers.find((l) => l.name === layer.name);

@@ -1,16 +1,19 @@
-// View state lives in the iframe's URL hash, so it survives a reload and can be shared as a
-// link; the last state is also remembered for when TensorBoard recreates the iframe bare.
+// View state lives in the iframe's URL hash, so it survives a reload, and is mirrored into
+// TensorBoard's own address (`#convviz&cv.run=...`), so a copied address opens the same view.
+// The last state is also remembered for when TensorBoard recreates the iframe bare.
 
 const KEYS = ["view", "run", "layer", "step", "unit", "sort", "order", "other_run", "other_step", "expand",
-  "show", "rows", "count", "seed", "units", "cols", "filters", "filter_step"];
-const NUMBERS = new Set(["step", "unit", "other_step", "count", "seed", "filter_step"]);
+  "match", "against", "filter", "patch", "show", "rows", "count", "seed", "units", "cols", "filters", "filter_step"];
+const NUMBERS = new Set(["step", "unit", "other_step", "patch", "count", "seed", "filter_step"]);
 const STORAGE_KEY = "convviz.state";
+// TensorBoard's hash is `#<plugin>&key=value&...` (its tf_storage keeps unknown keys); ours are prefixed.
+const PARENT_PREFIX = "cv.";
+const PLUGIN = "convviz";
 
-function parse(text) {
-  const params = new URLSearchParams(text);
+function parse(params, prefix = "") {
   const state = {};
   for (const key of KEYS) {
-    const raw = params.get(key);
+    const raw = params.get(prefix + key);
     if (raw == null || raw === "") continue;
     if (NUMBERS.has(key)) {
       const n = Number(raw);
@@ -22,19 +25,47 @@ function parse(text) {
   return state;
 }
 
-function serialize(state) {
+function serialize(state, prefix = "") {
   const params = new URLSearchParams();
   for (const key of KEYS) {
-    if (state[key] != null && state[key] !== "") params.set(key, String(state[key]));
+    if (state[key] != null && state[key] !== "") params.set(prefix + key, String(state[key]));
   }
   return params.toString();
 }
 
-/** The state named by the hash, else the one last used in this browser. */
-export function readState() {
-  if (location.hash.length > 1) return parse(location.hash.slice(1));
+/** TensorBoard's window when the tab runs in its iframe (same origin), else null. */
+function tensorBoardWindow() {
   try {
-    return parse(localStorage.getItem(STORAGE_KEY) ?? "");
+    return window.parent !== window && window.parent.location.origin === location.origin ? window.parent : null;
+  } catch {
+    return null;  // a cross-origin embedder: the iframe's own hash still works
+  }
+}
+
+/** TensorBoard's hash split into its plugin and its other `&` components. */
+function parentHash(win) {
+  const parts = win.location.hash.slice(1).split("&").filter(Boolean);
+  const plugin = parts.length && !parts[0].includes("=") ? parts.shift() : "";
+  return { plugin, rest: parts.filter((p) => !p.startsWith(PARENT_PREFIX)) };
+}
+
+/** TensorBoard's address showing our tab in `state`, keeping its other hash components. */
+function parentUrl(win, state) {
+  const url = new URL(win.location.href);
+  url.hash = [PLUGIN, ...parentHash(win).rest, serialize(state, PARENT_PREFIX)].filter(Boolean).join("&");
+  return url.href;
+}
+
+/** The state named by the iframe's hash, else by TensorBoard's address, else the one last used here. */
+export function readState() {
+  if (location.hash.length > 1) return parse(new URLSearchParams(location.hash.slice(1)));
+  const parent = tensorBoardWindow();
+  if (parent) {
+    const found = parse(new URLSearchParams(parent.location.hash.slice(1)), PARENT_PREFIX);
+    if (Object.keys(found).length) return found;
+  }
+  try {
+    return parse(new URLSearchParams(localStorage.getItem(STORAGE_KEY) ?? ""));
   } catch {
     return {};  // storage can be disabled; the hash alone still works
   }
@@ -46,6 +77,13 @@ export function writeState(state) {
   const url = new URL(location.href);
   url.hash = serialize(state);
   if (url.href !== location.href) history.replaceState(null, "", url.href);
+  const parent = tensorBoardWindow();
+  // Only while our tab is the one shown: TensorBoard owns its hash otherwise.
+  if (parent && [PLUGIN, ""].includes(parentHash(parent).plugin)) {
+    const target = parentUrl(parent, state);
+    // replaceState fires no hashchange, so TensorBoard's router is not disturbed.
+    if (target !== parent.location.href) parent.history.replaceState(parent.history.state, "", target);
+  }
 }
 
 /** Remember `state` for a bare reload; call it only once the state has rendered. */
@@ -57,7 +95,16 @@ export function rememberState(state) {
   }
 }
 
-/** Forget the remembered state (it failed to render) and drop it from the hash. */
+/** An address that opens this exact view in a fresh browser: TensorBoard's own, when the tab is inside it. */
+export function shareUrl(state) {
+  const parent = tensorBoardWindow();
+  if (parent) return parentUrl(parent, state);
+  const url = new URL(location.href);
+  url.hash = serialize(state);
+  return url.href;
+}
+
+/** Forget the remembered state (it failed to render) and drop it from the hash, TensorBoard's too. */
 export function forgetState() {
   try {
     localStorage.removeItem(STORAGE_KEY);

@@ -1,12 +1,15 @@
 // Unit view (Zeiler & Fergus Fig. 4): one unit's top patches at every checkpoint.
 
 import { h, fill, message, formatValue, formatPercent } from "./dom.js";
-import { getJson, mosaicUrl, patchUrl } from "./api.js";
-import { ImageFeed, fitImage, labelText, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
-import { effectiveShow, hasProjection, projectionMosaicUrl, projectionUrl, showToggle } from "./show.js";
-import { notFiniteChip } from "./grid.js";
+import { getJson, mosaicUrl, patchUrl, topk } from "./api.js";
+import { ImageFeed, MosaicFigure, mosaicGeometry, patchSizeFor, labelText, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
+import { unitJump, passes } from "./finder.js";
+import { sortUnits, notFiniteChip } from "./grid.js";
+import { showZoom } from "./zoom.js";
+import { assignProjection, effectiveShow, hasProjection, projectionUrl, showToggle } from "./show.js";
 
 const PATCH_PX = 64;
+// The current checkpoint's mosaic is drawn to fill this square exactly, whatever the layer.
 const MOSAIC_PX = 224;
 const LAZY_PATCHES = 256;
 
@@ -15,6 +18,14 @@ function labelCounts(records) {
   const counts = new Map();
   for (const label of records.map(labelText)) if (label != null) counts.set(label, (counts.get(label) ?? 0) + 1);
   return counts.size ? [...counts].sort((a, b) => b[1] - a[1] || String(a[0]).localeCompare(String(b[0]))) : null;
+}
+
+/** Scroll the strip sideways so its selected checkpoint is in the middle (the page itself does not move). */
+function centerSelected(strip) {
+  const column = strip?.querySelector(".cv-evo-col.cv-selected");
+  if (!column) return;
+  const [s, c] = [strip.getBoundingClientRect(), column.getBoundingClientRect()];
+  strip.scrollLeft += c.left - s.left - (strip.clientWidth - c.width) / 2;
 }
 
 export class UnitView {
@@ -37,6 +48,19 @@ export class UnitView {
     const { layer, state } = this.app;
     if (event.key === "Escape") {
       this.app.navigate({ view: "grid" });
+      return true;
+    }
+    if (event.key === "z") {
+      this.zoom(this.current);
+      return true;
+    }
+    if (event.key === "g") {
+      this.head.querySelector(".cv-unit-jump")?.focus();
+      return true;
+    }
+    const unitDelta = { ArrowUp: -1, ArrowDown: 1 }[event.key];
+    if (unitDelta) {
+      this.moveUnit(unitDelta);
       return true;
     }
     const delta = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
@@ -68,6 +92,7 @@ export class UnitView {
     }
     if (seq !== this.seq) return;
     const current = evolution.checkpoints.find((c) => c.step === state.step) ?? evolution.checkpoints.at(-1);
+    this.current = current;
     this.feed?.disconnect();
     // Expanded, a long run has thousands of patches: then they load as they scroll into view.
     const expanded = state.expand === "1";
@@ -76,27 +101,57 @@ export class UnitView {
       h("div", { class: "cv-cards" }, this.renderCurrent(run, layer, unit, current), this.renderLabels(layer, current)),
       this.renderStrip(run, layer, unit, evolution.checkpoints, current, expanded),
     );
-    this.body.querySelector(".cv-evo-col.cv-selected")?.scrollIntoView({ block: "nearest", inline: "center" });
+    centerSelected(this.body.querySelector(".cv-evo-strip"));
     await this.feed.settle();
     if (seq === this.seq) this.body.setAttribute("aria-busy", "false");
   }
 
-  image(src, alt, box, className) {
-    const img = fitImage(h("img", { class: className, alt, decoding: "async" }), box);
+  /** An image whose box has its final `width` x `height` before it loads, so the layout never shifts. */
+  image(src, alt, { width, height }, cls = null) {
+    const img = h("img", { class: cls, alt, decoding: "async", width, height });
     this.feed.assign(img, src);
     return img;
   }
 
+  /** Open a checkpoint's top-k large. */
+  zoom(checkpoint) {
+    const { run, layer, state } = this.app;
+    if (checkpoint) showZoom({ run: run.run, layer, step: checkpoint.step, unit: state.unit, records: checkpoint.records });
+  }
+
+  /** Go `delta` units on in the grid's order: its sort, and only the units its filter shows. */
+  async moveUnit(delta) {
+    const { run, layer, state } = this.app;
+    let order = [...Array(layer.units).keys()];
+    if (state.filter || state.sort !== "unit") {
+      try {
+        const data = await topk(run.run, layer.name, state.step);
+        order = sortUnits(data.units, state.sort).filter((u) => passes(u, state.filter)).map((u) => u.unit);
+      } catch {
+        // without the layer's data, plain unit order still works
+      }
+    }
+    const i = order.indexOf(state.unit);
+    const next = i < 0 ? order.at(delta > 0 ? 0 : -1) : order[i + delta];
+    if (next != null && next !== state.unit) return this.app.navigate({ unit: next });
+  }
+
   renderHead(run, layer, unit) {
-    const go = (delta) => this.app.navigate({ unit: unit + delta });
+    const { state } = this.app;
+    const ordered = Boolean(state.filter) || state.sort !== "unit";
+    const order = ordered ? ` in the grid's order${state.filter ? ` (shown: ${state.filter})` : ""}` : "";
+    const go = (delta) => this.moveUnit(delta);
     fill(this.head,
       h("button", { type: "button", class: "cv-back", onclick: () => this.app.navigate({ view: "grid" }) },
         `← ${layerTitle(layer)} grid`),
       h("h2", {}, `Unit ${unit}`),
       h("span", { class: "cv-dim cv-unit-sub", title: layer.name }, `${layerTitle(layer)} · ${rfText(layer)} · top-${layer.k} · `,
         h("span", { class: "cv-name" }, layer.name)),
-      h("button", { type: "button", class: "cv-button", disabled: unit <= 0, onclick: () => go(-1) }, "‹ Previous unit"),
-      h("button", { type: "button", class: "cv-button", disabled: unit >= layer.units - 1, onclick: () => go(1) }, "Next unit ›"),
+      h("button", { type: "button", class: "cv-button", disabled: !ordered && unit <= 0, onclick: () => go(-1),
+        title: `Previous unit${order} (↑)` }, "‹ Previous unit"),
+      h("button", { type: "button", class: "cv-button", disabled: !ordered && unit >= layer.units - 1, onclick: () => go(1),
+        title: `Next unit${order} (↓)` }, "Next unit ›"),
+      unitJump(layer, (next) => this.app.navigate({ unit: next }), unit),
       fieldNote(layer),
       showToggle(layer, this.app.state.show, (show) => this.app.navigate({ show })),
     );
@@ -105,11 +160,14 @@ export class UnitView {
   renderCurrent(run, layer, unit, checkpoint) {
     const records = checkpoint.records;
     const peak = records[0]?.value;
+    const patch = patchSizeFor(layer, MOSAIC_PX);
+    const figure = new MosaicFigure(layer, patch, { alt: recordsAlt(unit, checkpoint.step, records) });
+    figure.setRecords(records, { step: checkpoint.step, unit });
     return h("div", { class: "cv-card cv-unit-current" },
       h("h3", {}, `Top-${layer.k} at step ${checkpoint.step}`),
       h("div", { class: "cv-unit-current-body" },
         checkpoint.not_finite ? h("div", { class: "cv-mosaic-frame" }, notFiniteChip())
-          : this.mosaics(run, layer, unit, checkpoint, records),
+          : this.mosaics(run, layer, unit, checkpoint, figure, patch),
         h("dl", { class: "cv-facts" },
           h("dt", {}, "Peak activation"), h("dd", {}, formatValue(peak)),
           h("dt", {}, "Kept since previous"), h("dd", {}, checkpoint.overlap == null ? "first checkpoint" : formatPercent(checkpoint.overlap)),
@@ -118,19 +176,26 @@ export class UnitView {
             : peak != null && peak > 0 ? "active" : "dead (no positive activation)"))));
   }
 
-  /** The patches' mosaic, the projections' mosaic, or both side by side (Fig. 2). */
-  mosaics(run, layer, unit, checkpoint, records) {
+  /** The patches' mosaic (`figure`), the projections' mosaic at the same patch size, or both side by side (Fig. 2). */
+  mosaics(run, layer, unit, checkpoint, figure, patch) {
     const show = effectiveShow(this.app.state.show, layer);
     const frames = [];
     if (show !== "projection") {
-      frames.push(h("div", { class: "cv-mosaic-frame" }, this.image(mosaicUrl(run.run, layer.name, checkpoint.step, unit),
-        recordsAlt(unit, checkpoint.step, records), MOSAIC_PX, "cv-mosaic")));
+      this.feed.assign(figure.img, mosaicUrl(run.run, layer.name, checkpoint.step, unit, patch));
+      frames.push(h("button", {
+        type: "button", class: "cv-mosaic-frame", title: "Zoom: the patches large, at a size you pick (z)",
+        onclick: () => this.zoom(checkpoint),
+      }, figure.el));
     }
     if (show !== "patch") {
-      frames.push(hasProjection(layer, checkpoint.step)
-        ? h("div", { class: "cv-mosaic-frame" }, this.image(projectionMosaicUrl(run.run, layer.name, checkpoint.step, unit),
-          `Unit ${unit} at step ${checkpoint.step}: ${layer.projections.rule} projections of its top records`, MOSAIC_PX, "cv-mosaic cv-projection"))
-        : h("p", { class: "cv-dim cv-no-projection" }, `No projections at step ${checkpoint.step}`));
+      const step = checkpoint.step;
+      if (hasProjection(layer, step)) {
+        const projection = new MosaicFigure(layer, patch,
+          { alt: `Unit ${unit} at step ${step}: ${layer.projections.rule} projections of its top records` });
+        projection.img.classList.add("cv-projection");
+        assignProjection(this.feed, projection, { run: run.run, layer, step, unit, records: checkpoint.records, patch });
+        frames.push(h("div", { class: "cv-mosaic-frame" }, projection.el));
+      } else frames.push(h("p", { class: "cv-dim cv-no-projection" }, `No projections at step ${step}`));
     }
     return frames;
   }
@@ -147,35 +212,42 @@ export class UnitView {
     return h("div", { class: "cv-card" }, h("h3", {}, `Classes of its top-${layer.k} images`), body);
   }
 
-  stripImages(run, layer, unit, step, record) {
+  stripImages(run, layer, unit, step, record, box) {
     const show = effectiveShow(this.app.state.show, layer);
     const images = [];
-    if (show !== "projection") images.push(this.image(patchUrl(run.run, layer.name, step, unit, record.rank), recordAlt(unit, step, record), PATCH_PX));
+    if (show !== "projection") images.push(this.image(patchUrl(run.run, layer.name, step, unit, record.rank, PATCH_PX), recordAlt(unit, step, record), box));
     if (show !== "patch") {
       images.push(hasProjection(layer, step, record.rank)
-        ? this.image(projectionUrl(run.run, layer.name, step, unit, record.rank), `Projection of ${recordAlt(unit, step, record)}`, PATCH_PX, "cv-projection")
+        ? this.image(projectionUrl(run.run, layer.name, step, unit, record.rank, PATCH_PX), `Projection of ${recordAlt(unit, step, record)}`, box, "cv-projection")
         : h("span", { class: "cv-dim cv-no-projection", title: "this record was not projected at this step" }, "–"));
     }
     return images;
   }
 
   renderStrip(run, layer, unit, checkpoints, current, expanded) {
+    const { pw, ph } = mosaicGeometry(layer, PATCH_PX);
+    const patchBox = { width: pw, height: ph };
     const columns = checkpoints.map((c) => {
       const records = expanded ? c.records : c.records.slice(0, 1);
       return h("li", {
         class: ["cv-evo-col", c.top1_changed && "cv-changed", c === current && "cv-selected"].filter(Boolean).join(" "),
         dataset: { step: String(c.step) },
       },
-      h("button", {
-        type: "button", class: "cv-evo-step", "aria-label": `Select step ${c.step}`,
-        onclick: () => this.app.navigate({ step: c.step }),
-      }, c.top1_changed ? h("span", { class: "cv-marker", title: "top-1 image changed" }, "●") : null, String(c.step)),
+      h("span", { class: "cv-evo-head" },
+        h("button", {
+          type: "button", class: "cv-evo-step", "aria-label": `Select step ${c.step}`,
+          onclick: () => this.app.navigate({ step: c.step }),
+        }, c.top1_changed ? h("span", { class: "cv-marker", title: "top-1 image changed" }, "●") : null, String(c.step)),
+        h("button", {
+          type: "button", class: "cv-evo-zoom", "aria-label": `Zoom the top-${layer.k} at step ${c.step}`,
+          title: `Zoom: the top-${layer.k} at step ${c.step}, large`, onclick: () => this.zoom(c),
+        }, "⤢")),
       c.not_finite ? notFiniteChip() : null,
       records.map((r) => h("button", {
-        type: "button", class: "cv-evo-patch", title: "Show the whole probe image",
+        type: "button", class: "cv-evo-patch", title: `${recordAlt(unit, c.step, r)}. Click: the whole probe image`,
         onclick: () => showProbeImage({ run: run.run, layer, step: c.step, unit, record: r }),
       },
-      this.stripImages(run, layer, unit, c.step, r),
+      this.stripImages(run, layer, unit, c.step, r, patchBox),
       h("span", { class: "cv-evo-value" }, formatValue(r.value)))));
     });
     const changes = checkpoints.filter((c) => c.top1_changed).length;
@@ -189,7 +261,8 @@ export class UnitView {
           type: "button", class: "cv-button", "aria-pressed": String(expanded),
           onclick: () => this.app.navigate({ expand: expanded ? null : "1" }),
         }, expanded ? "Show top-1 only" : `Show top-${layer.k}`)),
-      h("p", { class: "cv-caption" }, "Click a patch to see the whole probe image with the unit's receptive field; click a step to select it."),
+      h("p", { class: "cv-caption" }, "Click a patch to see the whole probe image with the unit's receptive field; click a step to select it, ⤢ to zoom its top-",
+        String(layer.k), ". Keys: ← → checkpoints, ↑ ↓ units, z zoom."),
       h("ol", { class: "cv-evo-strip", "aria-label": `Unit ${unit} over training` }, columns));
   }
 }

@@ -1,6 +1,6 @@
 // Pieces shared by the views: layer tabs, the checkpoint slider, image sizing, lazy images.
 
-import { h, formatValue } from "./dom.js";
+import { h, fill, formatValue } from "./dom.js";
 import { probeImageUrl } from "./api.js";
 
 const PLAY_PAUSE_MS = 450;
@@ -102,12 +102,12 @@ export class StepSlider {
 
 /**
  * Display scale for an image of `natural` pixels in a box of `box` CSS pixels: small images
- * (layer-1 patches are a few pixels wide) grow by a whole factor so every pixel stays a crisp
- * square; large ones shrink to fit.
+ * grow by a whole factor so every pixel stays a crisp square, never past the box; large ones
+ * shrink to fit.
  */
 export function fitScale(natural, box) {
   if (!natural) return 1;
-  return natural >= box * 0.75 ? Math.min(1, box / natural) : Math.round(box / natural);
+  return natural >= box * 0.75 ? Math.min(1, box / natural) : Math.max(1, Math.floor(box / natural));
 }
 
 /** Size `img` for `box` once its real size is known, and mark it for pixelated upscaling. */
@@ -123,25 +123,88 @@ export function fitImage(img, box) {
   return img;
 }
 
-/** Expected mosaic width in pixels: a near-square grid of k patches with 1-pixel separators. */
-export function mosaicSide(layer) {
+/**
+ * Geometry of a mosaic drawn with `patch`-pixel patches (the API resamples every layer's
+ * patches to that size, so deep layers are drawn as large as shallow ones): `ceil(sqrt(k))`
+ * columns, 1-pixel separators.
+ */
+export function mosaicGeometry(layer, patch) {
   const cols = Math.ceil(Math.sqrt(layer.k));
-  const [height, width] = layer.receptive_field?.size ?? [0, 0];
-  return cols * Math.max(height, width) + (cols - 1);
+  const rows = Math.ceil(layer.k / cols);
+  // A patch's longer side is `patch`, as the API resamples it (non-square fields keep their shape).
+  const [fh, fw] = layer.receptive_field?.size ?? [1, 1];
+  const scale = patch / Math.max(fh, fw, 1);
+  const ph = Math.max(1, Math.round(fh * scale));
+  const pw = Math.max(1, Math.round(fw * scale));
+  return { cols, rows, ph, pw, width: cols * pw + cols - 1, height: rows * ph + rows - 1 };
+}
+
+/** The largest patch size whose mosaic fits a `box`-pixel square. */
+export function patchSizeFor(layer, box) {
+  const cols = Math.ceil(Math.sqrt(layer.k));
+  return Math.max(8, Math.min(512, Math.floor((box - (cols - 1)) / cols)));
+}
+
+/**
+ * A mosaic image with one overlay cell per patch, exactly over it: each cell carries the
+ * patch's tooltip (probe image, label, value), and `highlight` ranks are outlined.
+ */
+export class MosaicFigure {
+  constructor(layer, patch, { alt = "" } = {}) {
+    this.geometry = mosaicGeometry(layer, patch);
+    const { cols, ph, pw, width, height } = this.geometry;
+    this.img = h("img", { class: "cv-mosaic", alt, decoding: "async", width, height });
+    this.cells = h("span", {
+      class: "cv-mosaic-cells", "aria-hidden": "true",
+      style: { "grid-template-columns": `repeat(${cols}, ${pw}px)`, "grid-auto-rows": `${ph}px` },
+    });
+    this.el = h("span", { class: "cv-mosaic-wrap", style: { width: `${width}px`, height: `${height}px` } },
+      this.img, this.cells);
+  }
+
+  /** Tooltips for `records` (ranks missing from them leave an empty cell) and outlines for `highlight` ranks. */
+  setRecords(records, { highlight = [], step, unit } = {}) {
+    const byRank = new Map(records.map((r) => [r.rank, r]));
+    const marked = new Set(highlight);
+    const cells = [];
+    for (let rank = 0; rank < this.geometry.cols * this.geometry.rows; rank++) {
+      const record = byRank.get(rank);
+      cells.push(h("span", {
+        class: marked.has(rank) ? "cv-cell cv-shared" : "cv-cell",
+        title: record ? recordTip(record, step, unit) : null,
+      }));
+    }
+    fill(this.cells, cells);
+  }
+}
+
+/** One line per fact a researcher asks of a patch. */
+export function recordTip(record, step, unit) {
+  const label = labelText(record);
+  return [`Rank ${record.rank + 1} · activation ${formatValue(record.value)}`,
+    `Probe image #${record.image}${label == null ? "" : ` · label ${label}`}`,
+    unit == null ? null : `Unit ${unit} · step ${step}`].filter(Boolean).join("\n");
 }
 
 /**
  * Start a grid of mosaic tiles for `layer`: a fresh ImageFeed (lazy from LAZY_UNITS units on,
- * so large layers stay responsive) and the tile size, scaled so a mosaic fits `px` pixels.
+ * so large layers stay responsive) and the tile size of a mosaic of `patch`-pixel patches.
  */
-export function startMosaicGrid(view, layer, layerKey, px) {
+export function startMosaicGrid(view, layer, layerKey, patch) {
   view.feed?.disconnect();
   view.feed = new ImageFeed({ lazy: layer.units >= LAZY_UNITS });
   view.layerKey = layerKey;
   view.tiles.clear();
-  const side = mosaicSide(layer);
-  view.grid.style.setProperty("--tile", `${Math.round(side * fitScale(side, px))}px`);
+  const { width, height } = mosaicGeometry(layer, patch);
+  view.grid.style.setProperty("--tile", `${width}px`);
+  view.grid.style.setProperty("--tile-h", `${height}px`);
 }
+
+// Patch sizes a user can pick for the layer grid, and the default.
+export const PATCH_SIZES = [32, 48, 64, 96];
+export const DEFAULT_PATCH = 48;
+// Units that keep fewer than half of their top-k images count as changed.
+export const CHANGED_BELOW = 0.5;
 
 // From this many units on, mosaics load only near the viewport so the page stays responsive.
 export const LAZY_UNITS = 512;
@@ -214,6 +277,25 @@ export function recordAlt(unit, step, record) {
   return `Unit ${unit}, rank ${record.rank + 1}, activation ${formatValue(record.value)}${label}, step ${step}, probe image ${record.image}`;
 }
 
+/** Open a modal dialog titled `title` with `body` nodes; it removes itself when closed. */
+export function openDialog({ title, label = title, tools = null, className = "" }, ...body) {
+  const dialog = h(
+    "dialog",
+    { class: `cv-dialog ${className}`.trim(), "aria-label": label },
+    h("div", { class: "cv-dialog-head" },
+      h("strong", {}, title),
+      h("span", { class: "cv-spacer" }),
+      tools,
+      h("button", { type: "button", class: "cv-close", "aria-label": "Close", onclick: () => dialog.close() }, "✕")),
+    body,
+  );
+  dialog.addEventListener("close", () => dialog.remove());
+  dialog.addEventListener("click", (e) => { if (e.target === dialog) dialog.close(); });
+  document.body.append(dialog);
+  dialog.showModal();
+  return dialog;
+}
+
 /** A modal with the whole probe image and the record's receptive-field box. */
 export function showProbeImage({ run, layer, step, unit, record }) {
   const img = fitImage(h("img", {
@@ -226,12 +308,7 @@ export function showProbeImage({ run, layer, step, unit, record }) {
     failure.hidden = false;
     failure.textContent = "The probe image could not be loaded (see the TensorBoard log).";
   });
-  const dialog = h(
-    "dialog",
-    { class: "cv-dialog", "aria-label": `Probe image ${record.image}` },
-    h("div", { class: "cv-dialog-head" },
-      h("strong", {}, `Probe image #${record.image}`),
-      h("button", { type: "button", class: "cv-close", "aria-label": "Close", onclick: () => dialog.close() }, "✕")),
+  return openDialog({ title: `Probe image #${record.image}` },
     h("div", { class: "cv-dialog-body" }, img, failure),
     h("dl", { class: "cv-facts" },
       fact("Unit", `${unit} · ${layerTitle(layer)} (${layer.name})`),
@@ -239,15 +316,16 @@ export function showProbeImage({ run, layer, step, unit, record }) {
       fact("Activation", formatValue(record.value)),
       fact("Label", labelText(record) ?? "–"),
       fact("Position", record.y == null ? "whole image" : `feature map (${record.y}, ${record.x})`),
-      fact("Step", String(step))),
-  );
-  dialog.addEventListener("close", () => dialog.remove());
-  dialog.addEventListener("click", (e) => { if (e.target === dialog) dialog.close(); });
-  document.body.append(dialog);
-  dialog.showModal();
-  return dialog;
+      fact("Step", String(step))));
 }
 
 function fact(term, value) {
   return [h("dt", {}, term), h("dd", {}, value)];
+}
+
+/** `step` if `steps` has it, else the nearest of `steps` (the later on a tie), else undefined. */
+export function nearestStep(steps, step) {
+  if (!steps.length) return undefined;
+  if (!Number.isFinite(step)) return steps.at(-1);
+  return steps.reduce((best, s) => (Math.abs(s - step) <= Math.abs(best - step) ? s : best));
 }

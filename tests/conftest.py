@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from browser_support import CHROMIUM, CHROMIUM_ARGS, Watched, unavailable
+from trained_runs import serve_seeds, train_seeds
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +36,18 @@ def watched(browser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: heavy zoo checks (run by CI too); alone: pytest -m slow")
+
+
+@pytest.fixture(scope="session")
+def two_seeds(tmp_path_factory):
+    """A log dir with two short real trainings of the demo net, runs ``seed0`` and ``seed1``."""
+    root = tmp_path_factory.mktemp("seeds")
+    train_seeds(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def seeds_server(two_seeds):
+    """A real TensorBoard (``--load_fast=true``) over ``two_seeds``."""
+    with serve_seeds(two_seeds) as url:
+        yield url

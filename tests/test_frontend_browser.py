@@ -244,8 +244,8 @@ def test_stability_view_draws_a_line_per_layer(watched, server, written):
     page.wait_for_selector(f".cv-stability-body{IDLE}")
     first_chart = page.locator(".cv-chart").first
     assert first_chart.locator(".cv-series").count() == 3
-    # The first checkpoint has no overlap, so each line has one point per later checkpoint.
-    assert first_chart.locator(".cv-series circle").count() == 3 * (CHECKPOINTS - 1)
+    # By default, overlap with the latest checkpoint: one point per checkpoint and layer.
+    assert first_chart.locator(".cv-series circle").count() == 3 * CHECKPOINTS
     rows = page.locator(".cv-table tbody tr")
     assert rows.count() == 3 and "conv1" in rows.first.inner_text()
     screenshot(page, "stability")

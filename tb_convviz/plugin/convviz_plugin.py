@@ -22,12 +22,14 @@ from werkzeug import wrappers
 
 import tb_convviz
 from tb_convviz import metadata
-from tb_convviz.plugin import render
+from tb_convviz.plugin import matching, render
 from tb_convviz.plugin.data import ConvVizData, Layer, Probe, RunListing
 
 logger = tb_logging.get_logger()
 
 MAX_LIMIT = 4096
+# The assignment is O(units³); 1024 units take up to a few seconds on one core.
+MAX_MATCH_UNITS = 1024
 # Published in `runs`, so that the frontend never asks for more than a request may do.
 LIMITS = {
     "max_size": render.MAX_SIZE, "min_size": render.MIN_SIZE, "max_output_pixels": render.MAX_OUTPUT_PIXELS,
@@ -167,6 +169,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             for name in metadata.SCALAR_NAMES:
                 values = scalars.get(metadata.scalar_tag(layer.name, name), {})
                 entry[name] = [_number(values.get(step)) for step in layer.steps]
+            entry["final_overlap"] = _final_overlap(layer)
             out.append(entry)
         return _json(request, {"run": listing.name, "layers": out})
 
@@ -253,20 +256,34 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                 f"but {other_layer.info.units} units, k={other_layer.info.k} in run {other_listing.name!r}"
             )
         other_step = _step(other_listing, other_layer, params, name="other_step", required=True)
+        match = params.bounded("match", 0, 1, default=0) == 1
         offset = params.bounded("offset", 0, 1 << 31, default=0)
         limit = params.bounded("limit", 1, MAX_LIMIT, default=MAX_LIMIT)
         a, b = layer.records(step)["image"], other_layer.records(other_step)["image"]
-        overlaps = metadata.topk_overlap(a, b)
-        page = range(offset, min(offset + limit, layer.info.units))
+        same_unit = metadata.topk_overlap(a, b)
+        if match:
+            if layer.info.units > MAX_MATCH_UNITS:
+                raise errors.InvalidArgumentError(
+                    f"layer {layer.name!r} has {layer.info.units} units; matching is limited to "
+                    f"{MAX_MATCH_UNITS} units (it takes O(units³)); compare unit for unit (match=0)"
+                )
+            partner, shared_counts = matching.match_units(a, b)
+            overlaps = shared_counts / layer.info.k
+        else:
+            partner, overlaps = np.arange(layer.info.units), same_unit
+        rows, other_rows = layer.records(step), other_layer.records(other_step)
+        probe, other_probe = self._data.probe(ctx, eid, listing), self._data.probe(ctx, eid, other_listing)
         units = [
-            {"unit": u, "overlap": _number(overlaps[u]),
-             "shared": sorted(int(i) for i in set(a[u].tolist()) & set(b[u].tolist()) if i >= 0)}
-            for u in page
+            {**_pair_json(u, int(partner[u]), a[u], b[partner[u]], overlaps[u]),
+             "records": _records_json(rows[u], layer, probe),
+             "other_records": _records_json(other_rows[partner[u]], other_layer, other_probe)}
+            for u in range(offset, min(offset + limit, layer.info.units))
         ]
         return _json(request, {
             "run": listing.name, "step": step, "other_run": other_listing.name, "other_step": other_step,
-            "layer": layer.name, "mean_overlap": _number(overlaps.mean()), "total_units": layer.info.units,
-            "offset": offset, "units": units,
+            "layer": layer.name, "matched": match, "mean_overlap": _number(overlaps.mean()),
+            "unit_for_unit_mean_overlap": _number(same_unit.mean()),
+            "unique": int(np.sum(overlaps == 0)), "total_units": layer.info.units, "offset": offset, "units": units,
         })
 
     @_route
@@ -409,6 +426,24 @@ def _check_comparable(listing: RunListing, other: RunListing, layer: Layer) -> N
             f"(fingerprints {mine or 'unknown'!s} and {theirs or 'unknown'!s}): their top-k images "
             "index different images and cannot be compared"
         )
+
+
+def _pair_json(unit: int, other_unit: int, a: np.ndarray, b: np.ndarray, overlap: float) -> dict:
+    """A compared pair: the shared probe images and their ranks in each top-k (-1 ids excluded)."""
+    a_ids, b_ids = a.tolist(), b.tolist()
+    shared = sorted(set(i for i in a_ids if i >= 0) & set(b_ids))
+    return {
+        "unit": unit, "other_unit": other_unit, "overlap": _number(overlap), "shared": shared,
+        "ranks": [a_ids.index(i) for i in shared], "other_ranks": [b_ids.index(i) for i in shared],
+    }
+
+
+def _final_overlap(layer: Layer) -> list[float | None]:
+    """Per checkpoint, the mean fraction of each unit's top-k images also in its top-k at the latest checkpoint."""
+    if not layer.steps:
+        return []
+    final = layer.records(layer.steps[-1])["image"]
+    return [_number(metadata.topk_overlap(layer.records(step)["image"], final).mean()) for step in layer.steps]
 
 
 def _layer_json(layer: Layer) -> dict:
