@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Iterator
 
@@ -130,6 +131,13 @@ def get(url: str, timeout: float = 60.0) -> tuple[int, str, bytes]:
             return resp.status, resp.headers.get("Content-Type", ""), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+def plugin_json(server: str, route: str, **params):
+    """GET the convviz ``route`` of ``server`` with ``params``; assert a 200 and return the decoded JSON."""
+    status, _, body = get(f"{server}data/plugin/convviz/{route}?{urllib.parse.urlencode(params)}")
+    assert status == 200, body
+    return json.loads(body)
 
 
 def wait_for(predicate, timeout: float = 90.0, interval: float = 0.5):

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 
 import pytest
 
 from browser_support import IDLE, hash_state, screenshot
-from tb_server import get
+from tb_server import plugin_json
 
 pytestmark = pytest.mark.timeout(300)
 LAYER = "features.relu3"
-
-
-def api(server: str, route: str, **params):
-    status, _, body = get(f"{server}data/plugin/convviz/{route}?{urllib.parse.urlencode(params)}")
-    assert status == 200, body
-    return json.loads(body)
 
 
 def tiles(page) -> dict[int, dict]:
@@ -43,7 +36,7 @@ def test_two_seeds_are_compared_by_matched_units(watched, seeds_server):
     step = int(hash_state(page)["step"])
     assert hash_state(page)["other_step"] == str(step)  # across runs: the same step by default
     assert page.locator("[aria-label='Match units by top-k overlap']").is_checked()
-    expected = api(seeds_server, "compare", run="seed0", layer=LAYER, step=step, other_run="seed1",
+    expected = plugin_json(seeds_server, "compare", run="seed0", layer=LAYER, step=step, other_run="seed1",
                    other_step=step, match=1)
     shown = tiles(page)
     assert len(shown) == len(expected["units"])
@@ -82,7 +75,7 @@ def test_within_a_run_matching_is_a_toggle(watched, seeds_server):
     toggle.check()
     page.wait_for_function("location.hash.includes('match=1')")
     page.wait_for_selector(f".cv-compare-grid{IDLE}")
-    expected = api(seeds_server, "compare", run="seed0", layer=LAYER, step=0, other_step=8, match=1)
+    expected = plugin_json(seeds_server, "compare", run="seed0", layer=LAYER, step=0, other_step=8, match=1)
     moved = [u for u in expected["units"] if u["other_unit"] != u["unit"]]
     assert moved  # 14 of 24 units of this layer match another index between steps 0 and 8
     assert page.locator(".cv-chip-moved").count() == len(moved)

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 
 import pytest
 
 from browser_support import IDLE, Watched, hash_state, screenshot
-from tb_server import get
+from tb_server import plugin_json
 
 pytestmark = pytest.mark.timeout(300)
 LAYER3 = "features.relu3"
-
-
-def api(server: str, route: str, **params):
-    status, _, body = get(f"{server}data/plugin/convviz/{route}?{urllib.parse.urlencode(params)}")
-    assert status == 200, body
-    return json.loads(body)
 
 
 def tab_frame(page, url: str):
@@ -137,7 +130,7 @@ def test_keys_move_through_layers_checkpoints_and_units_and_help_lists_them(watc
 
 
 def test_filters_show_dead_changed_and_class_units(watched, seeds_server):
-    data = api(seeds_server, "topk", run="seed0", layer="features.relu2")
+    data = plugin_json(seeds_server, "topk", run="seed0", layer="features.relu2")
     page = watched.open(seeds_server, "run=seed0&layer=features.relu2")
     page.wait_for_selector(f".cv-grid{IDLE}")
 
@@ -181,7 +174,7 @@ def test_filters_show_dead_changed_and_class_units(watched, seeds_server):
 
 
 def test_stability_shows_overlap_with_the_latest_checkpoint_by_default(watched, seeds_server):
-    stats = api(seeds_server, "stats", run="seed0")
+    stats = plugin_json(seeds_server, "stats", run="seed0")
     page = watched.open(seeds_server, "view=stability&run=seed0")
     page.wait_for_selector(f".cv-stability-body{IDLE}")
     chart = page.locator(".cv-chart").first

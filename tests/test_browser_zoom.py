@@ -6,22 +6,14 @@ The runs are real trainings of the demo net (``trained_runs.py``), whose recepti
 
 from __future__ import annotations
 
-import json
-import urllib.parse
 
 import pytest
 
 from browser_support import IDLE, screenshot
-from tb_server import get
+from tb_server import plugin_json
 
 pytestmark = pytest.mark.timeout(300)
 LAYERS = [f"features.relu{i}" for i in range(1, 6)]
-
-
-def api(server: str, route: str, **params):
-    status, _, body = get(f"{server}data/plugin/convviz/{route}?{urllib.parse.urlencode(params)}")
-    assert status == 200, body
-    return json.loads(body)
 
 
 def box(page, selector: str) -> dict:
@@ -83,7 +75,7 @@ def test_deep_layers_are_drawn_as_large_as_shallow_ones(watched, seeds_server):
 
 def test_zoom_opens_a_units_patches_large_with_tooltips(watched, seeds_server):
     layer = LAYERS[2]
-    unit = api(seeds_server, "topk", run="seed0", layer=layer)["units"][3]
+    unit = plugin_json(seeds_server, "topk", run="seed0", layer=layer)["units"][3]
     page = watched.open(seeds_server, f"run=seed0&layer={layer}")
     page.wait_for_selector(f".cv-grid{IDLE}")
     # Per-patch tooltips in the grid itself: one cell over each patch.
