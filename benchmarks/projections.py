@@ -60,7 +60,7 @@ def timing(repeats: int) -> dict:
     probe = ProbeSet(torch.randn(1024, 3, 64, 64))
     with tempfile.TemporaryDirectory() as root:
         loggers = {mode: ConvVizLogger(model, probe, os.path.join(root, str(mode)), k=9, batch_size=BATCH,
-                                       projections=mode) for mode in (None, "top1")}
+                                       layers=DemoAlexNet.LOGGED_LAYERS, projections=mode) for mode in (None, "top1")}
         for logger in loggers.values():
             logger.log(0)  # the first checkpoint stores every winning image once
         plain_forward(model, probe)
