@@ -35,6 +35,8 @@ def expected(logdir):
     run = read_run(logdir / "run")
     scalars = run.scalars
     tags = {metadata.scalar_tag(layer, name) for layer in LAYERS for name in metadata.SCALAR_NAMES}
+    # The first conv ("0") also gets its layer-1 filter counts.
+    tags |= {metadata.scalar_tag("0", name) for name in metadata.FILTER_SCALAR_NAMES}
     assert tags == set(scalars) and len(run.steps) >= 3
     # The first checkpoint has no overlap with a previous one.
     assert all(len(scalars[t]) == len(run.steps) - t.endswith("topk_overlap") for t in tags)
