@@ -36,22 +36,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from tb_convviz import ConvVizLogger, ProbeSet, read_run  # noqa: E402
 from tb_convviz import projection_format as fmt  # noqa: E402
 from tb_convviz.demo.model import DemoAlexNet  # noqa: E402
+from overhead import BATCH, perturb, plain_forward  # noqa: E402  (the same setup as the overhead benchmark)
 
-BATCH = 128
 TOP1_TARGET, NONE_TARGET, BYTES_TARGET, PAGE_TARGET_S = 2.0, 1.05, 2048, 1.0
-
-
-def plain_forward(model, probe) -> None:
-    model.eval()
-    with torch.no_grad():
-        for _, batch in probe.batches(BATCH):
-            model(batch)
-
-
-def perturb(model) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 + 0.05 * torch.randn_like(p))
 
 
 def timing(repeats: int) -> dict:

@@ -213,13 +213,18 @@ class FigureRoutes:
                                        + ", ".join(map(str, filters.steps[:20])))
         return step
 
-    @base._route
-    def _serve_filters(self, request, params):
+    def _logged_filters(self, request, params):
+        """The experiment id, run listing and filters of the requested run; 404 if it logged none."""
         ctx, eid = base._context(request)
         listing = self._data.listing(ctx, eid, params.text("run"))
         filters = self.figures.filters(ctx, eid, listing.name)
         if not filters.weights:
             raise errors.NotFoundError(f"first-layer filters were not logged in this run ({listing.name!r})")
+        return eid, listing, filters
+
+    @base._route
+    def _serve_filters(self, request, params):
+        _, listing, filters = self._logged_filters(request, params)
         step = self._filter_step(filters, params)
         info = filters.info
         ratios = (info.dominant_ratio or fmt.DOMINANT_RATIO, info.near_zero_ratio or fmt.NEAR_ZERO_RATIO)
@@ -237,11 +242,7 @@ class FigureRoutes:
 
     @base._route
     def _serve_filter_mosaic(self, request, params):
-        ctx, eid = base._context(request)
-        listing = self._data.listing(ctx, eid, params.text("run"))
-        filters = self.figures.filters(ctx, eid, listing.name)
-        if not filters.weights:
-            raise errors.NotFoundError(f"first-layer filters were not logged in this run ({listing.name!r})")
+        eid, listing, filters = self._logged_filters(request, params)
         step = self._filter_step(filters, params)
         size = params.bounded("size", render.MIN_SIZE, 128, default=FILTER_TILE_DEFAULT)
         weights = filters.weights[step]
