@@ -70,15 +70,19 @@ class FigureRoutes:
             q = fmt.rescale(q, float(rows["scale"][position]), float(finite.max()) if finite.size else 0.0)
         return _display(q)
 
-    @base._route
-    def _serve_projection(self, request, params):
+    def _projection_params(self, request, params):
+        """What both projection routes take: ``(ctx, eid, listing, layer, step, unit, size, scale)``."""
         ctx, eid = base._context(request)
         listing, layer = self._plugin._layer(ctx, eid, params)
         step = base._step(listing, layer, params)
         unit = base._unit(layer, params)
-        rank = base._rank(layer, params) if params.text("rank", required=False) is not None else 0
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
-        scale = _choice(params, "scale", SCALES)
+        return ctx, eid, listing, layer, step, unit, size, _choice(params, "scale", SCALES)
+
+    @base._route
+    def _serve_projection(self, request, params):
+        ctx, eid, listing, layer, step, unit, size, scale = self._projection_params(request, params)
+        rank = base._rank(layer, params) if params.text("rank", required=False) is not None else 0
         size = render.fit_size(layer.field.size, size)
         position = self.figures.find(ctx, eid, listing, layer, step, unit, rank)
         if position is None:
@@ -91,12 +95,7 @@ class FigureRoutes:
 
     @base._route
     def _serve_projection_mosaic(self, request, params):
-        ctx, eid = base._context(request)
-        listing, layer = self._plugin._layer(ctx, eid, params)
-        step = base._step(listing, layer, params)
-        unit = base._unit(layer, params)
-        size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
-        scale = _choice(params, "scale", SCALES)
+        ctx, eid, listing, layer, step, unit, size, scale = self._projection_params(request, params)
         rows = self.figures.index(ctx, eid, listing, layer, step)
         mine = np.flatnonzero(rows["unit"] == unit)
         count = int(rows["rank"][mine].max()) + 1 if mine.size else 1
