@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import operator
 import os
-import socket
 import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -21,6 +19,7 @@ from tb_convviz import layers as layer_select
 from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
+from tb_convviz.logdir_lock import LogDirLock
 from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import LayerProjections, Target, check_options, project_checkpoint
@@ -125,7 +124,7 @@ class ConvVizLogger:
         self._last_step, self._chunk = -1, -1
         self._stored: set[int] = set()
         self._previous: dict[str, np.ndarray] = {}
-        self._lock = _LogDirLock(self.log_dir) if _rank() == 0 else None
+        self._lock = LogDirLock(self.log_dir) if _rank() == 0 else None
         try:
             self._resume()
         except BaseException:
@@ -576,42 +575,6 @@ def _check_step(step: Any) -> int:
             f"step must be an integer (int, numpy or 0-d torch integer), got {type(step).__name__} {step!r}: "
             "pass the global step counter, e.g. trainer.global_step or your own int"
         ) from None
-
-
-class _LogDirLock:
-    """An exclusive lock on a log dir for one writing logger, held until ``release`` or process exit.
-
-    The lock is an ``flock`` on ``.convviz.lock`` (which names the holder), so a crashed
-    process never leaves a stale lock behind: the kernel drops it with the process.
-    """
-
-    NAME = ".convviz.lock"
-    _fd: int | None = None
-
-    def __init__(self, log_dir: str) -> None:
-        os.makedirs(log_dir, exist_ok=True)
-        path = os.path.join(log_dir, self.NAME)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
-            fd, self._fd = self._fd, None
-            os.close(fd)
-            raise RuntimeError(
-                f"another ConvVizLogger ({holder}) is writing to {log_dir!r}: two loggers on one log dir would "
-                "mix their checkpoints. close() the other logger first, or log into another directory"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-    def __del__(self) -> None:
-        self.release()
 
 
 def _gather(topk: TopK, k: int) -> TopK:
