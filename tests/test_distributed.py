@@ -81,6 +81,9 @@ def _worker(rank, root):
             if rank == 0:
                 torch.save(model.module.state_dict(), os.path.join(root, f"{first + 3}.pt"))
             logger.close()
+        # Both ranks finish their collectives before the group goes: a rank that tears gloo down
+        # while the other still talks to it can abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
