@@ -39,6 +39,8 @@ def test_a_copied_address_opens_the_same_view_in_a_fresh_browser(browser, seeds_
         frame.wait_for_selector(f".cv-grid{IDLE}")
         page.keyboard.press("ArrowLeft")
         frame.wait_for_function("location.hash.includes('step=7')")
+        # The grid re-renders its finder bar for the new step; typing before that lands in the old one.
+        frame.wait_for_selector(f".cv-grid{IDLE}")
         jump = frame.locator(".cv-unit-jump")
         jump.fill("5")
         jump.press("Enter")
