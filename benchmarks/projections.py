@@ -4,11 +4,14 @@ Measured side by side in one run on the CPU, in the overhead benchmark's setup (
 demo's AlexNet-style net at 64x64, 1024 probe images, batch 128):
 
 * a checkpoint with ``projections="top1"`` and one with ``projections=None``, each
-  divided by a plain ``torch.no_grad()`` eval forward over the same images (the three
-  interleaved, weights perturbed before each triple; medians);
-* projection bytes per unit per checkpoint as stored (lossless WebP plus the index),
-  next to the same 8-bit projections as PNG; ``--run DIR`` measures a real run's
-  stored projections instead (e.g. ``runs/demo/seed0`` of ``tb-convviz demo``);
+  divided by a plain ``torch.no_grad()`` eval forward over the same images, as the
+  overhead benchmark pairs them (weights perturbed before each step; medians of the
+  per-step ratios);
+* projection bytes per unit per checkpoint as stored (quantised lossless WebP plus the
+  index); ``--run DIR`` measures a real run's stored projections too (e.g.
+  ``runs/demo/seed0`` of ``tb-convviz demo``);
+* the candidate encodings on the last checkpoint's float projections: bytes, encode time
+  and fidelity, as PSNR on the display scale (128 ± 127 = ± the projection's peak);
 * ``--page``: a Fig. 4 grid of 16 units x 16 checkpoints, from navigation to every row
   decoded, in headless Chromium against a real ``tensorboard`` (cold, then median).
 
@@ -35,8 +38,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run  # noqa: E402
 from tb_convviz import projection_format as fmt  # noqa: E402
+from tb_convviz.projection import Target, project_records  # noqa: E402
 from tb_convviz.demo.model import DemoAlexNet  # noqa: E402
-from overhead import BATCH, perturb, plain_forward  # noqa: E402  (the same setup as the overhead benchmark)
+from overhead import BATCH, paired, perturb  # noqa: E402  (the same setup as the overhead benchmark)
 
 TOP1_TARGET, NONE_TARGET, BYTES_TARGET, PAGE_TARGET_S = 2.0, 1.05, 2048, 1.0
 
@@ -50,41 +54,79 @@ def timing(repeats: int) -> dict:
                                        layers=DemoAlexNet.LOGGED_LAYERS, projections=mode) for mode in (None, "top1")}
         for logger in loggers.values():
             logger.log(0)  # the first checkpoint stores every winning image once
-        plain_forward(model, probe)
-        times = {"forward": [], None: [], "top1": []}
-        for step in range(1, repeats + 1):
-            perturb(model)
-            t0 = time.perf_counter()
-            plain_forward(model, probe)
-            times["forward"].append(time.perf_counter() - t0)
-            for mode, logger in loggers.items():
-                t0 = time.perf_counter()
-                assert logger.log(step)
-                times[mode].append(time.perf_counter() - t0)
+        result = paired(model, probe, repeats, {str(mode).lower(): loggers[mode].log for mode in loggers})
         for logger in loggers.values():
             logger.close()
-        stored = stored_bytes(read_run(os.path.join(root, "top1")))
-    fwd = statistics.median(times["forward"])
-    return {"forward_s": fwd, "none_s": statistics.median(times[None]), "top1_s": statistics.median(times["top1"]),
-            "none_ratio": statistics.median(times[None]) / fwd, "top1_ratio": statistics.median(times["top1"]) / fwd,
-            "random_init": stored}
+        run = read_run(os.path.join(root, "top1"))
+        stored, candidates = stored_bytes(run), encodings(float_projections(model, probe, run))
+    return {**result, "random_init": stored, "encodings": candidates}
 
 
 def stored_bytes(run) -> dict:
-    """Bytes per unit per checkpoint of the run's projections as stored, and as PNG of the same pixels."""
-    webp = png = records = units = 0
+    """Bytes per unit per checkpoint of the run's projections as stored (images plus index rows)."""
+    stored = records = units = 0
     checkpoints = set()
     for layer in run.layers:
         for step, (info, index, blobs) in run._projections.get(layer.name, {}).items():
             checkpoints.add(step)
             units += layer.units
             records += len(blobs)
-            webp += sum(len(b) for b in blobs) + index.nbytes
-            for blob in blobs:
-                q = fmt.decode_pixels(blob, info.channels, info.height, info.width)
-                png += len(fmt.encode_pixels(q, "png")) + fmt.INDEX_DTYPE.itemsize
-    return {"checkpoints": len(checkpoints), "records": records, "bytes_per_unit": webp / max(units, 1),
-            "png_bytes_per_unit": png / max(units, 1), "total_bytes": webp}
+            stored += sum(len(b) for b in blobs) + index.nbytes
+    return {"checkpoints": len(checkpoints), "records": records, "bytes_per_unit": stored / max(units, 1),
+            "total_bytes": stored}
+
+
+def float_projections(model, probe, run) -> list[np.ndarray]:
+    """The top-1 projections of the run's last checkpoint, recomputed from ``model``, unquantised."""
+    step = run.steps[-1]
+    targets = [Target(l.name, l.receptive_field, l.fmap[1] if l.fmap else 0) for l in run.layers]
+    records = {t.name: run.topk(t.name, step) for t in targets}
+    position = {t.name: np.where(r.y >= 0, r.y * t.fmap_w + r.x, -1) for t, r in zip(targets, records.values())}
+    from tb_convviz.isolation import preserved
+    with preserved(model, no_grad=False):
+        return [crop for _, _, crops in project_records(
+            model, probe, targets, {n: r.image for n, r in records.items()}, position, ranks=1, rule="deconvnet",
+            batch_size=BATCH, device=torch.device("cpu")) for crop in crops]
+
+
+def _image(q: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(q.transpose(1, 2, 0)))
+
+
+CANDIDATES = {  # name: (levels each side of zero, PIL save options)
+    f"WebP lossless, {fmt.LEVELS} levels (stored)": (fmt.LEVELS, dict(format="WEBP", lossless=True, quality=25, method=1)),
+    "WebP lossless, 15 levels": (15, dict(format="WEBP", lossless=True, quality=25, method=1)),
+    "WebP lossless, 31 levels": (31, dict(format="WEBP", lossless=True, quality=25, method=1)),
+    "WebP lossless, 127 levels (8 bits)": (127, dict(format="WEBP", lossless=True, quality=25, method=1)),
+    f"PNG, {fmt.LEVELS} levels": (fmt.LEVELS, dict(format="PNG", compress_level=9)),
+    "WebP lossy q90, 8 bits": (127, dict(format="WEBP", quality=90, method=4)),
+    "WebP lossy q100, 8 bits": (127, dict(format="WEBP", quality=100, method=4)),
+    "JPEG 4:4:4 q95, 8 bits": (127, dict(format="JPEG", quality=95, subsampling=0)),
+    "JPEG 4:4:4 q98, 8 bits": (127, dict(format="JPEG", quality=98, subsampling=0)),
+}
+
+
+def encodings(projections: list[np.ndarray]) -> dict:
+    """Each candidate's mean bytes, encode time and PSNR (min, median) against the float projections on the display scale."""
+    shown = [p for p in projections if np.abs(p).max() > 0 and p.shape[0] == 3]
+    out = {}
+    for name, (levels, options) in CANDIDATES.items():
+        size, seconds, psnr = 0, 0.0, []
+        for p in shown:
+            t0 = time.perf_counter()
+            q, scale = fmt.quantize(p, levels)
+            buf = io.BytesIO()
+            _image(q).save(buf, **options)
+            seconds += time.perf_counter() - t0
+            size += len(buf.getvalue())
+            with Image.open(io.BytesIO(buf.getvalue())) as decoded:
+                back = np.asarray(decoded.convert("RGB"), np.float64).transpose(2, 0, 1)
+            mse = np.mean((back - (128 + 127 * p / scale)) ** 2)
+            psnr.append(10 * np.log10(255 ** 2 / mse))
+        n = max(len(shown), 1)
+        out[name] = {"bytes": size / n, "ms": 1e3 * seconds / n, "psnr_min": float(np.min(psnr)),
+                     "psnr_median": float(np.median(psnr))}
+    return out
 
 
 def page(repeats: int) -> dict:
@@ -126,24 +168,6 @@ def page(repeats: int) -> dict:
     return {"cold_s": loads[0], "median_s": statistics.median(loads[1:]), "units": 16, "checkpoints": len(steps)}
 
 
-def encodings(run) -> dict:
-    """Encode-time and size of each candidate encoding on the run's projections (8-bit pixels, lossless)."""
-    qs = [fmt.decode_pixels(b, info.channels, info.height, info.width)
-          for layer in run.layers for info, _, blobs in run._projections.get(layer.name, {}).values() for b in blobs]
-    out = {}
-    for name, kwargs in [("png", dict(format="PNG", compress_level=9)),
-                         ("webp_lossless_m2", dict(format="WEBP", lossless=True, quality=50, method=2)),
-                         ("webp_lossless_m0", dict(format="WEBP", lossless=True, quality=0, method=0)),
-                         ("webp_lossless_m4", dict(format="WEBP", lossless=True, quality=100, method=4))]:
-        t0, size = time.perf_counter(), 0
-        for q in qs:
-            buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(q.transpose(1, 2, 0))).save(buf, **kwargs)
-            size += len(buf.getvalue())
-        out[name] = {"bytes": size / max(len(qs), 1), "ms": 1e3 * (time.perf_counter() - t0) / max(len(qs), 1)}
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -155,7 +179,7 @@ def main() -> None:
               **timing(args.repeats)}
     if args.run:
         run = read_run(args.run)
-        result["run"] = {"path": args.run, **stored_bytes(run), "encodings": encodings(run)}
+        result["run"] = {"path": args.run, **stored_bytes(run)}
     if args.page:
         result["page"] = page(args.repeats)
     if args.json:
@@ -169,11 +193,12 @@ def main() -> None:
           f"(target <= {TOP1_TARGET})")
     for name, stored in [("random-init weights", result["random_init"])] + (
             [(f"run {args.run}", result["run"])] if args.run else []):
-        print(f"bytes per unit per checkpoint, {name}: {stored['bytes_per_unit']:.0f} B as stored (WebP lossless), "
-              f"{stored['png_bytes_per_unit']:.0f} B as PNG (target <= {BYTES_TARGET} B)")
-    if args.run:
-        for name, e in result["run"]["encodings"].items():
-            print(f"  {name:18s}: {e['bytes']:7.0f} B per projection, {e['ms']:.2f} ms to encode")
+        print(f"bytes per unit per checkpoint, {name}: {stored['bytes_per_unit']:.0f} B as stored "
+              f"(target <= {BYTES_TARGET} B)")
+    print("encodings of the last checkpoint's float projections (PSNR on the display scale):")
+    for name, e in result["encodings"].items():
+        print(f"  {name:36s}: {e['bytes']:6.0f} B, PSNR min {e['psnr_min']:5.1f} dB, median {e['psnr_median']:5.1f} dB, "
+              f"{e['ms']:.2f} ms to encode")
     if args.page:
         p = result["page"]
         print(f"Fig. 4 grid, {p['units']} units x {p['checkpoints']} checkpoints: cold {p['cold_s']:.3f} s, "

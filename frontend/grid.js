@@ -48,7 +48,12 @@ export class GridView {
     this.sort = select(SORTS, "unit", (sort) => app.navigate({ sort }), { "aria-label": "Sort units by" });
     this.patchSize = select(PATCH_SIZES.map((s) => [s, `${s} px`]), DEFAULT_PATCH,
       (value) => app.navigate({ patch: Number(value) === DEFAULT_PATCH ? null : Number(value) }), { "aria-label": "Patch size" });
-    this.finder = h("span", { class: "cv-finder" });
+    // The unit field is rebuilt only for a new layer: a checkpoint's data must not replace
+    // the input a user is typing into (nor take its focus).
+    this.jumpSlot = h("span", { class: "cv-finder-jump" });
+    this.jumpKey = null;
+    this.filterSlot = h("span", { class: "cv-finder-filter" });
+    this.finder = h("span", { class: "cv-finder" }, this.jumpSlot, this.filterSlot);
     this.summary = h("p", { class: "cv-summary" });
     this.notice = h("div", { class: "cv-notice" });
     this.showSlot = h("span", { class: "cv-show-slot" });
@@ -131,8 +136,12 @@ export class GridView {
     if (seq !== this.seq) return;
     fill(this.notice);
     this.data = data;
-    fill(this.finder,
-      unitJump(layer, (unit) => this.app.navigate({ view: "unit", unit })),
+    const jumpKey = JSON.stringify([run.run, layer.name, layer.units]);
+    if (jumpKey !== this.jumpKey) {
+      this.jumpKey = jumpKey;
+      fill(this.jumpSlot, unitJump(layer, (unit) => this.app.navigate({ view: "unit", unit })));
+    }
+    fill(this.filterSlot,
       filterSelect(filterOptions(data.units, layer.k), state.filter ?? "", (filter) => this.app.navigate({ filter: filter || null })));
     this.showUnits(run, layer, data, state.sort, state.filter);
     await Promise.all([this.feed.settle(), filtersShown]);

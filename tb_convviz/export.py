@@ -145,10 +145,10 @@ def _mosaic(run: Run, info: Layer, records, unit: int, count: int, patch_size: i
 
 def _projection_mosaic(run: Run, info: Layer, step: int, unit: int, count: int, patch_size: int) -> Image.Image:
     """A unit's projections at ``step`` (ranks below ``count`` that were projected), each contrast-normalised."""
-    tiles = []
+    tiles, levels = [], fmt.levels_of(run.projection_info(info.name))
     for rank in range(count):
         try:
-            q = fmt.quantize(run.projection(info.name, step, unit, rank))[0]
+            q = fmt.quantize(run.projection(info.name, step, unit, rank), levels)[0]
         except KeyError:
             tiles.append(None)  # only the top-1 record was projected at that step
             continue

@@ -23,11 +23,11 @@ from tb_convviz.logdir_lock import LogDirLock
 from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import LayerProjections, Target, check_options, project_checkpoint
-from tb_convviz.projection_format import DOMINANT_RATIO, ENCODING, NEAR_ZERO_RATIO, encode_index, filter_flags
+from tb_convviz.projection_format import DOMINANT_RATIO, ENCODING, LEVELS, NEAR_ZERO_RATIO, encode_index, filter_flags
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.schedule import Schedule
-from tb_convviz.topk import TopK, TopKAccumulator, emptied, merge
+from tb_convviz.topk import TopK, TopKAccumulator, emptied, merge, peaks
 
 # Records store y and x as int16.
 MAX_FMAP_SIDE = 32767
@@ -140,7 +140,7 @@ class ConvVizLogger:
         self._state = _state_tensors(self._net)
         self._distributed = _world() > 1
         self._warned_not_finite: set[str] = set()
-        self._warned_inputs = False
+        self._inputs_checked = False  # the probe set is fixed: its pixels are checked on the first pass only
 
     # -- construction ---------------------------------------------------------------
 
@@ -333,11 +333,10 @@ class ConvVizLogger:
                 )
 
     def _check_inputs(self, first: int, batch: torch.Tensor) -> None:
-        if self._warned_inputs or not batch.is_floating_point():
+        if self._inputs_checked or not batch.is_floating_point():
             return
         bad = (~batch.isfinite()).flatten(1).any(dim=1).nonzero().flatten()
         if len(bad):
-            self._warned_inputs = True
             warnings.warn(
                 f"convviz: probe image(s) {(bad + first).tolist()[:8]} have NaN or infinite pixels; the units "
                 "whose activations they make non-finite are recorded as not finite", ConvVizWarning, stacklevel=4,
@@ -349,16 +348,22 @@ class ConvVizLogger:
         # Ranks split whole batches of the single-process pass: a kernel's rounding can depend on
         # the batch an image is in, and each image must get the value one process would give it.
         batches = -(-n // self.batch_size)
-        start = min(batches * rank // world * self.batch_size, n)
-        stop = min(batches * (rank + 1) // world * self.batch_size, n)
-        accumulators = {name: TopKAccumulator(self.k) for name in self.layers}
-        batch_state = {"first": 0, "seen": 0}
+        begin = min(batches * rank // world * self.batch_size, n)
+        end = min(batches * (rank + 1) // world * self.batch_size, n)
+        # One accumulator over every layer's units side by side: a batch's records are merged
+        # once, not once per layer. Each hook only takes its layer's peaks.
+        spans, start = {}, 0
+        for name in self.layers:
+            spans[name] = (start, start + self._shapes[name][1])
+            start = spans[name][1]
+        accumulator = TopKAccumulator(self.k)
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def hook_for(name):
             def hook(_module, _inputs, output):
-                accumulators[name].update(output, batch_state["first"])
-                batch_state["seen"] += 1
-                if batch_state["seen"] == len(self.layers):
+                threshold = accumulator.threshold()
+                found[name] = peaks(output, None if threshold is None else threshold[slice(*spans[name])])
+                if len(found) == len(self.layers):
                     raise _StopForward
             return hook
 
@@ -366,22 +371,33 @@ class ConvVizLogger:
         handles = [modules[name].register_forward_hook(hook_for(name)) for name in self.layers]
         try:
             with preserved(self._net), _buffers_of_rank_0(self._net):
-                for first, batch in self.probe.batches(self.batch_size, start, stop):
+                for first, batch in self.probe.batches(self.batch_size, start=begin, stop=end):
                     self._check_inputs(first, batch)
-                    batch_state.update(first=first, seen=0)
+                    found.clear()
                     try:
                         self._call(batch)
                     except _StopForward:
                         pass
+                    wrong = [name for name in self.layers
+                             if name not in found or found[name][0].shape[1] != spans[name][1] - spans[name][0]]
+                    if wrong:
+                        raise RuntimeError(f"layers {wrong} did not run in the forward pass, or changed their number "
+                                           "of units since the logger was built")
+                    accumulator.add(torch.cat([found[n][0] for n in self.layers], dim=1),
+                                    torch.cat([found[n][1] for n in self.layers], dim=1), first)
+            self._inputs_checked = True
         finally:
             for handle in handles:
                 handle.remove()
         results, not_finite = {}, {}
-        for name, acc in accumulators.items():
-            units = self._shapes[name][1]
-            topk = acc.result if acc.result is not None else TopK.empty(units, self.k, self.device)
-            bad = acc.not_finite if acc.not_finite is not None else torch.zeros(units, dtype=torch.bool,
-                                                                                  device=self.device)
+        for name, (lo, hi) in spans.items():
+            if accumulator.result is None:
+                topk = TopK.empty(hi - lo, self.k, self.device)
+                bad = torch.zeros(hi - lo, dtype=torch.bool, device=self.device)
+            else:
+                whole = accumulator.result
+                topk = TopK(whole.values[lo:hi], whole.image[lo:hi], whole.position[lo:hi])
+                bad = accumulator.not_finite[lo:hi]
             if world > 1:
                 topk = _gather(topk, self.k)
                 bad = bad.to(torch.uint8)
@@ -439,7 +455,7 @@ class ConvVizLogger:
             rf = self._layer_infos[name].receptive_field
             info = plugin_data_pb2.ProjectionInfo(
                 layer=name, rule=self.projection_rule, channels=channels, height=rf.size_h, width=rf.size_w,
-                uncovered=layer.uncovered, encoding=ENCODING,
+                uncovered=layer.uncovered, encoding=ENCODING, levels=LEVELS,
             )
             values.extend(summary.projections_pb(info, encode_index(layer.index), layer.images).value)
         return values

@@ -30,7 +30,7 @@ by step; it is still read where that pairing is unambiguous.
 With projections on, in the checkpoint's event as well (older readers skip these tags):
 
 * ``convviz/projection/<layer>`` (BLOB_SEQUENCE): the layer's projections, blob 0
-  an index, the rest 8-bit images (see ``projection_format``); self-contained.
+  an index, the rest quantised images (see ``projection_format``); self-contained.
   Its PluginData carries a ``ProjectionInfo``.
 * ``convviz/filters/<module>`` (TENSOR): float32 ``[out, in, kh, kw]`` weights of
   the first convolution, with a ``FilterInfo``; and the SCALARs

@@ -36,18 +36,25 @@ class TopK:
         return TopK(self.values.to(device), self.image.to(device), self.position.to(device))
 
 
-def spatial_max(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and unit, the maximum over space and its first raster position.
+def peaks(activations: torch.Tensor, threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and unit of ``[B, C, ...]`` activations, the float32 spatial maximum and its first raster position.
 
-    ``activations`` is ``[B, C, ...]``; returns float32 values and int64 positions,
-    both ``[B, C]`` (positions -1 for ``[B, C]`` inputs). max() returns the first maximal
-    index and propagates NaN, so a value is NaN or +inf if any activation of it was.
+    Positions are found only where the maximum exceeds ``threshold`` (``[C]``; None:
+    everywhere), -1 elsewhere and for ``[B, C]`` inputs: ``amax`` is ~10x faster than ``max``
+    with indices, and after the first batches few images can still enter a unit's top-k.
+    ``amax`` propagates NaN, so a value is NaN or +inf if any activation of it was.
     """
     if activations.dim() == 2:
         values = activations.float()
         return values, torch.full_like(values, -1, dtype=torch.int64)
-    values, positions = activations.flatten(2).max(dim=2)
-    return values.float(), positions
+    # Reductions over the spatial dims, not a flattened view, which channels-last maps would copy.
+    values = activations.amax(dim=tuple(range(2, activations.dim()))).float()
+    if threshold is None:
+        return values, activations.flatten(2).argmax(dim=2)
+    positions = torch.full_like(values, -1, dtype=torch.int64)
+    image, unit = (values > threshold).nonzero(as_tuple=True)
+    positions[image, unit] = activations[image, unit].flatten(1).argmax(dim=1)
+    return values, positions
 
 
 def emptied(topk: TopK, units: torch.Tensor) -> TopK:
@@ -71,8 +78,30 @@ def merge(a: TopK, b: TopK, k: int | None = None) -> TopK:
     return TopK(values.gather(1, by_value), image.gather(1, by_value), position.gather(1, by_value))
 
 
+def _append(a: TopK, b: TopK, k: int) -> TopK:
+    """:func:`merge` where ``a`` has no unused slot and ``b``'s images, ascending in each row, all follow ``a``'s.
+
+    Only candidates above a row's k-th value can enter (ties go to ``a``'s lower images), and
+    after the first batches they are few: the sort is over those, in image order, not the batch.
+    """
+    enter = b.values > a.values[:, -1:]
+    m = int(enter.sum(dim=1).max())
+    if m == 0:
+        return a
+    values = b.values.masked_fill(~enter, float("-inf"))
+    if m < values.shape[1]:
+        pick = values.topk(m, dim=1).indices.sort(dim=1).values
+        b = TopK(values.gather(1, pick), b.image.gather(1, pick), b.position.gather(1, pick))
+    else:
+        b = TopK(values, b.image, b.position)
+    values = torch.cat([a.values, b.values], dim=1)
+    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return TopK(values.gather(1, by_value), torch.cat([a.image, b.image], dim=1).gather(1, by_value),
+                torch.cat([a.position, b.position], dim=1).gather(1, by_value))
+
+
 class TopKAccumulator:
-    """Accumulates a layer's top-k batch by batch, on the activations' device.
+    """Accumulates the top-k of a set of units batch by batch, on the activations' device.
 
     Memory is ``O(units * (k + batch))`` whatever the number of probe images.
     ``not_finite`` marks the units whose spatial maximum was NaN or infinite on some
@@ -83,12 +112,22 @@ class TopKAccumulator:
         self.k = k
         self.result: TopK | None = None
         self.not_finite: torch.Tensor | None = None
+        self._seen = 0
+
+    def threshold(self) -> torch.Tensor | None:
+        """Per unit, the value a new image must exceed to enter (ties go to earlier images); None while slots are free."""
+        return self.result.values[:, -1] if self.result is not None and self._seen >= self.k else None
 
     def update(self, activations: torch.Tensor, first_image: int) -> None:
-        """Add a batch whose images are ``first_image .. first_image + B - 1``."""
-        values, positions = spatial_max(activations)
-        finite = values.isfinite()
-        bad = ~finite.all(dim=0)
+        """Add a batch of activations whose images are ``first_image ..``, after all earlier ones."""
+        self.add(*peaks(activations, self.threshold()), first_image)
+
+    def add(self, values: torch.Tensor, positions: torch.Tensor, first_image: int) -> None:
+        """Add :func:`peaks` ``[B, units]`` of images ``first_image .. first_image + B - 1``, after all earlier ones.
+
+        Several layers' peaks may come concatenated along units, so one merge serves them all.
+        """
+        bad = ~values.isfinite().all(dim=0)
         self.not_finite = bad if self.not_finite is None else self.not_finite | bad
         values = values.masked_fill(values.isnan(), float("-inf"))  # NaN ranks lowest, +inf highest
         batch, units = values.shape
@@ -96,4 +135,6 @@ class TopKAccumulator:
         candidates = TopK(values.t(), image.unsqueeze(0).expand(units, batch), positions.t())
         if self.result is None:
             self.result = TopK.empty(units, self.k, values.device)
-        self.result = merge(self.result, candidates, self.k)
+        full = self._seen >= self.k
+        self.result = _append(self.result, candidates, self.k) if full else merge(self.result, candidates, self.k)
+        self._seen += batch

@@ -39,8 +39,6 @@ def test_a_copied_address_opens_the_same_view_in_a_fresh_browser(browser, seeds_
         frame.wait_for_selector(f".cv-grid{IDLE}")
         page.keyboard.press("ArrowLeft")
         frame.wait_for_function("location.hash.includes('step=7')")
-        # The grid re-renders its finder bar for the new step; typing before that lands in the old one.
-        frame.wait_for_selector(f".cv-grid{IDLE}")
         jump = frame.locator(".cv-unit-jump")
         jump.fill("5")
         jump.press("Enter")
@@ -195,3 +193,22 @@ def test_stability_shows_overlap_with_the_latest_checkpoint_by_default(watched, 
     # The first checkpoint has no previous one: one point fewer per layer.
     assert page.locator(".cv-chart").first.locator(".cv-series circle").count() == 5 * (steps - 1)
     watched.assert_clean()
+
+
+def test_typing_a_unit_survives_a_checkpoint_change(watched, seeds_server):
+    page = watched.open(seeds_server, "run=seed0")
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    page.keyboard.press("g")
+    page.keyboard.type("1")
+    steps = plugin_json(seeds_server, "runs")["runs"][0]["layers"][0]["steps"]
+    # A new checkpoint's data arrives while the user is typing.
+    page.evaluate("(step) => { const p = new URLSearchParams(location.hash.slice(1)); p.set('step', step);"
+                  " location.hash = p.toString(); }", steps[1])
+    page.wait_for_function(f"location.hash.includes('step={steps[1]}')")
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    assert page.evaluate("document.activeElement.classList.contains('cv-unit-jump')")
+    assert page.locator(".cv-unit-jump").input_value() == "1"
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f".cv-unit-body{IDLE}")
+    assert hash_state(page)["unit"] == "1" and hash_state(page)["step"] == str(steps[1])
+    watched.assert_clean(page)

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
+from tb_convviz import projection_format as fmt
 from tb_convviz.reader import event_files
 
 WORLD = 2
@@ -125,9 +126,11 @@ def test_two_gloo_ranks_with_ddp_equal_one_process_exactly(spawned, tmp_path):
         assert ddp.projection_steps(layer) == single.projection_steps(layer) == ddp.steps
         for step in ddp.steps:
             for unit in range(ddp.layer(layer).units):
+                # A rank may round a value the other way: one quantisation step, ceil(127 / levels) of 127.
+                step_size = np.ceil(127 / fmt.levels_of(single.projection_info(layer))) / 127
                 scale = float(single.projection_record(layer, step, unit)["scale"])
                 np.testing.assert_allclose(ddp.projection(layer, step, unit), single.projection(layer, step, unit),
-                                           rtol=0, atol=1.01 * scale / 127 + 1e-12, err_msg=f"{layer} {unit}")
+                                           rtol=0, atol=1.01 * scale * step_size + 1e-12, err_msg=f"{layer} {unit}")
 
 
 def test_only_rank_0_writes_and_a_resume_follows_rank_0(spawned):

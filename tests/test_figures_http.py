@@ -113,6 +113,7 @@ def test_runs_lists_projections_and_filters(served):
         p = layer["projections"]
         assert p["rule"] == "deconvnet" and p["steps"] == STEPS and p["topk_steps"] == [STEPS[-1]]
         assert p["size"] == layer["receptive_field"]["size"] and p["uncovered"] == []
+        assert p["levels"] == fmt.LEVELS
     assert old["filters"] is None and all(layer["projections"] is None for layer in old["layers"])
 
 

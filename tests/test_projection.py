@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tb_convviz.projection import RULES, check_options, crop_projection, project
+from tb_convviz.projection import RULES, check_options, crop_projections, project
 from tb_convviz.receptive_field import receptive_fields
 
 
@@ -203,7 +203,7 @@ def test_zero_outside_the_receptive_field(rule, layer):
         outside = pixels[b].copy()
         outside[:, max(top, 0):max(bottom, 0), max(left, 0):max(right, 0)] = 0
         assert not outside.any(), f"record {b} leaks outside its receptive field {field.box(y, x)}"
-        cropped = crop_projection(pixels[b], field, y, x, positional=True)
+        cropped = crop_projections(pixels[b:b + 1], field, np.array([y]), np.array([x]), positional=True)[0]
         assert cropped.shape == (3, *field.size)
         np.testing.assert_array_equal(np.sort(cropped[cropped != 0]), np.sort(pixels[b][pixels[b] != 0]))
 

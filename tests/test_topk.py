@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tb_convviz.topk import TopK, TopKAccumulator, merge, spatial_max
+from tb_convviz.topk import TopK, TopKAccumulator, merge
 
 
 def brute_force(acts: np.ndarray, k: int):
@@ -80,8 +80,20 @@ def test_merge_of_shards_equals_one_pass(seed, parts, k):
         assert torch.equal(getattr(merged, field), getattr(whole, field)), field
 
 
-def test_spatial_max_uses_first_raster_position():
+def test_position_is_the_first_raster_maximum():
     acts = torch.zeros(1, 1, 3, 3)
     acts[0, 0, 1, 2] = acts[0, 0, 2, 0] = 7.0
-    values, positions = spatial_max(acts)
-    assert values.item() == 7.0 and positions.item() == 1 * 3 + 2
+    got = accumulate(acts, k=1, batch=1)
+    assert got.values.item() == 7.0 and got.position.item() == 1 * 3 + 2
+
+
+def test_channels_last_and_3d_maps_equal_full_sort():
+    rng = np.random.default_rng(0)
+    acts = rng.integers(0, 4, size=(23, 5, 3, 4)).astype(np.float32)
+    got = accumulate(torch.from_numpy(acts).to(memory_format=torch.channels_last), 4, batch=6)
+    values, images, positions = brute_force(acts, 4)
+    assert np.array_equal(got.image.numpy(), images) and np.array_equal(got.position.numpy(), positions)
+    volume = rng.integers(0, 4, size=(11, 2, 2, 3, 2)).astype(np.float32)
+    got = accumulate(torch.from_numpy(volume), 3, batch=4)
+    values, images, positions = brute_force(volume, 3)
+    assert np.array_equal(got.values.numpy(), values) and np.array_equal(got.position.numpy(), positions)

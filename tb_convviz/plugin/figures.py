@@ -198,7 +198,7 @@ def projections_json(projections: LayerProjections | None, units: int) -> dict |
     steps = projections.steps
     return {
         "rule": info.rule, "size": [info.height, info.width], "uncovered": list(info.uncovered),
-        "steps": steps, "topk_steps": [s for s in steps if projections.ranks(s, units) > 1],
+        "levels": fmt.levels_of(info), "steps": steps, "topk_steps": [s for s in steps if projections.ranks(s, units) > 1],
     }
 
 

@@ -1,0 +1,100 @@
+"""Projection storage: quantisation bounds and round trips, lossless encoding, batched crops against one-by-one crops."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tb_convviz import plugin_data_pb2
+from tb_convviz import projection_format as fmt
+from tb_convviz.geometry import ReceptiveField, crop
+from tb_convviz.projection import crop_projections
+
+
+def projections(seed: int, n: int, shape=(3, 5, 7)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # Heavy tails and exact zeros, like real projections.
+    p = rng.standard_t(2, size=(n, *shape)).astype(np.float32) * rng.uniform(1e-6, 1e3, size=(n, 1, 1, 1))
+    p[rng.random(p.shape) < 0.3] = 0
+    return p.astype(np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), levels=st.sampled_from([1, 7, fmt.LEVELS, 127]))
+def test_quantisation_error_is_within_half_a_step(seed, n, levels):
+    p = projections(seed, n)
+    q, scale = fmt.quantize_many(p, levels)
+    assert q.dtype == np.uint8 and q.shape == p.shape
+    for one, qs, s in zip(p, q, scale):
+        back = fmt.dequantize(qs, float(s))
+        assert s == np.abs(one).max()
+        # Half a step of the levels, plus half of the 8-bit rounding of the step's grey value.
+        np.testing.assert_allclose(back, one, rtol=0, atol=float(s) * (0.5 / levels + 0.5 / 127) * 1.0001)
+        assert np.abs(back).max() == pytest.approx(float(s), rel=1e-6)  # the peak is exact
+        assert (back[one == 0] == 0).all()
+        assert len(np.unique(qs)) <= 2 * levels + 1
+        # Re-quantising what a reader de-quantised gives the stored pixels back (export, plugin tests rely on it).
+        np.testing.assert_array_equal(fmt.quantize(back, levels)[0], qs)
+
+
+def test_zero_and_non_finite_projections_are_flat_grey():
+    p = np.zeros((3, 3, 4, 4), np.float32)
+    p[1, 0, 0, 0] = np.nan
+    p[2, 0, 0, 0] = np.inf
+    q, scale = fmt.quantize_many(p)
+    assert (q == 128).all()
+    assert scale[0] == 0 and np.isnan(scale[1]) and np.isnan(scale[2])
+    one, one_scale = fmt.quantize(p[0])
+    assert (one == 128).all() and one_scale == 0.0
+
+
+@pytest.mark.parametrize("encoding", ["webp", "png"])
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_encoding_is_lossless(encoding, channels):
+    q = fmt.quantize_many(projections(3, 4, (channels, 9, 6)))[0]
+    blobs = fmt.encode_many(q, encoding)
+    for one, blob in zip(q, blobs):
+        np.testing.assert_array_equal(fmt.decode_pixels(blob, channels, 9, 6), one)
+    with pytest.raises(ValueError, match="does not hold"):
+        fmt.decode_pixels(blobs[0], channels, 9, 7)
+
+
+def test_runs_before_the_levels_field_read_as_8_bit():
+    assert fmt.levels_of(plugin_data_pb2.ProjectionInfo(layer="a")) == 127
+    assert fmt.levels_of(plugin_data_pb2.ProjectionInfo(layer="a", levels=fmt.LEVELS)) == fmt.LEVELS
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 40), stride=st.integers(1, 8),
+       offset=st.floats(-6, 6), n=st.integers(1, 5), positional=st.booleans(),
+       method=st.sampled_from(["analytic", "global"]))
+def test_batched_crops_equal_one_by_one_crops(seed, size, stride, offset, n, positional, method):
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((n, 3, 13, 17)).astype(np.float32)
+    field = ReceptiveField(size=(size, size + 1), stride=(stride, stride), offset=(offset, -offset), method=method)
+    y, x = rng.integers(-1, 6, size=n), rng.integers(-1, 6, size=n)
+    got = crop_projections(pixels, field, y, x, positional)
+    for i in range(n):
+        box = field.box(int(y[i]), int(x[i])) if positional and y[i] >= 0 and x[i] >= 0 else field.box(None, None)
+        want = crop(np.moveaxis(pixels[i], 0, -1), box, fill=0).transpose(2, 0, 1)
+        np.testing.assert_array_equal(got[i], want)
+
+
+def test_a_grey_model_s_projections_read_back(tmp_path):
+    import torch
+    from torch import nn
+
+    from tb_convviz import ConvVizLogger, ProbeSet, read_run
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3), nn.ReLU())
+    probe = ProbeSet(torch.rand(12, 1, 16, 16))
+    with ConvVizLogger(net, probe, tmp_path, layers=["1", "4"], k=2, projections="topk") as logger:
+        logger.log(0)
+    run = read_run(tmp_path)
+    for layer in run.layers:
+        info = run.projection_info(layer.name)
+        assert (info.channels, info.encoding, info.levels) == (1, fmt.ENCODING, fmt.LEVELS)
+        for unit in range(layer.units):
+            p = run.projection(layer.name, 0, unit, rank=1)
+            assert p.shape == (1, *layer.receptive_field.size)
+            assert np.abs(p).max() == pytest.approx(float(run.projection_record(layer.name, 0, unit, 1)["scale"]))
