@@ -8,7 +8,9 @@ tiled into a 3x3 grid and logged with torch's ``SummaryWriter.add_image``, one i
 per unit, into a second log dir. Prints the bytes each needs per checkpoint (all
 checkpoints, and those after the first, which stores most winning probe images) and
 the ratio, and convviz's bytes without probe images: each image is stored once, so in
-a long run the records are what each further checkpoint costs.
+a long run the records are what each further checkpoint costs. The grids hold patches only,
+so the comparison counts the probe images and records; the projections and layer-1 filters
+logged beside them are printed apart.
 
 With ``--run DIR`` it instead replays the checkpoints of a run logged by real
 training (all of them, the first included) as ``add_image`` grids.
@@ -26,7 +28,6 @@ import tempfile
 import numpy as np
 import torch
 from tensorboard.backend.event_processing import event_file_loader
-from tensorboard.compat.proto import event_pb2, summary_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from tb_convviz import ConvVizLogger, ProbeSet, metadata, read_run
@@ -60,14 +61,58 @@ def log_grids(writer: SummaryWriter, run, image, step: int) -> None:
             writer.add_image(f"{name}/unit{unit}", grid, step, dataformats="HWC")
 
 
-def record_bytes(log_dir: str) -> int:
-    """Bytes of the records of events other than probe-image chunks (the top-k and scalars)."""
-    total = 0
+PARTS = ("probe images", "records", "projections", "filters")
+
+
+def _part(tag: str) -> str:
+    if tag in (metadata.PROBE_CHUNK_TAG, metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG):
+        return "probe images"
+    if tag.startswith(metadata.PROJECTION_TAG_PREFIX):
+        return "projections"
+    return "filters" if tag.startswith(metadata.FILTERS_TAG_PREFIX) else "records"
+
+
+def checkpoint_parts(log_dir: str) -> list[dict[str, int]]:
+    """Per checkpoint, in order, the bytes of each of ``PARTS`` (TFRecord framing included).
+
+    Probe-image chunks count toward the checkpoint they precede; "records" are the top-k
+    records and scalars, what a reader needs besides the images to draw the patches.
+    """
+    out, pending = [], dict.fromkeys(PARTS, 0)
     for path in event_files(log_dir):
         for event in event_file_loader.EventFileLoader(path).Load():
-            if not any(v.tag in (metadata.PROBE_INDEX_TAG, metadata.PROBE_IMAGES_TAG) for v in event.summary.value):
-                total += event.ByteSize() + 16  # TFRecord framing
-    return total
+            values = event.summary.value
+            if not values:
+                continue
+            for v in values:
+                pending[_part(v.tag)] += v.ByteSize()
+            framing = event.ByteSize() - sum(v.ByteSize() for v in values) + 16
+            if any(v.tag.startswith(metadata.TOPK_TAG_PREFIX) for v in values):
+                pending["records"] += framing
+                out.append(pending)
+                pending = dict.fromkeys(PARTS, 0)
+            else:
+                pending["probe images"] += framing
+    return out
+
+
+def _summary(parts: list[dict[str, int]], grids: np.ndarray) -> dict:
+    """Per-checkpoint means: the patches' bytes (probe images + records) against the grids', and the extras."""
+    patches = np.array([p["probe images"] + p["records"] for p in parts], float)
+    records = np.mean([p["records"] for p in parts])
+    return {
+        "checkpoints": len(parts),
+        "convviz_bytes_per_checkpoint": float(patches.mean()),
+        "add_image_bytes_per_checkpoint": float(grids.mean()),
+        "ratio": float(grids.mean() / patches.mean()),
+        "convviz_bytes_per_later_checkpoint": float(patches[1:].mean()),
+        "add_image_bytes_per_later_checkpoint": float(grids[1:].mean()),
+        "later_ratio": float(grids[1:].mean() / patches[1:].mean()),
+        "convviz_record_bytes_per_checkpoint": float(records),
+        "records_ratio": float(grids.mean() / records),
+        "projection_bytes_per_checkpoint": float(np.mean([p["projections"] for p in parts])),
+        "filter_bytes_per_checkpoint": float(np.mean([p["filters"] for p in parts])),
+    }
 
 
 def measure(checkpoints: int) -> dict:
@@ -75,7 +120,7 @@ def measure(checkpoints: int) -> dict:
     model = DemoAlexNet()
     probe = ProbeSet.from_dataset(Shapes(1024, seed=0), n=1024, class_names=Shapes.class_names)
     with tempfile.TemporaryDirectory() as convviz_dir, tempfile.TemporaryDirectory() as images_dir:
-        convviz_sizes, image_sizes = [], []
+        image_sizes = []
         writer = SummaryWriter(images_dir)
         with ConvVizLogger(model, probe, convviz_dir, layers=LAYERS, k=9) as logger:
             for step in range(checkpoints):
@@ -83,46 +128,27 @@ def measure(checkpoints: int) -> dict:
                     for p in model.parameters():
                         p.mul_(1 + 0.05 * torch.randn_like(p))
                 assert logger.log(step)
-                convviz_sizes.append(dir_bytes(convviz_dir))
                 log_grids(writer, read_run(convviz_dir), probe.display, step)
                 writer.flush()
                 image_sizes.append(dir_bytes(images_dir))
         writer.close()
         units = sum(read_run(convviz_dir).layer(name).units for name in LAYERS)
-        records = record_bytes(convviz_dir) / checkpoints
-    convviz, images = np.diff([0] + convviz_sizes), np.diff([0] + image_sizes)
-    return {
-        "checkpoints": checkpoints, "units": units,
-        "convviz_bytes_per_checkpoint": float(convviz.mean()),
-        "add_image_bytes_per_checkpoint": float(images.mean()),
-        "ratio": float(images.mean() / convviz.mean()),
-        "convviz_bytes_per_later_checkpoint": float(convviz[1:].mean()),
-        "add_image_bytes_per_later_checkpoint": float(images[1:].mean()),
-        "later_ratio": float(images[1:].mean() / convviz[1:].mean()),
-        "convviz_record_bytes_per_checkpoint": records,
-        "records_ratio": float(images.mean() / records),
-    }
+        parts = checkpoint_parts(convviz_dir)
+    return {"units": units, **_summary(parts, np.diff([0] + image_sizes))}
 
 
 def measure_run(run_dir: str) -> dict:
     """The same comparison over the checkpoints of a run logged by real training."""
     run = read_run(run_dir)
-    convviz = 0
-    for path in event_files(run_dir):
-        for event in event_file_loader.EventFileLoader(path).Load():
-            ours = [v for v in event.summary.value if v.tag.startswith("convviz/")]
-            if ours:
-                convviz += event_pb2.Event(step=event.step, wall_time=event.wall_time,
-                                           summary=summary_pb2.Summary(value=ours)).ByteSize() + 16
+    grids = []
     with tempfile.TemporaryDirectory() as images_dir:
         with SummaryWriter(images_dir) as writer:
             for step in run.steps:
                 log_grids(writer, run, run.probe_image, step)
-        images = dir_bytes(images_dir)
-    n = len(run.steps)
-    return {"run": run_dir, "checkpoints": n, "units": sum(layer.units for layer in run.layers),
-            "convviz_bytes_per_checkpoint": convviz / n, "add_image_bytes_per_checkpoint": images / n,
-            "ratio": images / convviz}
+                writer.flush()
+                grids.append(dir_bytes(images_dir))
+    return {"run": run_dir, "units": sum(layer.units for layer in run.layers),
+            **_summary(checkpoint_parts(run_dir), np.diff([0] + grids))}
 
 
 def main() -> None:
@@ -132,23 +158,16 @@ def main() -> None:
     parser.add_argument("--run", help="instead, compare over the checkpoints of this logged run "
                         "(e.g. runs/demo/seed0 from `tb-convviz demo`)")
     args = parser.parse_args()
-    if args.run:
-        result = measure_run(args.run)
-        if args.json:
-            print(json.dumps({"benchmark": "storage_run", **result}))
-        else:
-            print(f"{args.run}: {result['checkpoints']} checkpoints of real training, {result['units']} units; "
-                  f"convviz {result['convviz_bytes_per_checkpoint'] / 1024:.1f} KiB, add_image grids "
-                  f"{result['add_image_bytes_per_checkpoint'] / 1024:.1f} KiB per checkpoint: "
-                  f"{result['ratio']:.1f}x smaller (target >= 50)")
-        return
-    result = measure(max(args.checkpoints, 2))
+    result = measure_run(args.run) if args.run else measure(max(args.checkpoints, 2))
     if args.json:
-        print(json.dumps({"benchmark": "storage", **result}))
+        print(json.dumps({"benchmark": "storage_run" if args.run else "storage", **result}))
         return
     kib = 1024
-    print(f"DemoAlexNet 64x64, {result['units']} units in 5 layers, k=9, 1024 Shapes probe images, "
-          f"{result['checkpoints']} checkpoints")
+    if args.run:
+        print(f"{args.run}: {result['checkpoints']} checkpoints of real training, {result['units']} units")
+    else:
+        print(f"DemoAlexNet 64x64, {result['units']} units in 5 layers, k=9, 1024 Shapes probe images, "
+              f"{result['checkpoints']} checkpoints")
     print(f"{'':34s} {'convviz':>12s} {'add_image':>12s} {'ratio':>8s}")
     print(f"{'KiB per checkpoint, all':34s} {result['convviz_bytes_per_checkpoint'] / kib:12.1f} "
           f"{result['add_image_bytes_per_checkpoint'] / kib:12.1f} {result['ratio']:8.1f}")
@@ -158,6 +177,8 @@ def main() -> None:
     print(f"{'KiB per checkpoint, records only':34s} {result['convviz_record_bytes_per_checkpoint'] / kib:12.1f} "
           f"{result['add_image_bytes_per_checkpoint'] / kib:12.1f} {result['records_ratio']:8.1f}   "
           "(once every probe image is stored)")
+    print(f"beside them, per checkpoint: projections {result['projection_bytes_per_checkpoint'] / kib:.1f} KiB, "
+          f"layer-1 filters {result['filter_bytes_per_checkpoint'] / kib:.1f} KiB (not in the grids)")
 
 
 if __name__ == "__main__":
