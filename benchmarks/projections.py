@@ -15,7 +15,7 @@ demo's AlexNet-style net at 64x64, 1024 probe images, batch 128):
 * ``--page``: a Fig. 4 grid of 16 units x 16 checkpoints, from navigation to every row
   decoded, in headless Chromium against a real ``tensorboard`` (cold, then median).
 
-    python benchmarks/projections.py [--repeats 5] [--run DIR] [--page] [--json]
+    python benchmarks/projections.py [--repeats 15] [--run DIR] [--page] [--json]
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def page(repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--run", default=None, help="a real run's log dir to measure stored bytes on")
     parser.add_argument("--page", action="store_true", help="also time the Fig. 4 grid in Chromium")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the text")
