@@ -110,6 +110,25 @@ class _SingleFlight:
         return len(self._locks)
 
 
+def cached_version(cache: ByteLRU, flight: _SingleFlight, key: Hashable, version: Hashable,
+                   load: Callable[[], Any]) -> Any:
+    """The value of series ``key`` at ``version`` in ``cache``; one version per key is kept.
+
+    ``load`` returns (value, nbytes); nbytes None means "incomplete, do not keep". Under
+    ``flight``, concurrent requests for a key load it once.
+    """
+    entry = cache.get(key)
+    if entry is None or entry[0] != version:
+        with flight.lock(key):
+            entry = cache.get(key)
+            if entry is None or entry[0] != version:
+                value, nbytes = load()
+                entry = (version, value)
+                if nbytes is not None:
+                    cache.put(key, entry, nbytes)
+    return entry[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """One layer's top-k records at every logged checkpoint of a run."""
@@ -286,20 +305,7 @@ class ConvVizData:
         return {tag: {d.step: d.value for d in series} for tag, series in data.get(run, {}).items()}
 
     def _cached(self, key: Hashable, version: Hashable, load: Callable[[], Any]) -> Any:
-        """The value of series ``key`` at ``version``; one version per key is kept.
-
-        ``load`` returns (value, nbytes); nbytes None means "incomplete, do not keep".
-        """
-        entry = self._series.get(key)
-        if entry is None or entry[0] != version:
-            with self._flight.lock(key):
-                entry = self._series.get(key)
-                if entry is None or entry[0] != version:
-                    value, nbytes = load()
-                    entry = (version, value)
-                    if nbytes is not None:
-                        self._series.put(key, entry, nbytes)
-        return entry[1]
+        return cached_version(self._series, self._flight, key, version, load)
 
     def _read_layer(self, ctx, eid: str, run: str, name: str, info: plugin_data_pb2.LayerInfo):
         tag = metadata.topk_tag(name)

@@ -15,7 +15,7 @@ from tensorboard.data import provider
 
 from tb_convviz import metadata, plugin_data_pb2
 from tb_convviz import projection_format as fmt
-from tb_convviz.plugin.data import ALL_POINTS, ByteLRU, ConvVizData, Layer, RunListing, _SingleFlight
+from tb_convviz.plugin.data import ALL_POINTS, ByteLRU, ConvVizData, Layer, RunListing, _SingleFlight, cached_version
 
 # Bounds on what logged metadata may ask of the renderer.
 MAX_FILTERS = 4096
@@ -72,17 +72,10 @@ class FigureData:
         if not tags:
             return {}
         version = tuple(sorted((tag, s.max_step, s.max_wall_time, s.max_length) for tag, s in tags.items()))
-        key = ("projections", eid, run)
-        entry = self._series.get(key)
-        if entry is None or entry[0] != version:
-            with self._flight.lock(key):
-                entry = self._series.get(key)
-                if entry is None or entry[0] != version:
-                    entry = (version, self._read_projections(ctx, eid, run, tags))
-                    self._series.put(key, entry, 256 * sum(len(p.blobs) for p in entry[1].values()) + 1024)
-        return entry[1]
+        return cached_version(self._series, self._flight, ("projections", eid, run), version,
+                              lambda: self._read_projections(ctx, eid, run, tags))
 
-    def _read_projections(self, ctx, eid, run, tags) -> dict[str, LayerProjections]:
+    def _read_projections(self, ctx, eid, run, tags) -> tuple[dict[str, LayerProjections], int]:
         read = self._provider.read_blob_sequences(
             ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS,
             run_tag_filter=provider.RunTagFilter(runs=[run], tags=list(tags)),
@@ -97,7 +90,7 @@ class FigureData:
                 continue
             blobs = {d.step: tuple(d.values) for d in read.get(tag, []) if len(d.values) > 1}
             out[tag[len(metadata.PROJECTION_TAG_PREFIX):]] = LayerProjections(info, blobs)
-        return out
+        return out, 256 * sum(len(p.blobs) for p in out.values()) + 1024
 
     def layer_projections(self, ctx, eid: str, listing: RunListing, layer: Layer) -> LayerProjections:
         """``layer``'s projections; NotFoundError saying "not logged in this run" if it has none."""
@@ -161,18 +154,10 @@ class FigureData:
         tag = tags[0]
         series = listed[tag]
         version = (series.max_step, series.max_wall_time)
-        key = ("filters", eid, run)
-        entry = self._series.get(key)
-        if entry is None or entry[0] != version:
-            with self._flight.lock(key):
-                entry = self._series.get(key)
-                if entry is None or entry[0] != version:
-                    value = self._read_filters(ctx, eid, run, tag, series)
-                    entry = (version, value)
-                    self._series.put(key, entry, sum(w.nbytes for w in value.weights.values()) + 1024)
-        return entry[1]
+        return cached_version(self._series, self._flight, ("filters", eid, run), version,
+                              lambda: self._read_filters(ctx, eid, run, tag, series))
 
-    def _read_filters(self, ctx, eid, run, tag, series) -> Filters:
+    def _read_filters(self, ctx, eid, run, tag, series) -> tuple[Filters, int]:
         try:
             info = metadata.parse_plugin_metadata(series.plugin_content).filters
         except ValueError as e:
@@ -187,7 +172,7 @@ class FigureData:
             if (w.ndim == 4 and w.dtype.kind == "f" and 0 < w.shape[0] <= MAX_FILTERS
                     and 0 < max(w.shape[2:]) <= MAX_KERNEL_SIDE and 0 < w.shape[1] <= 4096):
                 weights[datum.step] = w.astype(np.float32)
-        return Filters(info, weights)
+        return Filters(info, weights), sum(w.nbytes for w in weights.values()) + 1024
 
 
 def projections_json(projections: LayerProjections | None, units: int) -> dict | None:
@@ -198,7 +183,8 @@ def projections_json(projections: LayerProjections | None, units: int) -> dict |
     steps = projections.steps
     return {
         "rule": info.rule, "size": [info.height, info.width], "uncovered": list(info.uncovered),
-        "levels": fmt.levels_of(info), "steps": steps, "topk_steps": [s for s in steps if projections.ranks(s, units) > 1],
+        "levels": fmt.levels_of(info), "steps": steps,
+        "topk_steps": [s for s in steps if projections.ranks(s, units) > 1],
     }
 
 
