@@ -54,7 +54,8 @@ class ConvVizLogger:
     ``projections`` ("top1", "topk" or None) projects each unit's strongest record (or all k)
     back to pixel space with ``projection_rule`` ("deconvnet", "guided" or "gradient");
     ``projections_topk_every`` (n, or "last") projects all k at every n-th checkpoint, or at
-    the last one (the schedule's last, and the final checkpoint ``close()`` logs). The first convolution's weights are logged at every checkpoint.
+    the last one (the schedule's last, and the final checkpoint ``close()`` logs). The first
+    convolution's weights are logged at every checkpoint.
     """
 
     def __init__(

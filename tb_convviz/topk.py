@@ -35,6 +35,16 @@ class TopK:
     def to(self, device: torch.device | str) -> "TopK":
         return TopK(self.values.to(device), self.image.to(device), self.position.to(device))
 
+    def columns(self, index: torch.Tensor) -> "TopK":
+        """The records at ``index`` (``[units, n]`` slot indices), row by row."""
+        return TopK(self.values.gather(1, index), self.image.gather(1, index), self.position.gather(1, index))
+
+    @staticmethod
+    def joined(a: "TopK", b: "TopK") -> "TopK":
+        """``a``'s slots, then ``b``'s, side by side."""
+        return TopK(torch.cat([a.values, b.values], dim=1), torch.cat([a.image, b.image], dim=1),
+                    torch.cat([a.position, b.position], dim=1))
+
 
 def peaks(activations: torch.Tensor, threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and unit of ``[B, C, ...]`` activations, the float32 spatial maximum and its first raster position.
@@ -66,16 +76,10 @@ def emptied(topk: TopK, units: torch.Tensor) -> TopK:
 
 def merge(a: TopK, b: TopK, k: int | None = None) -> TopK:
     """The top-k of the union of two record sets (same units), ties to the lower image index."""
-    k = a.k if k is None else k
-    values = torch.cat([a.values, b.values], dim=1)
-    image = torch.cat([a.image, b.image], dim=1)
-    position = torch.cat([a.position, b.position], dim=1)
+    both = TopK.joined(a, b)
     # Unused slots (image -1) must lose every tie, so they sort after real images.
-    order_key = torch.where(image < 0, torch.iinfo(torch.int64).max, image)
-    by_image = order_key.argsort(dim=1, stable=True)
-    values, image, position = (t.gather(1, by_image) for t in (values, image, position))
-    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return TopK(values.gather(1, by_value), image.gather(1, by_value), position.gather(1, by_value))
+    order_key = torch.where(both.image < 0, torch.iinfo(torch.int64).max, both.image)
+    return _best(both.columns(order_key.argsort(dim=1, stable=True)), a.k if k is None else k)
 
 
 def _append(a: TopK, b: TopK, k: int) -> TopK:
@@ -88,16 +92,15 @@ def _append(a: TopK, b: TopK, k: int) -> TopK:
     m = int(enter.sum(dim=1).max())
     if m == 0:
         return a
-    values = b.values.masked_fill(~enter, float("-inf"))
-    if m < values.shape[1]:
-        pick = values.topk(m, dim=1).indices.sort(dim=1).values
-        b = TopK(values.gather(1, pick), b.image.gather(1, pick), b.position.gather(1, pick))
-    else:
-        b = TopK(values, b.image, b.position)
-    values = torch.cat([a.values, b.values], dim=1)
-    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return TopK(values.gather(1, by_value), torch.cat([a.image, b.image], dim=1).gather(1, by_value),
-                torch.cat([a.position, b.position], dim=1).gather(1, by_value))
+    b = TopK(b.values.masked_fill(~enter, float("-inf")), b.image, b.position)
+    if m < b.values.shape[1]:
+        b = b.columns(b.values.topk(m, dim=1).indices.sort(dim=1).values)
+    return _best(TopK.joined(a, b), k)
+
+
+def _best(records: TopK, k: int) -> TopK:
+    """Each row's ``k`` highest values; a stable sort, so equal values keep their slot order."""
+    return records.columns(records.values.argsort(dim=1, descending=True, stable=True)[:, :k])
 
 
 class TopKAccumulator:
