@@ -145,15 +145,14 @@ def _mosaic(run: Run, info: Layer, records, unit: int, count: int, patch_size: i
 
 def _projection_mosaic(run: Run, info: Layer, step: int, unit: int, count: int, patch_size: int) -> Image.Image:
     """A unit's projections at ``step`` (ranks below ``count`` that were projected), each contrast-normalised."""
-    tiles, levels = [], fmt.levels_of(run.projection_info(info.name))
+    tiles = []
     for rank in range(count):
         try:
-            q = fmt.quantize(run.projection(info.name, step, unit, rank), levels)[0]
+            q = run.projection_pixels(info.name, step, unit, rank)
         except KeyError:
             tiles.append(None)  # only the top-1 record was projected at that step
             continue
-        tiles.append(resize(q.transpose(1, 2, 0) if q.shape[0] == 3 else np.rint(q.mean(axis=0)).astype(np.uint8),
-                            patch_size))
+        tiles.append(resize(fmt.display(q), patch_size))
     tile_shape = resize(np.zeros(info.receptive_field.size, np.uint8), patch_size).shape[:2]
     rgba = Image.fromarray(mosaic(tiles, tile_shape), "RGBA")
     out = Image.new("RGB", rgba.size, BACKGROUND)

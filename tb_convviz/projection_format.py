@@ -55,6 +55,15 @@ def quantize(projection: np.ndarray, levels: int = LEVELS) -> tuple[np.ndarray, 
     return q[0], float(scale[0])
 
 
+def display(q: np.ndarray) -> np.ndarray:
+    """``[C, h, w]`` -> ``[h, w, 3]`` or ``[h, w]``: RGB as stored, one channel grey, others their mean around 128."""
+    if q.shape[0] == 3:
+        return np.ascontiguousarray(q.transpose(1, 2, 0))
+    if q.shape[0] == 1:
+        return q[0]
+    return np.rint(q.astype(np.float32).mean(axis=0)).astype(np.uint8)
+
+
 def levels_of(info) -> int:
     """The quantisation levels of a ``ProjectionInfo`` (runs before the field: 8 bits, 127)."""
     return info.levels or 127

@@ -144,29 +144,33 @@ class Run:
 
         De-quantised with its normalisation constant; KeyError if that record was not projected.
         """
-        name = self.layer(layer).name
-        per_step = self._projections.get(name, {})
-        if step not in per_step:
-            raise KeyError(f"layer {layer!r} has no projections at step {step}; "
-                           f"steps with projections: {sorted(per_step) or 'none (not logged in this run)'}")
-        info, index, blobs = per_step[step]
-        found = np.flatnonzero((index["unit"] == unit) & (index["rank"] == rank))
-        if not found.size:
-            raise KeyError(f"unit {unit} rank {rank} of layer {layer!r} was not projected at step {step}")
-        row = index[found[-1]]
-        q = fmt.decode_pixels(blobs[found[-1]], info.channels, info.height, info.width)
-        return fmt.dequantize(q, float(row["scale"]))
+        return fmt.dequantize(self.projection_pixels(layer, step, unit, rank),
+                              float(self.projection_record(layer, step, unit, rank)["scale"]))
+
+    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0) -> np.ndarray:
+        """The stored uint8 ``[C, h, w]`` of a record's projection, as drawn: 128 is zero, 1 and 255 ∓ its peak."""
+        info, index, blobs = self._projections_at(layer, step)
+        return fmt.decode_pixels(blobs[self._projection_position(layer, step, index, unit, rank)],
+                                 info.channels, info.height, info.width)
 
     def projection_record(self, layer: str, step: int, unit: int, rank: int = 0) -> np.void:
         """The index row (unit, rank, image, y, x, scale) of a stored projection."""
+        index = self._projections_at(layer, step)[1]
+        return index[self._projection_position(layer, step, index, unit, rank)]
+
+    def _projections_at(self, layer: str, step: int) -> tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]:
         per_step = self._projections.get(self.layer(layer).name, {})
         if step not in per_step:
-            raise KeyError(f"layer {layer!r} has no projections at step {step}")
-        index = per_step[step][1]
+            raise KeyError(f"layer {layer!r} has no projections at step {step}; "
+                           f"steps with projections: {sorted(per_step) or 'none (not logged in this run)'}")
+        return per_step[step]
+
+    @staticmethod
+    def _projection_position(layer: str, step: int, index: np.ndarray, unit: int, rank: int) -> int:
         found = np.flatnonzero((index["unit"] == unit) & (index["rank"] == rank))
         if not found.size:
             raise KeyError(f"unit {unit} rank {rank} of layer {layer!r} was not projected at step {step}")
-        return index[found[-1]]
+        return int(found[-1])
 
     @property
     def filter_steps(self) -> list[int]:

@@ -98,3 +98,4 @@ def test_a_grey_model_s_projections_read_back(tmp_path):
             p = run.projection(layer.name, 0, unit, rank=1)
             assert p.shape == (1, *layer.receptive_field.size)
             assert np.abs(p).max() == pytest.approx(float(run.projection_record(layer.name, 0, unit, 1)["scale"]))
+            np.testing.assert_array_equal(run.projection_pixels(layer.name, 0, unit, rank=1), fmt.quantize(p)[0])

@@ -68,7 +68,7 @@ class FigureRoutes:
             rows = self.figures.index(ctx, eid, listing, layer, step)
             finite = rows["scale"][np.isfinite(rows["scale"])]
             q = fmt.rescale(q, float(rows["scale"][position]), float(finite.max()) if finite.size else 0.0)
-        return _display(q)
+        return fmt.display(q)
 
     def _projection_params(self, request, params):
         """What both projection routes take: ``(ctx, eid, listing, layer, step, unit, size, scale)``."""
@@ -145,7 +145,7 @@ class FigureRoutes:
                         size) if ok else None)
                     continue
                 position = self._find_or_none(ctx, eid, listing, layer, step, unit)
-                cells.append(None if position is None else render.resize(_display(
+                cells.append(None if position is None else render.resize(fmt.display(
                     self.figures.projection(ctx, eid, listing, layer, step, position)), size))
             return render.encode_png(_strip(cells, tile))
 
@@ -164,7 +164,7 @@ class FigureRoutes:
         scales = [float(self.figures.index(ctx, eid, listing, layer, s)["scale"][p]) if p is not None else 0.0
                   for s, p in found]
         common = max([s for s in scales if math.isfinite(s)], default=0.0)
-        return [None if p is None else render.resize(_display(fmt.rescale(
+        return [None if p is None else render.resize(fmt.display(fmt.rescale(
             self.figures.projection(ctx, eid, listing, layer, s, p), scale, common)), size)
             for (s, p), scale in zip(found, scales)]
 
@@ -267,15 +267,6 @@ def filter_mosaic(weights: np.ndarray, size: int) -> np.ndarray:
         out[r * (th + 1):r * (th + 1) + th, c * (tw + 1):c * (tw + 1) + tw, :3] = t
         out[r * (th + 1):r * (th + 1) + th, c * (tw + 1):c * (tw + 1) + tw, 3] = 255
     return out
-
-
-def _display(q: np.ndarray) -> np.ndarray:
-    """``[C, h, w]`` -> ``[h, w, 3]`` or ``[h, w]``: RGB as stored, one channel grey, others their mean around 128."""
-    if q.shape[0] == 3:
-        return np.ascontiguousarray(q.transpose(1, 2, 0))
-    if q.shape[0] == 1:
-        return q[0]
-    return np.rint(q.astype(np.float32).mean(axis=0)).astype(np.uint8)
 
 
 def _strip(cells: list, tile: tuple[int, int]) -> np.ndarray:
