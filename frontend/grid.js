@@ -48,10 +48,9 @@ export class GridView {
     this.sort = select(SORTS, "unit", (sort) => app.navigate({ sort }), { "aria-label": "Sort units by" });
     this.patchSize = select(PATCH_SIZES.map((s) => [s, `${s} px`]), DEFAULT_PATCH,
       (value) => app.navigate({ patch: Number(value) === DEFAULT_PATCH ? null : Number(value) }), { "aria-label": "Patch size" });
-    // The unit field is rebuilt only for a new layer: a checkpoint's data must not replace
-    // the input a user is typing into (nor take its focus).
+    // The unit field is built with the layer's tiles, not with each checkpoint's data, which
+    // must not replace the input a user is typing into (nor take its focus).
     this.jumpSlot = h("span", { class: "cv-finder-jump" });
-    this.jumpKey = null;
     this.filterSlot = h("span", { class: "cv-finder-filter" });
     this.finder = h("span", { class: "cv-finder" }, this.jumpSlot, this.filterSlot);
     this.summary = h("p", { class: "cv-summary" });
@@ -136,11 +135,6 @@ export class GridView {
     if (seq !== this.seq) return;
     fill(this.notice);
     this.data = data;
-    const jumpKey = JSON.stringify([run.run, layer.name, layer.units]);
-    if (jumpKey !== this.jumpKey) {
-      this.jumpKey = jumpKey;
-      fill(this.jumpSlot, unitJump(layer, (unit) => this.app.navigate({ view: "unit", unit })));
-    }
     fill(this.filterSlot,
       filterSelect(filterOptions(data.units, layer.k), state.filter ?? "", (filter) => this.app.navigate({ filter: filter || null })));
     this.showUnits(run, layer, data, state.sort, state.filter);
@@ -174,6 +168,7 @@ export class GridView {
 
   build(layer, layerKey) {
     startMosaicGrid(this, layer, layerKey, this.patch);
+    fill(this.jumpSlot, unitJump(layer, (unit) => this.app.navigate({ view: "unit", unit })));
     const tiles = [];
     const show = effectiveShow(this.app.state.show, layer);
     this.grid.classList.toggle("cv-grid-both", show === "both");
