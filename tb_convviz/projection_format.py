@@ -22,8 +22,8 @@ INDEX_DTYPE = np.dtype([("unit", "<i4"), ("rank", "<i4"), ("image", "<i4"), ("y"
 # Chosen for size at equal fidelity (benchmarks/projections.py measures every candidate against
 # the float projections): at PSNR >= 40 dB on the display scale, LEVELS levels on each side of zero
 # in lossless WebP are the smallest. Lossy WebP stays below 30 dB (its 4:2:0 chroma smears the
-# colour edges), JPEG 4:4:4 needs quality 98 and twice the bytes, PNG is 25-40% larger than
-# WebP, and all 127 levels of 8 bits cost twice the bytes for detail the display does not show.
+# colour edges), JPEG 4:4:4 needs quality 98 and 1.7x the bytes, PNG 1.2x, and all 127 levels
+# of 8 bits 1.75x, for detail the display does not show.
 ENCODING = "webp"
 LEVELS = 21  # max error 1/42 of the projection's peak
 # A filter is flagged dominant when its RMS is this many times the layer's median (the
