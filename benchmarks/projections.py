@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from tb_convviz import ConvVizLogger, ProbeSet, read_run  # noqa: E402
 from tb_convviz import projection_format as fmt  # noqa: E402
 from tb_convviz.isolation import preserved  # noqa: E402
-from tb_convviz.projection import Target, project_records  # noqa: E402
+from tb_convviz.projection import Target, project_records, stored_crops  # noqa: E402
 from tb_convviz.demo.model import DemoAlexNet  # noqa: E402
 from overhead import BATCH, paired, perturb  # noqa: E402  (the same setup as the overhead benchmark)
 
@@ -84,9 +84,9 @@ def float_projections(model, probe, run) -> list[np.ndarray]:
     records = {t.name: run.topk(t.name, step) for t in targets}
     position = {t.name: np.where(r.y >= 0, r.y * t.fmap_w + r.x, -1) for t, r in zip(targets, records.values())}
     with preserved(model, no_grad=False):
-        return [crop for _, _, crops in project_records(
+        return [crop for _, _, pixels, boxes in project_records(
             model, probe, targets, {n: r.image for n, r in records.items()}, position, ranks=1, rule="deconvnet",
-            batch_size=BATCH, device=torch.device("cpu")) for crop in crops]
+            batch_size=BATCH, device=torch.device("cpu")) for crop in stored_crops(pixels, boxes)]
 
 
 def _image(q: np.ndarray) -> Image.Image:

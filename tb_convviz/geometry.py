@@ -65,6 +65,13 @@ class ReceptiveField:
                    offset=((height - 1) / 2, (width - 1) / 2), method="global")
 
 
+def record_box(field: ReceptiveField, positional: bool, y: int, x: int) -> tuple[int, int, int, int]:
+    """Crop box of a record; records of fully connected layers (or y, x = -1) have no position."""
+    if not positional or y < 0 or x < 0:
+        return field.box(None, None)
+    return field.box(y, x)
+
+
 def crop(image: np.ndarray, box: tuple[int, int, int, int], fill: int = PAD_VALUE) -> np.ndarray:
     """Crop ``image`` ([H, W] or [H, W, C]) to ``box``, padding with ``fill`` where it runs off."""
     top, left, bottom, right = box

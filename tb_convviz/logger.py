@@ -451,12 +451,13 @@ class ConvVizLogger:
 
     def _projection_values(self, projections: dict[str, LayerProjections]) -> list[summary_pb2.Summary.Value]:
         values = []
-        channels = self.probe.shape[0]
+        channels, height, width = self.probe.shape
         for name, layer in projections.items():
             rf = self._layer_infos[name].receptive_field
             info = plugin_data_pb2.ProjectionInfo(
                 layer=name, rule=self.projection_rule, channels=channels, height=rf.size_h, width=rf.size_w,
-                uncovered=layer.uncovered, encoding=ENCODING, levels=LEVELS,
+                uncovered=layer.uncovered, encoding=ENCODING, levels=LEVELS, clipped=True, image_height=height,
+                image_width=width,
             )
             values.extend(summary.projections_pb(info, encode_index(layer.index), layer.images).value)
         return values

@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from tb_convviz import projection_format as fmt
-from tb_convviz.geometry import ReceptiveField
+from tb_convviz.geometry import ReceptiveField, record_box
 
 RULES = ("deconvnet", "guided", "gradient")
 PROJECTIONS = ("top1", "topk", None)
@@ -175,23 +175,17 @@ def project(net: nn.Module, layers: Sequence[str], images: torch.Tensor, layer_o
     return Projection(pixels=pixels, uncovered=uncovered)
 
 
-def crop_projections(pixels: np.ndarray, field: ReceptiveField, y: np.ndarray, x: np.ndarray,
-                     positional: bool) -> np.ndarray:
-    """Crop ``[n, C, H, W]`` projections to their records' receptive-field boxes, zero-padded: ``[n, C, h, w]``.
+def stored_crops(pixels: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+    """The stored part of each of ``[n, C, H, W]`` projections: its record's box (``boxes[i]``) inside the image.
 
-    Record i sits at (``y[i]``, ``x[i]``); without ``positional`` every record gets the field's
-    unpositioned box, as its patch does.
+    Views, not copies. A box wholly outside the image (then the projection is zero there) gives one zero pixel.
     """
-    boxes = np.array([field.box(int(a), int(b)) if positional and a >= 0 and b >= 0 else field.box(None, None)
-                      for a, b in zip(y, x)], dtype=np.int64).reshape(-1, 4)
-    if not len(boxes):
-        return np.zeros((0, pixels.shape[1], *field.size), pixels.dtype)
     height, width = pixels.shape[2:]
-    pad = [max(0, -boxes[:, 0].min()), max(0, boxes[:, 2].max() - height),
-           max(0, -boxes[:, 1].min()), max(0, boxes[:, 3].max() - width)]
-    padded = np.pad(pixels, ((0, 0), (0, 0), (pad[0], pad[1]), (pad[2], pad[3])))
-    return np.stack([padded[i, :, top + pad[0]:bottom + pad[0], left + pad[2]:right + pad[2]]
-                     for i, (top, left, bottom, right) in enumerate(boxes)])
+    out = []
+    for one, box in zip(pixels, boxes):
+        region = fmt.stored_region(tuple(int(v) for v in box), height, width)
+        out.append(one[:, region[0]:region[2], region[1]:region[3]] if region else np.zeros((len(one), 1, 1), one.dtype))
+    return out
 
 
 @dataclasses.dataclass
@@ -222,11 +216,12 @@ def project_records(net: nn.Module, probe, targets: Sequence[Target], image: dic
                     device: torch.device, dtype: torch.dtype | None = None, share: tuple[int, int] = (0, 1),
                     call: Callable[[torch.Tensor], object] | None = None,
                     uncovered: dict[str, list[str]] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(target, records, crops)`` for this process's ``share`` = (rank, world) of the records.
+    """Yield ``(target, records, pixels, boxes)`` for this process's ``share`` = (rank, world) of the records.
 
     The records are the top-``ranks`` of every unit of ``targets`` (``image``/``position``:
-    ``[units, k]`` per layer), as ``INDEX_DTYPE`` rows without their scale; ``crops`` are their
-    float32 projections on their receptive-field boxes, ``[n, C, h, w]``. One forward and one
+    ``[units, k]`` per layer), as ``INDEX_DTYPE`` rows without their scale; ``pixels`` are their
+    float32 projections, ``[n, C, H, W]``, and ``boxes`` their receptive-field boxes (top, left,
+    bottom, right), which may run past the image (see :func:`stored_crops`). One forward and one
     backward pass per batch of up to ``batch_size`` records of one layer: its forward stops at
     that layer and its backward starts there (on the demo net 15% faster than batches that mix
     layers and run to the deepest). Each layer's uncovered nonlinearities are put in ``uncovered``.
@@ -258,7 +253,8 @@ def project_records(net: nn.Module, probe, targets: Sequence[Target], image: dic
         records = np.zeros(len(chunk), fmt.INDEX_DTYPE)
         records["unit"], records["rank"], records["image"], records["y"], records["x"] = (
             chunk[:, 1], chunk[:, 2], chunk[:, 3], y, x)
-        yield i, records, crop_projections(result.pixels.cpu().numpy(), t.field, y, x, positional)
+        boxes = np.array([record_box(t.field, positional, a, b) for a, b in zip(y.tolist(), x.tolist())], np.int64)
+        yield i, records, result.pixels.cpu().numpy(), boxes.reshape(-1, 4)
 
 
 def project_checkpoint(net: nn.Module, probe, targets: Sequence[Target], image: dict[str, np.ndarray],
@@ -268,10 +264,12 @@ def project_checkpoint(net: nn.Module, probe, targets: Sequence[Target], image: 
     index: dict[str, list[np.ndarray]] = {t.name: [] for t in targets}
     images: dict[str, list[bytes]] = {t.name: [] for t in targets}
     uncovered: dict[str, list[str]] = {t.name: [] for t in targets}
-    for i, records, crops in project_records(net, probe, targets, image, position, uncovered=uncovered, **options):
-        q, records["scale"] = fmt.quantize_many(crops)
+    for i, records, pixels, boxes in project_records(net, probe, targets, image, position, uncovered=uncovered,
+                                                     **options):
+        quantized = [fmt.quantize(crop) for crop in stored_crops(pixels, boxes)]
+        records["scale"] = [scale for _, scale in quantized]
         index[targets[i].name].append(records)
-        images[targets[i].name].extend(fmt.encode_many(q, encoding))
+        images[targets[i].name].extend(fmt.encode_many([q for q, _ in quantized], encoding))
     return {
         name: LayerProjections(np.concatenate(parts) if parts else np.zeros(0, fmt.INDEX_DTYPE), images[name],
                                uncovered[name])

@@ -16,7 +16,7 @@ from tensorboard.util import tensor_util
 
 from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz import projection_format as fmt
-from tb_convviz.geometry import ReceptiveField
+from tb_convviz.geometry import ReceptiveField, record_box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +150,11 @@ class Run:
     def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0) -> np.ndarray:
         """The stored uint8 ``[C, h, w]`` of a record's projection, as drawn: 128 is zero, 1 and 255 ∓ its peak."""
         info, index, blobs = self._projections_at(layer, step)
-        return fmt.decode_pixels(blobs[self._projection_position(layer, step, index, unit, rank)],
-                                 info.channels, info.height, info.width)
+        position = self._projection_position(layer, step, index, unit, rank)
+        found = self.layer(layer)
+        box = record_box(found.receptive_field, found.fmap is not None, int(index[position]["y"]),
+                         int(index[position]["x"]))
+        return fmt.decode_projection(blobs[position], info, box)
 
     def projection_record(self, layer: str, step: int, unit: int, rank: int = 0) -> np.void:
         """The index row (unit, rank, image, y, x, scale) of a stored projection."""

@@ -13,7 +13,7 @@ from PIL import Image
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
 from tb_convviz import projection_format as fmt
 from tb_convviz.demo.model import DemoAlexNet
-from tb_convviz.geometry import crop
+from tb_convviz.geometry import crop, record_box
 from tb_convviz.plugin.figure_routes import MAX_ROW_CELLS
 from tb_convviz.projection import Target, project_checkpoint
 from tb_convviz.synthetic_run import write_synthetic_run
@@ -77,7 +77,8 @@ def test_read_run_round_trip(logged):
         for row, blob in list(zip(index, again[layer.name].images))[:: max(1, len(index) // 12)]:
             stored = run.projection(layer.name, STEPS[-1], int(row["unit"]), int(row["rank"]))
             assert stored.shape == (3, *layer.receptive_field.size)
-            want = fmt.dequantize(fmt.decode_pixels(blob, 3, *layer.receptive_field.size), float(row["scale"]))
+            box = record_box(layer.receptive_field, layer.fmap is not None, int(row["y"]), int(row["x"]))
+            want = fmt.dequantize(fmt.decode_projection(blob, info, box), float(row["scale"]))
             np.testing.assert_allclose(stored, want, rtol=0, atol=float(row["scale"]) / 127 + 1e-7)
             assert np.abs(stored).max() == pytest.approx(float(row["scale"]), rel=1e-6)
         # Top-1 only before the last step.

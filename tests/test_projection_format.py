@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from tb_convviz import plugin_data_pb2
 from tb_convviz import projection_format as fmt
-from tb_convviz.geometry import ReceptiveField, crop
-from tb_convviz.projection import crop_projections
+from tb_convviz.geometry import ReceptiveField, crop, record_box
+from tb_convviz.projection import stored_crops
 
 
 def projections(seed: int, n: int, shape=(3, 5, 7)) -> np.ndarray:
@@ -51,11 +51,17 @@ def test_zero_and_non_finite_projections_are_flat_grey():
 @pytest.mark.parametrize("channels", [1, 2, 3])
 def test_encoding_is_lossless(encoding, channels):
     q = fmt.quantize_many(projections(3, 4, (channels, 9, 6)))[0]
-    blobs = fmt.encode_many(q, encoding)
+    blobs = fmt.encode_many(list(q), encoding)
     for one, blob in zip(q, blobs):
         np.testing.assert_array_equal(fmt.decode_pixels(blob, channels, 9, 6), one)
     with pytest.raises(ValueError, match="does not hold"):
         fmt.decode_pixels(blobs[0], channels, 9, 7)
+
+
+def test_runs_before_clipping_store_the_whole_box():
+    q = fmt.quantize(projections(5, 1, (3, 9, 6))[0])[0]
+    info = plugin_data_pb2.ProjectionInfo(channels=3, height=9, width=6)  # clipped unset, as older runs wrote it
+    np.testing.assert_array_equal(fmt.decode_projection(fmt.encode_pixels(q), info, (-50, -50, -41, -44)), q)
 
 
 def test_runs_before_the_levels_field_read_as_8_bit():
@@ -67,16 +73,22 @@ def test_runs_before_the_levels_field_read_as_8_bit():
 @given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 40), stride=st.integers(1, 8),
        offset=st.floats(-6, 6), n=st.integers(1, 5), positional=st.booleans(),
        method=st.sampled_from(["analytic", "global"]))
-def test_batched_crops_equal_one_by_one_crops(seed, size, stride, offset, n, positional, method):
+def test_a_stored_region_decodes_to_the_whole_box(seed, size, stride, offset, n, positional, method):
+    """Storing only the box inside the image, then padding it back, equals cropping the whole box."""
     rng = np.random.default_rng(seed)
     pixels = rng.standard_normal((n, 3, 13, 17)).astype(np.float32)
+    pixels[rng.random(pixels.shape) < 0.3] = 0
     field = ReceptiveField(size=(size, size + 1), stride=(stride, stride), offset=(offset, -offset), method=method)
-    y, x = rng.integers(-1, 6, size=n), rng.integers(-1, 6, size=n)
-    got = crop_projections(pixels, field, y, x, positional)
-    for i in range(n):
-        box = field.box(int(y[i]), int(x[i])) if positional and y[i] >= 0 and x[i] >= 0 else field.box(None, None)
-        want = crop(np.moveaxis(pixels[i], 0, -1), box, fill=0).transpose(2, 0, 1)
-        np.testing.assert_array_equal(got[i], want)
+    ys, xs = rng.integers(-1, 6, size=n), rng.integers(-1, 6, size=n)
+    boxes = np.array([record_box(field, positional, int(y), int(x)) for y, x in zip(ys, xs)])
+    info = plugin_data_pb2.ProjectionInfo(channels=3, height=size, width=size + 1, clipped=True, image_height=13,
+                                          image_width=17)
+    for one, box, stored in zip(pixels, boxes, stored_crops(pixels, boxes)):
+        q, scale = fmt.quantize(stored)
+        whole = crop(np.moveaxis(one, 0, -1), tuple(box), fill=0).transpose(2, 0, 1)
+        assert scale == np.abs(whole).max()  # outside the image there is nothing to miss
+        got = fmt.decode_projection(fmt.encode_pixels(q), info, tuple(int(v) for v in box))
+        np.testing.assert_array_equal(got, fmt.quantize(whole)[0])
 
 
 def test_a_grey_model_s_projections_read_back(tmp_path):

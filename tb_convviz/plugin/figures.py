@@ -15,6 +15,7 @@ from tensorboard.data import provider
 
 from tb_convviz import metadata, plugin_data_pb2
 from tb_convviz import projection_format as fmt
+from tb_convviz.geometry import record_box
 from tb_convviz.plugin.data import ALL_POINTS, ByteLRU, ConvVizData, Layer, RunListing, _SingleFlight, cached_version
 
 # Bounds on what logged metadata may ask of the renderer.
@@ -134,10 +135,10 @@ class FigureData:
         key = ("pixels", eid, listing.name, ref.blob_key)
         q = self.pixels.get(key)
         if q is None:
-            info = projections.info
+            row = self.index(ctx, eid, listing, layer, step)[position]
+            box = record_box(layer.field, layer.positional, int(row["y"]), int(row["x"]))
             try:
-                q = fmt.decode_pixels(self._provider.read_blob(ctx, blob_key=ref.blob_key),
-                                      info.channels, info.height, info.width)
+                q = fmt.decode_projection(self._provider.read_blob(ctx, blob_key=ref.blob_key), projections.info, box)
             except Exception as e:  # Pillow raises many types on corrupt data; all mean "unusable"
                 raise errors.NotFoundError(f"a projection of {layer.name!r} at step {step} cannot be decoded ({e})")
             self.pixels.put(key, q, q.nbytes + 64)

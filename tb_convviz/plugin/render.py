@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tensorboard import errors
 
-from tb_convviz.geometry import PAD_VALUE, ReceptiveField, crop
+from tb_convviz.geometry import PAD_VALUE, crop, record_box
 from tb_convviz.plugin.data import ByteLRU, ConvVizData, Layer, Probe, RunListing
 
 # Range of the `size=` parameter: the longer side of a resampled patch, in pixels.
@@ -37,13 +37,6 @@ def grid_shape(k: int) -> tuple[int, int]:
     """(rows, cols) of the near-square grid for ``k`` patches: 3x3 for 9, 2x3 for 5."""
     cols = math.ceil(math.sqrt(k))
     return math.ceil(k / cols), cols
-
-
-def record_box(field: ReceptiveField, positional: bool, y: int, x: int) -> tuple[int, int, int, int]:
-    """Crop box of a record; records of fully connected layers (or y, x = -1) have no position."""
-    if not positional or y < 0 or x < 0:
-        return field.box(None, None)
-    return field.box(y, x)
 
 
 def resize(image: np.ndarray, size: int | None) -> np.ndarray:
