@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import operator
 import os
@@ -17,7 +19,7 @@ from tb_convviz import plugin_data_pb2
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
-from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward
+from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward, probe_dtype
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import LayerProjections, Target, check_options, project_ranks
 from tb_convviz.ranking import merge_ranks, rank, world
@@ -26,6 +28,7 @@ from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.records import RecordWriter
 from tb_convviz.schedule import Schedule
 from tb_convviz.sources import ProbeSource
+from tb_convviz.streams import POOL_BYTES, ImagesAt, StreamHooks, StreamSource, check_streams, locate_images
 from tb_convviz.topk import TopK
 from tb_convviz.warning import ConvVizWarning
 
@@ -48,6 +51,11 @@ class ConvVizLogger:
     ``projections_topk_every`` (n, or "last") projects all k at every n-th checkpoint, or at
     the last one (the schedule's last, and the final checkpoint ``close()`` logs). The first
     convolution's weights are logged at every checkpoint.
+    ``stream`` ("train", "eval" or both) also ranks the images of the user's own training-mode
+    or eval-mode forwards, re-scored at each checkpoint as probe images are, and records their
+    top-k beside the probe's. The images are the model's first positional argument (or the one
+    ``forward`` passes the probe batch in), else ``stream_images``: an argument position, a
+    keyword, or ``images(args, kwargs)``. Candidates wait on the CPU, ``stream_pool_bytes`` at most.
     """
 
     def __init__(
@@ -68,6 +76,9 @@ class ConvVizLogger:
         projections: str | None = "top1",
         projection_rule: str = "deconvnet",
         projections_topk_every: int | str | None = None,
+        stream: str | Sequence[str] | None = None,
+        stream_images: ImagesAt | None = None,
+        stream_pool_bytes: int = POOL_BYTES,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -114,6 +125,7 @@ class ConvVizLogger:
                                          k=k, batch_size=batch_size, call=self._call, device=self.device)
         self._records = RecordWriter(self.log_dir, writer, net=self._net, probe=probe, layer_infos=self._layer_infos,
                                      first_conv=self._first_conv, projection_rule=projection_rule)
+        self._streams = self._stream_sources(stream, stream_images, stream_pool_bytes)
         self._last_step = -1
         self._lock = LogDirLock(self.log_dir) if rank() == 0 else None
         try:
@@ -131,6 +143,7 @@ class ConvVizLogger:
         self._state = _state_tensors(self._net)
         self._distributed = world() > 1
         self._warned_not_finite: set[str] = set()
+        self._hooks = StreamHooks(self._net, self._streams) if self._streams else None
 
     # -- construction ---------------------------------------------------------------
 
@@ -177,6 +190,16 @@ class ConvVizLogger:
         self._first_conv = next((c.name for c in calls if isinstance(c.module, nn.Conv2d)
                                  and c.module.in_channels == self.probe.shape[0]), None)
         return names
+
+    def _stream_sources(self, stream, images_at: ImagesAt | None, pool_bytes: int) -> list[StreamSource]:
+        modes = check_streams(stream)
+        if not modes:
+            return []
+        if not isinstance(pool_bytes, int) or pool_bytes < 0:
+            raise ValueError(f"stream_pool_bytes must be a non-negative int, got {pool_bytes!r}")
+        sample = next(self.probe.batches(min(2, len(self.probe))))[1].to(self.device, probe_dtype(self._net))
+        images_at = locate_images(self._net, self._call, sample, images_at)
+        return [StreamSource(mode, self._probe_source, images_at, pool_bytes=pool_bytes) for mode in modes]
 
     def _describe_layers(self) -> dict[str, plugin_data_pb2.LayerInfo]:
         channels, height, width = self.probe.shape
@@ -228,13 +251,16 @@ class ConvVizLogger:
         """The last step logged in ``log_dir`` (by this logger or an earlier run), -1 if none."""
         return self._last_step
 
-    def maybe_log(self, step: int) -> bool:
+    def maybe_log(self, step: int, *, labels: torch.Tensor | None = None) -> bool:
         """Log if ``step`` has reached the next scheduled checkpoint; returns whether it logged.
 
         ``step`` must not go back: pass a global step (``epoch * steps_per_epoch + i``), not
-        a counter that restarts every epoch.
+        a counter that restarts every epoch. ``labels``: the classes of the last forward's
+        images, for the streams' class histograms.
         """
         step = _check_step(step)
+        if labels is not None:
+            self.label(labels)
         self._warn_if_backwards(step)
         logged = False
         if step <= self._resumed_at and self._last_step == self._resumed_at:
@@ -270,8 +296,13 @@ class ConvVizLogger:
             self._warn_order(step)
             return False
         try:
-            ranked = merge_ranks(self._probe_source.local(), self.k)
-            projections = self._project(step, ranked.topk)
+            with self.paused():
+                ranked = merge_ranks(self._probe_source.local(), self.k)
+                ranks = self._projection_ranks(step)
+                self._checkpoints += 1
+                projections = self._project(ranks, self.probe, ranked.topk)
+                streams = {s.mode: s.checkpoint(functools.partial(self._project, ranks, alone=True))
+                           for s in self._streams}
         except Exception as e:
             self._failed("probe pass", f"the probe pass of the checkpoint at step {step} failed "
                          f"({type(e).__name__}: {e}); checkpoints are skipped until it works again")
@@ -282,7 +313,7 @@ class ConvVizLogger:
             return True
         self._warn_not_finite(step, ranked.not_finite)
         try:
-            self._records.write(step, ranked.topk, projections)
+            self._records.write(step, ranked.topk, projections, streams)
         except Exception as e:
             self._failed("write", f"could not write the checkpoint at step {step} to {self.log_dir!r} "
                          f"({type(e).__name__}: {e}); training goes on and the next checkpoint tries again")
@@ -327,16 +358,24 @@ class ConvVizLogger:
             return self.k
         return 1
 
-    def _project(self, step: int, results: dict[str, TopK]) -> dict[str, LayerProjections]:
-        """This checkpoint's projections (on rank 0; other ranks compute their share and get {})."""
-        ranks = self._projection_ranks(step)
-        self._checkpoints += 1
+    def _project(self, ranks: int, images: Any, results: dict[str, TopK], *,
+                 alone: bool = False) -> dict[str, LayerProjections]:
+        """Projections of ``results``' top ``ranks`` (on rank 0; other ranks compute their share and get {})."""
         if not ranks:
             return {}
         targets = [Target(name, ReceptiveField.from_proto(info.receptive_field), info.fmap_w)
                    for name, info in self._layer_infos.items()]
-        return project_ranks(self._net, self.probe, targets, results, ranks=ranks, rule=self.projection_rule,
-                             batch_size=self.batch_size, device=self.device, call=self._call)
+        return project_ranks(self._net, images, targets, results, ranks=ranks, rule=self.projection_rule,
+                             batch_size=self.batch_size, device=self.device, call=self._call, alone=alone)
+
+    def paused(self) -> contextlib.AbstractContextManager:
+        """A context in which the streams rank no forward: for eval-mode forwards that are not a validation pass."""
+        return self._hooks.paused() if self._hooks is not None else contextlib.nullcontext()
+
+    def label(self, labels: torch.Tensor) -> None:
+        """The classes ``[N]`` of the images of the last forward a stream ranked."""
+        if self._hooks is not None and self._hooks.last is not None:
+            self._hooks.last.label(labels)
 
     def close(self, *, final_checkpoint: bool = True) -> None:
         """Log the model as it is now, unless it is logged already, then flush and close the event file.
@@ -351,6 +390,8 @@ class ConvVizLogger:
                 self._log_final()
             self._records.close()
         finally:
+            if self._hooks is not None:
+                self._hooks.remove()
             self._release_lock()
 
     def _release_lock(self) -> None:

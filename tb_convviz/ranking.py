@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tb_convviz.topk import TopK, emptied, merge
+from tb_convviz.topk import TopK, distinct, emptied, merge
 
 
 @dataclasses.dataclass
@@ -26,17 +26,18 @@ class Ranked:
     not_finite: dict[str, torch.Tensor]
 
 
-def merge_ranks(local: Ranked, k: int) -> Ranked:
+def merge_ranks(local: Ranked, k: int, *, by_content: bool = False) -> Ranked:
     """This rank's share merged with every other rank's into the checkpoint's records, on the CPU.
 
     Every rank calls it once per checkpoint and source, with the same layers in the same
     order: the gathers pair up only then. Units that were not finite on any rank lose their ranks.
+    ``by_content``: records name images by content, and two ranks may hold the same image.
     """
     topk, not_finite = {}, {}
     for name, records in local.topk.items():
         bad = local.not_finite[name]
         if world() > 1:
-            records = _gather(records, k)
+            records = _gather(records, k, by_content)
             bad = bad.to(torch.uint8)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             bad = bad.bool()
@@ -45,7 +46,7 @@ def merge_ranks(local: Ranked, k: int) -> Ranked:
     return Ranked(topk, not_finite)
 
 
-def _gather(topk: TopK, k: int) -> TopK:
+def _gather(topk: TopK, k: int, by_content: bool) -> TopK:
     parts = []
     for tensor in (topk.values, topk.image, topk.position):
         gathered = [torch.empty_like(tensor) for _ in range(world())]
@@ -53,7 +54,8 @@ def _gather(topk: TopK, k: int) -> TopK:
         parts.append(gathered)
     merged = TopK(parts[0][0], parts[1][0], parts[2][0])
     for values, image, position in zip(*(p[1:] for p in parts)):
-        merged = merge(merged, TopK(values, image, position), k)
+        other = TopK(values, image, position)
+        merged = distinct(TopK.joined(merged, other), k) if by_content else merge(merged, other, k)
     return merged
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 from tensorboard.compat.proto import summary_pb2
 from torch import nn
 
@@ -15,6 +17,16 @@ from tb_convviz.projection import LayerProjections
 from tb_convviz.projection_format import DOMINANT_RATIO, ENCODING, LEVELS, NEAR_ZERO_RATIO, encode_index, filter_flags
 from tb_convviz.reader import Run
 from tb_convviz.topk import TopK
+
+
+@dataclasses.dataclass
+class StreamRecords:
+    """A stream's part of a checkpoint: records naming images by number, and the images numbered at it."""
+
+    topk: dict[str, TopK]
+    projections: dict[str, LayerProjections]
+    images: dict[int, torch.Tensor]  # number -> the image as fed, [C, H, W]
+    labels: dict[int, int]
 
 
 class RecordWriter:
@@ -34,7 +46,7 @@ class RecordWriter:
             class_names=probe.class_names or [], fingerprint=probe.fingerprint,
         )
         self._writer: summary.EventWriter | None = None
-        self._chunk = -1
+        self._chunks: dict[str, int] = {}  # tag -> its last chunk step
         self._stored: set[int] = set()
         self._previous: dict[str, np.ndarray] = {}
 
@@ -47,45 +59,61 @@ class RecordWriter:
                         self._previous[layer.name] = run.topk(layer.name, last_step).image
                     except KeyError:  # a layer missing at that step
                         pass
-        self._stored, self._chunk = run.stored_images, run.last_chunk
+        self._stored = run.stored_images
+        self._chunks = {metadata.PROBE_CHUNK_TAG: run.last_chunk}
+        self._chunks.update({metadata.stream_tag(source, "chunk"): c for source, c in run.stream_chunks.items()})
 
-    def write(self, step: int, results: dict[str, TopK],
-              projections: dict[str, LayerProjections] | None = None) -> None:
-        """Write one checkpoint: the new winning probe images first, then its records in one event at ``step``."""
+    def write(self, step: int, results: dict[str, TopK], projections: dict[str, LayerProjections] | None = None,
+              streams: dict[str, StreamRecords] | None = None) -> None:
+        """Write one checkpoint: the new winning images first, then its records in one event at ``step``."""
         writer = self._writer or self._open()
-        self._write_images(writer, results)
+        new = sorted(self._winners(results) - self._stored)
+        self._write_chunks(writer, metadata.PROBE_CHUNK_TAG, new, self.probe.display, self.probe.label, self._stored)
+        for source, stream in (streams or {}).items():
+            self._write_chunks(writer, metadata.stream_tag(source, "chunk"), sorted(stream.images),
+                               lambda i, s=stream: self.probe.show(s.images[i]), lambda i, s=stream: s.labels.get(i, -1))
         values, scalars, images = [], {}, {}
         for name, topk in results.items():
-            info = self.layer_infos[name]
-            position = topk.position.numpy()
-            has_position = info.fmap_w > 0
-            y = np.where(position >= 0, position // max(info.fmap_w, 1), -1) if has_position else -1
-            x = np.where(position >= 0, position % max(info.fmap_w, 1), -1) if has_position else -1
-            image = topk.image.numpy()
-            payload = metadata.encode_records(topk.values.numpy(), image, y, x)
-            values.extend(summary.topk_pb(info, payload).value)
-            scalars.update(self._layer_scalars(name, topk.values.numpy(), image))
-            images[name] = image
+            values.append(self._records_value(name, topk))
+            scalars.update(self._layer_scalars(name, topk.values.numpy(), topk.image.numpy()))
+            images[name] = topk.image.numpy()
         values.extend(self._projection_values(projections or {}))
+        for source, stream in (streams or {}).items():
+            values.extend(self._records_value(name, topk, metadata.stream_tag(source, "topk", name))
+                          for name, topk in stream.topk.items())
+            values.extend(self._projection_values(stream.projections, source))
         values.extend(self._filter_values(scalars))
         values.extend(summary.scalars_pb(scalars).value)
         writer.write(summary_pb2.Summary(value=values), step)
         writer.flush()
         self._previous = images
 
-    def _write_images(self, writer: summary.EventWriter, results: dict[str, TopK]) -> None:
-        winners = set()
-        for topk in results.values():
-            winners.update(topk.image[topk.image >= 0].unique().tolist())
-        new = sorted(winners - self._stored)
-        encoded = [summary.encode_image(self.probe.display(i)) for i in new]
+    @staticmethod
+    def _winners(results: dict[str, TopK]) -> set[int]:
+        return {i for topk in results.values() for i in topk.image[topk.image >= 0].unique().tolist()}
+
+    def _write_chunks(self, writer: summary.EventWriter, tag: str, new: list[int], show: Callable[[int], np.ndarray],
+                      label: Callable[[int], int], stored: set[int] | None = None) -> None:
+        """Store images ``new`` in ``tag``'s chunks, at its next chunk steps; those written join ``stored``."""
+        encoded = [summary.encode_image(show(i)) for i in new]
         for part in summary.split_chunks([len(b) for b in encoded]):
             # A chunk step is used once, even by a write that fails: a reader must never meet two
             # different chunks at one step. Images of a chunk that was written are not written again.
-            self._chunk += 1
-            labels = [self.probe.label(i) for i in new[part]]
-            writer.write(summary.probe_chunk_pb(self.probe_info, new[part], labels, encoded[part]), self._chunk)
-            self._stored.update(new[part])
+            self._chunks[tag] = self._chunks.get(tag, -1) + 1
+            labels = [label(i) for i in new[part]]
+            writer.write(summary.probe_chunk_pb(self.probe_info, new[part], labels, encoded[part], tag),
+                         self._chunks[tag])
+            if stored is not None:
+                stored.update(new[part])
+
+    def _records_value(self, name: str, topk: TopK, tag: str | None = None) -> summary_pb2.Summary.Value:
+        info = self.layer_infos[name]
+        position = topk.position.numpy()
+        has_position = info.fmap_w > 0
+        y = np.where(position >= 0, position // max(info.fmap_w, 1), -1) if has_position else -1
+        x = np.where(position >= 0, position % max(info.fmap_w, 1), -1) if has_position else -1
+        payload = metadata.encode_records(topk.values.numpy(), topk.image.numpy(), y, x)
+        return summary.topk_pb(info, payload, tag).value[0]
 
     def _layer_scalars(self, name: str, values: np.ndarray, image: np.ndarray) -> dict[str, float]:
         # Not-finite units are neither dead nor counted in the means; a layer of only those
@@ -103,7 +131,8 @@ class RecordWriter:
                 out[metadata.scalar_tag(name, "topk_overlap")] = overlap
         return out
 
-    def _projection_values(self, projections: dict[str, LayerProjections]) -> list[summary_pb2.Summary.Value]:
+    def _projection_values(self, projections: dict[str, LayerProjections],
+                           source: str = "probe") -> list[summary_pb2.Summary.Value]:
         values = []
         channels, height, width = self.probe.shape
         for name, layer in projections.items():
@@ -113,7 +142,8 @@ class RecordWriter:
                 uncovered=layer.uncovered, encoding=ENCODING, levels=LEVELS, clipped=True, image_height=height,
                 image_width=width,
             )
-            values.extend(summary.projections_pb(info, encode_index(layer.index), layer.images).value)
+            tag = metadata.stream_tag(source, "projection", name) if source != "probe" else None
+            values.extend(summary.projections_pb(info, encode_index(layer.index), layer.images, tag).value)
         return values
 
     def _filter_values(self, scalars: dict[str, float]) -> list[summary_pb2.Summary.Value]:
