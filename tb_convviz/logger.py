@@ -368,6 +368,11 @@ class ConvVizLogger:
         return project_ranks(self._net, images, targets, results, ranks=ranks, rule=self.projection_rule,
                              batch_size=self.batch_size, device=self.device, call=self._call, alone=alone)
 
+    @property
+    def stream_pool_bytes_held(self) -> int:
+        """Bytes of candidate images the streams hold on the CPU now."""
+        return sum(s.pool.bytes for s in self._streams)
+
     def paused(self) -> contextlib.AbstractContextManager:
         """A context in which the streams rank no forward: for eval-mode forwards that are not a validation pass."""
         return self._hooks.paused() if self._hooks is not None else contextlib.nullcontext()

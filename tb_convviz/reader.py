@@ -89,8 +89,8 @@ class Run:
         self._payloads: dict[str, dict[int, bytes]] = {}
         self._images: dict[int, bytes] = {}
         self._labels: dict[int, int] = {}
-        # layer -> step -> (info, index rows, image blobs): one self-contained record each.
-        self._projections: dict[str, dict[int, tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]]] = {}
+        # source -> layer -> step -> (info, index rows, image blobs): one self-contained record each.
+        self._projections: dict[str, dict[str, dict[int, tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]]]] = {}
         self.filter_module: str | None = None
         self._filters: dict[int, np.ndarray] = {}
         # Streams ("train", "eval"): per source, like the probe's records, images and labels.
@@ -156,39 +156,40 @@ class Run:
         """The label of stream image ``index``, -1 if unlabelled."""
         return self._stream_labels.get(source, {}).get(index, -1)
 
-    def projection_steps(self, layer: str) -> list[int]:
+    def projection_steps(self, layer: str, source: str = "probe") -> list[int]:
         """Steps at which ``layer``'s projections were logged, ascending (empty if never)."""
-        return sorted(self._projections.get(self.layer(layer).name, {}))
+        return sorted(self._projections.get(source, {}).get(self.layer(layer).name, {}))
 
-    def projection_info(self, layer: str) -> plugin_data_pb2.ProjectionInfo | None:
+    def projection_info(self, layer: str, source: str = "probe") -> plugin_data_pb2.ProjectionInfo | None:
         """How ``layer``'s projections were made (rule, crop size, uncovered nonlinearities), or None."""
-        per_step = self._projections.get(self.layer(layer).name)
+        per_step = self._projections.get(source, {}).get(self.layer(layer).name)
         return next(iter(per_step.values()))[0] if per_step else None
 
-    def projection(self, layer: str, step: int, unit: int, rank: int = 0) -> np.ndarray:
+    def projection(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe") -> np.ndarray:
         """The stored projection of a record, float32 ``[C, h, w]`` on its receptive-field box (zero-padded).
 
         De-quantised with its normalisation constant; KeyError if that record was not projected.
         """
-        return fmt.dequantize(self.projection_pixels(layer, step, unit, rank),
-                              float(self.projection_record(layer, step, unit, rank)["scale"]))
+        return fmt.dequantize(self.projection_pixels(layer, step, unit, rank, source),
+                              float(self.projection_record(layer, step, unit, rank, source)["scale"]))
 
-    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0) -> np.ndarray:
+    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe") -> np.ndarray:
         """The stored uint8 ``[C, h, w]`` of a record's projection, as drawn: 128 is zero, 1 and 255 ∓ its peak."""
-        info, index, blobs = self._projections_at(layer, step)
+        info, index, blobs = self._projections_at(layer, step, source)
         position = self._projection_position(layer, step, index, unit, rank)
         found = self.layer(layer)
         box = record_box(found.receptive_field, found.fmap is not None, int(index[position]["y"]),
                          int(index[position]["x"]))
         return fmt.decode_projection(blobs[position], info, box)
 
-    def projection_record(self, layer: str, step: int, unit: int, rank: int = 0) -> np.void:
+    def projection_record(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe") -> np.void:
         """The index row (unit, rank, image, y, x, scale) of a stored projection."""
-        index = self._projections_at(layer, step)[1]
+        index = self._projections_at(layer, step, source)[1]
         return index[self._projection_position(layer, step, index, unit, rank)]
 
-    def _projections_at(self, layer: str, step: int) -> tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]:
-        per_step = self._projections.get(self.layer(layer).name, {})
+    def _projections_at(self, layer: str, step: int,
+                        source: str) -> tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]:
+        per_step = self._projections.get(source, {}).get(self.layer(layer).name, {})
         if step not in per_step:
             raise KeyError(f"layer {layer!r} has no projections at step {step}; "
                            f"steps with projections: {sorted(per_step) or 'none (not logged in this run)'}")
@@ -269,7 +270,9 @@ class Run:
 
     def _add_stream(self, value, step: int, source: str, kind: str, layer: str | None) -> None:
         """A stream's records or image chunk; its records' layers are the probe records' layers."""
-        if kind == "topk" and layer is not None:
+        if kind == "projection" and layer is not None:
+            self._add_figure_data(value, step, layer, source)
+        elif kind == "topk" and layer is not None:
             payload = tensor_util.make_ndarray(value.tensor).item()
             self._stream_payloads.setdefault(source, {}).setdefault(layer, {})[step] = payload
         elif kind == "chunk":
@@ -287,7 +290,7 @@ class Run:
                 self._stream_images.setdefault(source, {}).setdefault(index, blob)
                 self._stream_labels.setdefault(source, {}).setdefault(index, label)
 
-    def _add_figure_data(self, value, step: int) -> None:
+    def _add_figure_data(self, value, step: int, layer: str | None = None, source: str = "probe") -> None:
         """A projections blob sequence or a filters tensor; a series' metadata comes with its first value."""
         content = value.metadata.plugin_data.content if value.HasField("metadata") else None
         data = metadata.parse_plugin_metadata(content) if content else None
@@ -297,8 +300,8 @@ class Run:
             if self.filter_module == value.tag[len(metadata.FILTERS_TAG_PREFIX):]:
                 self._filters[step] = tensor_util.make_ndarray(value.tensor).astype(np.float32)
             return
-        layer = value.tag[len(metadata.PROJECTION_TAG_PREFIX):]
-        per_step = self._projections.setdefault(layer, {})
+        layer = layer or value.tag[len(metadata.PROJECTION_TAG_PREFIX):]
+        per_step = self._projections.setdefault(source, {}).setdefault(layer, {})
         info = data.projection if data is not None else next(iter(per_step.values()))[0] if per_step else None
         if info is None:
             return
