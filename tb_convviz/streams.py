@@ -275,7 +275,7 @@ class StreamHooks:
             self._paused -= 1
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._current, self._found = None, {}
+        self._current, self._found, self.last = None, {}, None
         stream = self.streams.get("train" if module.training else "eval")
         if self._paused or stream is None:
             return
