@@ -49,7 +49,7 @@ class FigureRoutes:
 
     def describe(self, ctx, eid: str, listing, layers) -> tuple[dict, dict | None]:
         """For the ``runs`` listing: per layer name its projections (or None), and the run's filters (or None)."""
-        projections = self.figures.projections(ctx, eid, listing.name)
+        projections = self.figures.projections(ctx, eid, listing.name, listing.source)
         per_layer = {layer.name: projections_json(projections.get(layer.name), layer.info.units) for layer in layers}
         try:
             filters = self.figures.filters(ctx, eid, listing.name)
@@ -89,7 +89,7 @@ class FigureRoutes:
             raise errors.NotFoundError(
                 f"unit {unit} rank {rank} of layer {layer.name!r} was not projected at step {step}"
                 + (" (only the top-1 record is projected there)" if rank else ""))
-        key = ("projection", eid, listing.name, layer.name, step, position, size, scale)
+        key = ("projection", eid, listing.key, layer.name, step, position, size, scale)
         return base._png(request, self._cached(key, lambda: render.encode_png(render.resize(
             self._scaled(ctx, eid, listing, layer, step, position, scale), size))))
 
@@ -108,7 +108,7 @@ class FigureRoutes:
             tile = render.resize(np.zeros(layer.field.size, np.uint8), size).shape[:2]
             return render.encode_png(render.mosaic(tiles, tile))
 
-        key = ("projection_mosaic", eid, listing.name, layer.name, step, unit, size, scale)
+        key = ("projection_mosaic", eid, listing.key, layer.name, step, unit, size, scale)
         return base._png(request, self._cached(key, draw))
 
     @base._route
@@ -149,7 +149,7 @@ class FigureRoutes:
                     self.figures.projection(ctx, eid, listing, layer, step, position)), size))
             return render.encode_png(_strip(cells, tile))
 
-        key = ("row", eid, listing.name, layer.name, unit, tuple(steps), size, kind, scale,
+        key = ("row", eid, listing.key, layer.name, unit, tuple(steps), size, kind, scale,
                layer.steps[-1] if layer.steps else None)
         return base._png(request, self._cached(key, draw))
 
