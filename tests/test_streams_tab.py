@@ -97,7 +97,7 @@ def test_the_images_switch_in_every_view_and_in_the_url(watched, logdir):
         page.wait_for_selector(".cv-source-select")
         assert page.locator(".cv-source-select").input_value() == "train"
         page.locator(".cv-run-select").select_option("plain")
-        page.wait_for_selector(f".cv-grid{IDLE}")
+        page.wait_for_function("() => document.querySelector('.cv-source-select').disabled")
         plain = page.locator(".cv-source-select")
         assert plain.is_disabled() and "no training or validation stream" in plain.get_attribute("title")
         assert "source" not in hash_state(page)
