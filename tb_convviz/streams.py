@@ -146,6 +146,9 @@ class StreamSource:
         candidates = TopK(candidates.values, candidates.image.masked_fill(candidates.values == float("-inf"), -1),
                           candidates.position)
         self._topk = distinct(TopK.joined(self._topk, candidates), self.probe.k)
+        # Only images some unit holds stay: the pool never holds more than units x k + the winners.
+        held = self._topk.image
+        self.pool.keep(set(held[held >= 0].unique().tolist()) | self.winners)
         if self.pool.bytes > self.pool.max_bytes:
             self._bound()
 
@@ -153,16 +156,13 @@ class StreamSource:
         """Labels of the last ranked forward's images, ``[B]``."""
         labels = labels.detach().cpu().flatten().tolist()
         for row, key in self.last_ids:
-            if row < len(labels):
+            if row < len(labels) and key in self.pool.images:
                 self.pool.labels[key] = int(labels[row])
 
     def _bound(self) -> None:
-        # Images no unit holds any more go first; then the weakest: those whose best slot in
-        # any unit's top-k is the lowest, which then leave the units that held them.
+        # The weakest leave first: the images whose best slot in any unit's top-k is the lowest,
+        # which then leave the units that held them.
         held = self._topk.image
-        self.pool.keep(set(held[held >= 0].unique().tolist()) | self.winners)
-        if self.pool.bytes <= self.pool.max_bytes:
-            return
         slot = torch.arange(held.shape[1], device=held.device).expand_as(held)
         best: dict[int, int] = {}
         for key, s in zip(held.flatten().tolist(), slot.flatten().tolist()):

@@ -87,14 +87,14 @@ def distinct(records: TopK, k: int) -> TopK:
 
     For records that name images by content, where one image may come more than once.
     """
-    by_image = records.columns(torch.where(records.image < 0, torch.iinfo(torch.int64).max,
-                                           records.image).argsort(dim=1, stable=True))
-    ranked = _best(by_image, by_image.k)
-    image = ranked.image
-    seen = ((image[:, :, None] == image[:, None, :]) & (image[:, None, :] >= 0)).tril(diagonal=-1).any(dim=2)
-    ranked = TopK(ranked.values.masked_fill(seen, float("-inf")), image.masked_fill(seen, -1),
-                  ranked.position.masked_fill(seen, -1))
-    return _best(ranked, k)
+    by_image = _best(records, records.k)  # each image's best record first among its own
+    key = torch.where(by_image.image < 0, torch.iinfo(torch.int64).max, by_image.image)
+    by_image = by_image.columns(key.argsort(dim=1, stable=True))
+    image = by_image.image
+    repeat = torch.zeros_like(image, dtype=torch.bool)
+    repeat[:, 1:] = (image[:, 1:] == image[:, :-1]) & (image[:, 1:] >= 0)
+    return _best(TopK(by_image.values.masked_fill(repeat, float("-inf")), image.masked_fill(repeat, -1),
+                      by_image.position.masked_fill(repeat, -1)), k)
 
 
 def _append(a: TopK, b: TopK, k: int) -> TopK:
