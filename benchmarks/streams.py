@@ -1,0 +1,153 @@
+"""What the training and validation streams cost, measured side by side in one run on the CPU.
+
+* a training step (forward, backward, SGD step) with ``stream="train"`` ÷ the same step without,
+  for the demo's AlexNet-style net at 64x64, batch 128, and torchvision's resnet18 at 64x64,
+  batch 64: two copies of each model, steps interleaved, the median of per-step ratios;
+* a validation pass (``torch.no_grad()``, eval mode) with ``stream="eval"`` ÷ without;
+* a checkpoint with both streams ÷ the same checkpoint without (1024 probe images, no
+  projections), after a window of training steps and a validation pass;
+* the streams' pool after that window, and the peak extra memory of the checkpoints.
+
+    python benchmarks/streams.py [--repeats 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+import torchvision
+
+from overhead import peak_extra, timed
+from tb_convviz import ConvVizLogger, ProbeSet
+from tb_convviz.demo.model import DemoAlexNet
+
+NEVER = 10 ** 9  # a schedule step no benchmark reaches: only the streams' hooks run
+
+
+def loggers(model, probe, log_dir, layers, **options):
+    """A model without a logger, and a copy with one (its streams' hooks on), from the same weights."""
+    hooked = copy.deepcopy(model)
+    return model, hooked, ConvVizLogger(hooked, probe, log_dir, layers=layers, k=9, steps=[NEVER],
+                                        projections=None, **options)
+
+
+def train_step(model, x, y, optimizer) -> None:
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def validation(model, batches) -> None:
+    model.eval()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+
+
+def interleaved(plain, hooked, repeats: int) -> float:
+    """Median over ``repeats`` of hooked() time ÷ plain() time, each pair timed back to back."""
+    plain(), hooked()  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        a = timed(plain)
+        ratios.append(timed(hooked) / ((a + timed(plain)) / 2))
+    return statistics.median(ratios)
+
+
+def step_ratio(model, layers, batch, repeats, probe) -> float:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(batch, 3, 64, 64, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    with tempfile.TemporaryDirectory() as d:
+        plain, hooked, logger = loggers(model, probe, d, layers, stream="train")
+        sgd = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, hooked)]
+        # Fresh images each step, as in training: each may enter a unit's top-k.
+        ratio = interleaved(lambda: train_step(plain, torch.rand_like(x), y, sgd[0]),
+                            lambda: train_step(hooked, torch.rand_like(x), y, sgd[1]), repeats)
+        logger.close(final_checkpoint=False)
+    return ratio
+
+
+def validation_ratio(model, layers, repeats, probe) -> float:
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.rand(256, 3, 64, 64, generator=g) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as d:
+        plain, hooked, logger = loggers(model, probe, d, layers, stream="eval")
+        ratio = interleaved(lambda: validation(plain, batches), lambda: validation(hooked, batches), repeats)
+        logger.close(final_checkpoint=False)
+    return ratio
+
+
+def checkpoint(repeats: int, probe) -> dict:
+    """Checkpoint with both streams ÷ without, after a window of 8 training steps and 1024 validation images."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    validation_set = [torch.rand(256, 3, 64, 64, generator=g) for _ in range(4)]
+    model = DemoAlexNet()
+    ratios, pools, memory = [], [], {"streams": 0, "probe": 0}
+    with tempfile.TemporaryDirectory() as d:
+        plain = ConvVizLogger(copy.deepcopy(model), probe, f"{d}/plain", layers=DemoAlexNet.LOGGED_LAYERS, k=9,
+                              steps=[NEVER], projections=None)
+        streams = ConvVizLogger(model, probe, f"{d}/streams", layers=DemoAlexNet.LOGGED_LAYERS, k=9, steps=[NEVER],
+                                projections=None, stream=("train", "eval"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for step in range(repeats):
+            for _ in range(8):
+                train_step(model, torch.rand(128, 3, 64, 64, generator=g), torch.randint(0, 10, (128,), generator=g),
+                           optimizer)
+            validation(model, validation_set)
+            plain.model.load_state_dict(model.state_dict())
+            pools.append(streams.stream_pool_bytes_held)
+            a = timed(lambda: plain.log(step))
+            b = timed(lambda: streams.log(step))
+            ratios.append(b / a)
+            if step == repeats - 1:  # memory once, outside the timing
+                for _ in range(8):
+                    train_step(model, torch.rand(128, 3, 64, 64, generator=g),
+                               torch.randint(0, 10, (128,), generator=g), optimizer)
+                validation(model, validation_set)
+                memory["streams"] = peak_extra(lambda: streams.log(step + 1))
+                memory["probe"] = peak_extra(lambda: plain.log(step + 1))
+        plain.close(final_checkpoint=False)
+        streams.close(final_checkpoint=False)
+    return {"ratio": statistics.median(ratios), "pool_bytes": max(pools), "peak_extra_bytes": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the text")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    probe = ProbeSet(torch.rand(1024, 3, 64, 64))
+    resnet = torchvision.models.resnet18(num_classes=10)
+    resnet_layers = ["relu", "layer1", "layer2", "layer3", "layer4"]
+    out = {
+        "train_step_demo": step_ratio(DemoAlexNet(), DemoAlexNet.LOGGED_LAYERS, 128, args.repeats, probe),
+        "train_step_resnet18": step_ratio(resnet, resnet_layers, 64, args.repeats, probe),
+        "validation_demo": validation_ratio(DemoAlexNet(), DemoAlexNet.LOGGED_LAYERS, args.repeats, probe),
+        "checkpoint": checkpoint(args.repeats, probe),
+    }
+    if args.json:
+        print(json.dumps({"benchmark": "streams", "threads": torch.get_num_threads(), "repeats": args.repeats, **out}))
+        return
+    mib = 1 << 20
+    c = out["checkpoint"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.repeats} interleaved pairs")
+    print(f"training step, stream='train' / without, demo net batch 128 : {out['train_step_demo']:6.3f}  (target <= 1.05)")
+    print(f"training step, stream='train' / without, resnet18 64px b64  : {out['train_step_resnet18']:6.3f}  (target <= 1.05)")
+    print(f"validation pass, stream='eval' / without, demo net          : {out['validation_demo']:6.3f}  (target <= 1.05)")
+    print(f"checkpoint with both streams / without (1024 probe images)   : {c['ratio']:6.3f}")
+    print(f"streams' CPU pool after 8 steps + 1024 validation images    : {c['pool_bytes'] / mib:6.1f} MiB")
+    print(f"peak extra memory of a checkpoint: with streams {c['peak_extra_bytes']['streams'] / mib:.1f} MiB, "
+          f"probe only {c['peak_extra_bytes']['probe'] / mib:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
