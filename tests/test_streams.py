@@ -229,3 +229,40 @@ def test_streams_do_not_change_training(tmp_path):
     for (sa, ra, fa), (sb, rb, fb) in zip(expected[1], got[1]):
         assert all(torch.equal(sa[name], sb[name]) for name in sa)
         assert torch.equal(ra, rb) and fa == fb
+
+
+def test_autocast_and_channels_last_streams_record_float32_values_of_the_images_fed(tmp_path):
+    torch.manual_seed(0)
+    net, probe = Net().to(memory_format=torch.channels_last), probe_set()
+    logger = ConvVizLogger(net, probe, tmp_path, layers=LAYERS, k=K, steps=[1], stream="train", projections=None)
+    fed = []
+    for step, x in enumerate(batches(2, 6, seed=8)):
+        net.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x.to(memory_format=torch.channels_last)).float().sum().backward()
+        fed.extend(x)
+        logger.maybe_log(step)
+    logger.close(final_checkpoint=False)
+    run = read_run(tmp_path)
+    # Candidates were picked on bfloat16 values; the records hold the float32 eval values of fed images.
+    for layer in LAYERS:
+        _, unique = brute_force(net, fed, layer)
+        got = run.topk(layer, 1, source="train")
+        shown = {key: probe.show(image) for key, image in unique.items()}
+        assert (got.image >= 0).all()
+        for unit in range(got.values.shape[0]):
+            for slot in range(K):
+                pixels = run.stream_image("train", int(got.image[unit, slot]))
+                key = next(key for key, s in shown.items() if np.array_equal(s, pixels))
+                full = brute_force_value(net, unique[key], layer, unit)
+                assert got.values[unit, slot] == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+def brute_force_value(net, image, layer, unit):
+    found = {}
+    handle = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: found.update(out=o))
+    net.eval()
+    with torch.no_grad():
+        net(image[None])
+    handle.remove()
+    return float(found["out"][0, unit].amax())
