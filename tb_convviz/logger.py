@@ -243,6 +243,8 @@ class ConvVizLogger:
         if run.steps:
             self._last_step = run.steps[-1]
         self._records.resume(run, self._last_step)
+        for stream in self._streams:  # new images get numbers the run's stored ones do not have
+            stream.next_number = max(run.stream_images(stream.mode), default=-1) + 1
 
     # -- logging ------------------------------------------------------------------------
 

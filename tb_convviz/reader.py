@@ -152,6 +152,10 @@ class Run:
             raise KeyError(f"{source} image {index} is not stored in {self.path}")
         return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
 
+    def stream_images(self, source: str) -> set[int]:
+        """The numbers of the images stored for stream ``source``."""
+        return set(self._stream_images.get(source, {}))
+
     def stream_label(self, source: str, index: int) -> int:
         """The label of stream image ``index``, -1 if unlabelled."""
         return self._stream_labels.get(source, {}).get(index, -1)

@@ -126,6 +126,7 @@ class StreamSource:
         self.winners: set[int] = set()
         self._topk = TopK.empty(self.units, probe.k, probe.device)
         self.numbers: dict[int, int] = {}  # content id -> the number the run's records name the image by
+        self.next_number = 0  # after those a resumed run already holds
         self.last_ids: list[tuple[int, int]] = []  # (row, id) of the last ranked forward, for its labels
         self._warned = False
 
@@ -154,6 +155,8 @@ class StreamSource:
 
     def label(self, labels: torch.Tensor) -> None:
         """Labels of the last ranked forward's images, ``[B]``."""
+        if not self.last_ids:
+            return
         labels = labels.detach().cpu().flatten().tolist()
         for row, key in self.last_ids:
             if row < len(labels) and key in self.pool.images:
@@ -201,7 +204,7 @@ class StreamSource:
         new = sorted({key for topk in results.values() for key in topk.image[topk.image >= 0].tolist()}
                      - set(self.numbers))
         for key in new:
-            self.numbers[key] = len(self.numbers)
+            self.numbers[key], self.next_number = self.next_number, self.next_number + 1
         out = {}
         for name, topk in results.items():
             image = torch.tensor([self.numbers.get(key, -1) for key in topk.image.flatten().tolist()],

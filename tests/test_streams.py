@@ -266,3 +266,24 @@ def brute_force_value(net, image, layer, unit):
         net(image[None])
     handle.remove()
     return float(found["out"][0, unit].amax())
+
+
+def test_a_resumed_run_numbers_new_stream_images_after_the_stored_ones(tmp_path):
+    net, probe = Net(), probe_set()
+    fed = []
+    for phase, seed in ((0, 9), (1, 10)):
+        with ConvVizLogger(net, probe, tmp_path, layers=LAYERS, k=K, steps=[phase], stream="train",
+                           projections=None) as logger:
+            x = torch.rand(5, 3, 10, 10, generator=torch.Generator().manual_seed(seed))
+            fed.append(x)
+            net.train()
+            net(x)
+            logger.maybe_log(phase)
+    run = read_run(tmp_path)
+    first, second = (run.topk("conv1", s, source="train").image for s in (0, 1))
+    assert second.max() > first.max()
+    # Every record's stored pixels are those of an image fed in its own phase or before.
+    for step, images in ((0, fed[0]), (1, torch.cat(fed))):
+        shown = [probe.show(image) for image in images]
+        for number in np.unique(run.topk("conv1", step, source="train").image):
+            assert any(np.array_equal(s, run.stream_image("train", int(number))) for s in shown)
