@@ -18,7 +18,6 @@ import copy
 import json
 import statistics
 import tempfile
-import time
 
 import torch
 import torchvision
@@ -128,25 +127,22 @@ def main() -> None:
     probe = ProbeSet(torch.rand(1024, 3, 64, 64))
     resnet = torchvision.models.resnet18(num_classes=10)
     resnet_layers = ["relu", "layer1", "layer2", "layer3", "layer4"]
-    out = {
-        "train_step_demo": step_ratio(DemoAlexNet(), DemoAlexNet.LOGGED_LAYERS, 128, args.repeats, probe),
-        "train_step_resnet18": step_ratio(resnet, resnet_layers, 64, args.repeats, probe),
-        "validation_demo": validation_ratio(DemoAlexNet(), DemoAlexNet.LOGGED_LAYERS, args.repeats, probe),
-        "checkpoint": checkpoint(args.repeats, probe),
-    }
+    say = (lambda *_: None) if args.json else lambda text: print(text, flush=True)
+    say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.repeats} interleaved pairs")
+    out = {"train_step_demo": step_ratio(DemoAlexNet(), DemoAlexNet.LOGGED_LAYERS, 128, args.repeats, probe)}
+    say(f"training step, stream='train' / without, demo net batch 128 : {out['train_step_demo']:6.3f}  (target <= 1.05)")
+    out["train_step_resnet18"] = step_ratio(resnet, resnet_layers, 64, args.repeats, probe)
+    say(f"training step, stream='train' / without, resnet18 64px b64  : {out['train_step_resnet18']:6.3f}  (target <= 1.05)")
+    out["validation_demo"] = validation_ratio(DemoAlexNet(), DemoAlexNet.LOGGED_LAYERS, args.repeats, probe)
+    say(f"validation pass, stream='eval' / without, demo net          : {out['validation_demo']:6.3f}  (target <= 1.05)")
+    c = out["checkpoint"] = checkpoint(args.repeats, probe)
+    mib = 1 << 20
+    say(f"checkpoint with both streams / without (1024 probe images)   : {c['ratio']:6.3f}")
+    say(f"streams' CPU pool after 8 steps + 1024 validation images    : {c['pool_bytes'] / mib:6.1f} MiB")
+    say(f"peak extra memory of a checkpoint: with streams {c['peak_extra_bytes']['streams'] / mib:.1f} MiB, "
+        f"probe only {c['peak_extra_bytes']['probe'] / mib:.1f} MiB")
     if args.json:
         print(json.dumps({"benchmark": "streams", "threads": torch.get_num_threads(), "repeats": args.repeats, **out}))
-        return
-    mib = 1 << 20
-    c = out["checkpoint"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.repeats} interleaved pairs")
-    print(f"training step, stream='train' / without, demo net batch 128 : {out['train_step_demo']:6.3f}  (target <= 1.05)")
-    print(f"training step, stream='train' / without, resnet18 64px b64  : {out['train_step_resnet18']:6.3f}  (target <= 1.05)")
-    print(f"validation pass, stream='eval' / without, demo net          : {out['validation_demo']:6.3f}  (target <= 1.05)")
-    print(f"checkpoint with both streams / without (1024 probe images)   : {c['ratio']:6.3f}")
-    print(f"streams' CPU pool after 8 steps + 1024 validation images    : {c['pool_bytes'] / mib:6.1f} MiB")
-    print(f"peak extra memory of a checkpoint: with streams {c['peak_extra_bytes']['streams'] / mib:.1f} MiB, "
-          f"probe only {c['peak_extra_bytes']['probe'] / mib:.1f} MiB")
 
 
 if __name__ == "__main__":
