@@ -48,6 +48,19 @@ def machine() -> str:
            f"Python {platform.python_version()}"
 
 
+def streams_rows(s: dict) -> list[tuple[str, str, str]]:
+    c = s["checkpoint"]
+    return [
+        ("training step with stream='train' ÷ without (demo net b128; resnet18 64 px b64)", "≤ 1.05",
+         f"{s['train_step_demo']:.3f}; {s['train_step_resnet18']:.3f} (median of {s['repeats']})"),
+        ("validation pass with stream='eval' ÷ without", "≤ 1.05", f"{s['validation_demo']:.3f}"),
+        ("checkpoint with both streams ÷ without (1024 probe images)", "report", f"{c['ratio']:.2f}"),
+        ("streams' pool; peak extra memory of a checkpoint with streams vs without", "the bound (256 MiB)",
+         f"{c['pool_bytes'] / MIB:.1f} MiB; {c['peak_extra_bytes']['streams'] / MIB:.1f} vs "
+         f"{c['peak_extra_bytes']['probe'] / MIB:.1f} MiB"),
+    ]
+
+
 def overhead_rows(o: dict) -> list[tuple[str, str, str]]:
     mem = o["peak_extra_bytes"]
     return [
@@ -162,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["overhead", "construction", "storage", "serve", "matching", "page", "scale", "worst",
-                                 "projections"])
+                                 "projections", "streams"])
     parser.add_argument("--serve_requests", type=int, default=200)
     parser.add_argument("--scale_checkpoints", type=int, nargs="+", default=[50, 200])
     args = parser.parse_args()
@@ -177,6 +190,7 @@ def main() -> None:
         ("page", ["page.py"], page_rows),
         ("worst", ["worst_requests.py"], worst_rows),
         ("projections", ["projections.py", "--page"], projection_rows),
+        ("streams", ["streams.py"], streams_rows),
         ("scale", ["scale.py", "--checkpoints", *map(str, args.scale_checkpoints)], scale_rows),
     ]
     before = machine()
