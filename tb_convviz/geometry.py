@@ -72,6 +72,15 @@ def record_box(field: ReceptiveField, positional: bool, y: int, x: int) -> tuple
     return field.box(y, x)
 
 
+def kept_inside(box: tuple[int, int, int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """``box`` moved (not resized) to lie inside a ``height`` x ``width`` image; centred on an axis it is longer than."""
+    top, left, bottom, right = box
+    h, w = bottom - top, right - left
+    top = min(max(top, 0), height - h) if h <= height else -((h - height) // 2)
+    left = min(max(left, 0), width - w) if w <= width else -((w - width) // 2)
+    return top, left, top + h, left + w
+
+
 def crop(image: np.ndarray, box: tuple[int, int, int, int], fill: int = PAD_VALUE) -> np.ndarray:
     """Crop ``image`` ([H, W] or [H, W, C]) to ``box``, padding with ``fill`` where it runs off."""
     top, left, bottom, right = box

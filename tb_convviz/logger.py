@@ -16,7 +16,7 @@ from tensorboard.compat.proto import summary_pb2
 from torch import nn
 
 from tb_convviz import layers as layer_select
-from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz import effective_field, metadata, plugin_data_pb2, summary
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
@@ -296,8 +296,16 @@ class ConvVizLogger:
         if _rank() != 0:
             return True
         self._warn_not_finite(step, not_finite)
+        try:  # on rank 0 alone, which writes it: no rank waits on it, and all agree on the stored box
+            fields = effective_field.measure(self._net, self.probe, self._layer_infos, call=self._call,
+                                             device=self.device)
+            self._failing.discard("effective field")
+        except Exception as e:
+            fields = {}
+            self._failed("effective field", f"the effective fields at step {step} could not be measured "
+                         f"({type(e).__name__}: {e}); the checkpoint is logged without them")
         try:
-            self._write(step, results, projections)
+            self._write(step, results, projections, fields)
         except Exception as e:
             self._failed("write", f"could not write the checkpoint at step {step} to {self.log_dir!r} "
                          f"({type(e).__name__}: {e}); training goes on and the next checkpoint tries again")
@@ -462,7 +470,8 @@ class ConvVizLogger:
             values.extend(summary.projections_pb(info, encode_index(layer.index), layer.images).value)
         return values
 
-    def _write(self, step: int, results: dict[str, TopK], projections: dict[str, LayerProjections] | None = None) -> None:
+    def _write(self, step: int, results: dict[str, TopK], projections: dict[str, LayerProjections] | None = None,
+               fields: dict[str, tuple[int, int]] | None = None) -> None:
         winners = set()
         for topk in results.values():
             winners.update(topk.image[topk.image >= 0].unique().tolist())
@@ -490,6 +499,7 @@ class ConvVizLogger:
             images[name] = image
         values.extend(self._projection_values(projections or {}))
         values.extend(self._filter_values(scalars))
+        values.extend(effective_field.summary_values(fields or {}, scalars))
         values.extend(summary.scalars_pb(scalars).value)
         writer.write(summary_pb2.Summary(value=values), step)
         writer.flush()

@@ -92,6 +92,7 @@ class Run:
         # layer -> step -> (info, index rows, image blobs): one self-contained record each.
         self._projections: dict[str, dict[int, tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]]] = {}
         self.filter_module: str | None = None
+        self._effective: dict[str, dict[int, tuple[int, int]]] = {}
         self._filters: dict[int, np.ndarray] = {}
 
     @property
@@ -120,6 +121,22 @@ class Run:
         image = rec["image"].astype(np.int64)
         label = np.vectorize(lambda i: self._labels.get(int(i), -1), otypes=[np.int64])(image)
         return TopKRecords(rec["value"].copy(), image, rec["y"].astype(np.int64), rec["x"].astype(np.int64), label)
+
+    def effective_field(self, layer: str, step: int | None = None) -> tuple[int, int] | None:
+        """(h, w) of ``layer``'s effective receptive field at ``step`` (the latest if None); None if not measured.
+
+        Runs logged before tb-convviz measured it have none.
+        """
+        per_step = self._effective.get(self.layer(layer).name, {})
+        if step is None:
+            return per_step[max(per_step)] if per_step else None
+        return per_step.get(step)
+
+    def crop_field(self, layer: str, step: int, theoretical: bool = False) -> ReceptiveField:
+        """The field whose box crops ``layer``'s records at ``step``: the effective one where measured, else the theoretical."""
+        field = self.layer(layer).receptive_field
+        size = None if theoretical else self.effective_field(layer, step)
+        return field if size is None else dataclasses.replace(field, size=size)
 
     def probe_image(self, index: int) -> np.ndarray:
         """Probe image ``index`` as displayed, uint8 ``[H, W, 3]``; only images some record names are stored."""
@@ -198,6 +215,12 @@ class Run:
                 scalar = value.simple_value if value.WhichOneof("value") == "simple_value" else \
                     float(tensor_util.make_ndarray(value.tensor))
                 self.scalars.setdefault(value.tag, {})[event.step] = scalar
+                continue
+            if value.tag.startswith(metadata.EFFECTIVE_FIELD_TAG_PREFIX):
+                size = tensor_util.make_ndarray(value.tensor).reshape(-1)
+                if size.shape == (2,) and size.dtype.kind in "iu" and (size > 0).all():
+                    layer = value.tag[len(metadata.EFFECTIVE_FIELD_TAG_PREFIX):]
+                    self._effective.setdefault(layer, {})[event.step] = (int(size[0]), int(size[1]))
                 continue
             if value.tag.startswith((metadata.PROJECTION_TAG_PREFIX, metadata.FILTERS_TAG_PREFIX)):
                 self._add_figure_data(value, event.step)
