@@ -16,7 +16,7 @@ from tensorboard.util import tensor_util
 
 from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz import projection_format as fmt
-from tb_convviz.geometry import ReceptiveField, record_box
+from tb_convviz.geometry import CropField, ReceptiveField, effective_crop, record_box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +132,12 @@ class Run:
             return per_step[max(per_step)] if per_step else None
         return per_step.get(step)
 
-    def crop_field(self, layer: str, step: int, theoretical: bool = False) -> ReceptiveField:
-        """The field whose box crops ``layer``'s records at ``step``: the effective one where measured, else the theoretical."""
-        field = self.layer(layer).receptive_field
+    def crop(self, layer: str, step: int, theoretical: bool = False) -> CropField:
+        """How ``layer``'s records at ``step`` are cropped: the effective field's box kept inside the image where
+        it was measured, else (or if ``theoretical``) the theoretical field's box."""
+        info = self.layer(layer)
         size = None if theoretical else self.effective_field(layer, step)
-        return field if size is None else dataclasses.replace(field, size=size)
+        return effective_crop(info.receptive_field, size, info.input_size)
 
     def probe_image(self, index: int) -> np.ndarray:
         """Probe image ``index`` as displayed, uint8 ``[H, W, 3]``; only images some record names are stored."""
@@ -164,14 +165,19 @@ class Run:
         return fmt.dequantize(self.projection_pixels(layer, step, unit, rank),
                               float(self.projection_record(layer, step, unit, rank)["scale"]))
 
-    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0) -> np.ndarray:
-        """The stored uint8 ``[C, h, w]`` of a record's projection, as drawn: 128 is zero, 1 and 255 ∓ its peak."""
+    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0,
+                          field: CropField | None = None) -> np.ndarray:
+        """The stored uint8 ``[C, h, w]`` of a record's projection, as drawn: 128 is zero, 1 and 255 ∓ its peak.
+
+        On ``field``'s crop (see :meth:`crop`); by default on the record's theoretical box.
+        """
         info, index, blobs = self._projections_at(layer, step)
         position = self._projection_position(layer, step, index, unit, rank)
         found = self.layer(layer)
-        box = record_box(found.receptive_field, found.fmap is not None, int(index[position]["y"]),
-                         int(index[position]["x"]))
-        return fmt.decode_projection(blobs[position], info, box)
+        y, x = int(index[position]["y"]), int(index[position]["x"])
+        box = record_box(found.receptive_field, found.fmap is not None, y, x)
+        q = fmt.decode_projection(blobs[position], info, box)
+        return q if field is None else fmt.on_box(q, box, field.box(found.fmap is not None, y, x))
 
     def projection_record(self, layer: str, step: int, unit: int, rank: int = 0) -> np.void:
         """The index row (unit, rank, image, y, x, scale) of a stored projection."""

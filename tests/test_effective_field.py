@@ -11,7 +11,7 @@ from torch import nn
 
 from tb_convviz import ConvVizLogger, ProbeSet, metadata, read_run
 from tb_convviz.effective_field import MASS_SHARE, SCALAR_NAME, centre_unit, measure, smallest_box
-from tb_convviz.geometry import ReceptiveField, kept_inside, record_box
+from tb_convviz.geometry import CropField, ReceptiveField, kept_inside, record_box
 from tb_convviz.receptive_field import receptive_fields
 
 
@@ -121,10 +121,10 @@ def test_logged_every_checkpoint_within_the_theoretical_field_with_scalars(tmp_p
             size = run.effective_field(name, step)
             assert size is not None and 1 <= size[0] <= field.size[0] and 1 <= size[1] <= field.size[1]
             assert run.scalars[metadata.scalar_tag(name, SCALAR_NAME)][step] == max(size)
-            assert run.crop_field(name, step).size == size
-            assert run.crop_field(name, step, theoretical=True) == field
+            assert run.crop(name, step).size == size and run.crop(name, step).inside == (24, 24)
+            assert run.crop(name, step, theoretical=True) == CropField(field)
     assert run.effective_field("fc") is None  # fully connected: its units see the whole input
-    assert run.crop_field("fc", 3) == run.layer("fc").receptive_field
+    assert run.crop("fc", 3) == CropField(run.layer("fc").receptive_field)
 
 
 def test_measure_leaves_training_state_untouched(tmp_path):

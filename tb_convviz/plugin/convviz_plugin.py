@@ -23,6 +23,7 @@ from werkzeug import wrappers
 import tb_convviz
 from tb_convviz import metadata
 from tb_convviz.plugin import matching, render
+from tb_convviz.geometry import CropField
 from tb_convviz.plugin.data import ConvVizData, Layer, Probe, RunListing
 
 logger = tb_logging.get_logger()
@@ -41,6 +42,9 @@ _STATIC_TYPES = {
     ".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json",
 }
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
+# What the `field` parameter of the image routes crops: the effective receptive field (kept inside the
+# image; runs without one fall back to the theoretical field) or the theoretical field (padded).
+FIELDS = ("effective", "theoretical")
 
 
 def frontend_dir() -> str:
@@ -208,7 +212,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
         record = _record(layer, step, unit, rank)
         probe = self._data.probe(ctx, eid, listing)
-        return _png(request, self._render.patch(ctx, eid, listing, probe, layer, record, size))
+        return _png(request, self._render.patch(ctx, eid, listing, probe, layer, record, size, _crop(layer, step, params)))
 
     @_route
     def _serve_mosaic(self, request, params):
@@ -219,7 +223,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
         probe = self._data.probe(ctx, eid, listing)
         records = layer.records(step)[unit]
-        return _png(request, self._render.mosaic(ctx, eid, listing, probe, layer, records, size))
+        return _png(request, self._render.mosaic(ctx, eid, listing, probe, layer, records, size,
+                                                 _crop(layer, step, params)))
 
     @_route
     def _serve_evolution(self, request, params):
@@ -291,7 +296,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         ctx, eid = _context(request)
         listing = self._data.listing(ctx, eid, params.text("run"))
         index = params.integer("index", required=False)
-        box = None
+        boxes = ()
         if any(params.text(name, required=False) is not None for name in ("layer", "unit", "rank", "step")):
             layer = self._data.layer(ctx, eid, listing, params.text("layer"))
             step = _step(listing, layer, params)
@@ -303,11 +308,14 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                     f"index {index} does not match the record's probe image {int(record['image'])}; omit index"
                 )
             index = int(record["image"])
-            box = render.record_box(layer.field, layer.positional, int(record["y"]), int(record["x"]))
+            y, x = int(record["y"]), int(record["x"])
+            crop = _crop(layer, step, params)
+            boxes = tuple(dict.fromkeys((layer.crop(step, theoretical=True).box(layer.positional, y, x),
+                                         crop.box(layer.positional, y, x))))
         elif index is None:
             raise errors.InvalidArgumentError("parameter 'index' is required unless layer, unit and rank name a record")
         probe = self._data.probe(ctx, eid, listing)
-        return _png(request, self._render.probe_image(ctx, eid, listing, probe, index, box))
+        return _png(request, self._render.probe_image(ctx, eid, listing, probe, index, boxes))
 
     @wrappers.Request.application
     def _serve_static(self, request):
@@ -388,6 +396,21 @@ def _step(listing: RunListing, layer: Layer, params: _Params, *, name: str = "st
     return step
 
 
+def _choice(params: _Params, name: str, choices: tuple[str, ...]) -> str:
+    """Parameter ``name``, one of ``choices`` (the first if absent)."""
+    value = params.text(name, required=False)
+    if value is None:
+        return choices[0]
+    if value not in choices:
+        raise errors.InvalidArgumentError(f"parameter {name!r} must be one of {', '.join(choices)}, got {_short(value)}")
+    return value
+
+
+def _crop(layer: Layer, step: int, params: _Params) -> CropField:
+    """The crop that ``field=`` asks for at ``step``: the effective field's (the default, where measured) or the theoretical one's."""
+    return layer.crop(step, theoretical=_choice(params, "field", FIELDS) == "theoretical")
+
+
 def _index_param(params: _Params, name: str, count: int, what: str) -> int:
     value = params.integer(name)
     if not 0 <= value < count:
@@ -452,6 +475,9 @@ def _layer_json(layer: Layer) -> dict:
         "name": layer.name, "index": info.index, "units": info.units, "k": info.k,
         "receptive_field": {"size": list(rf.size), "stride": list(rf.stride), "center": list(rf.offset),
                             "method": rf.method},
+        "effective_field": {"mass_share": layer.mass_share,
+                            "sizes": [list(layer.effective[s]) if s in layer.effective else None for s in layer.steps]}
+        if layer.effective else None,
         "fmap": [info.fmap_h, info.fmap_w] if layer.positional else None,
         "input": [info.input_h, info.input_w],
         "steps": list(layer.steps),
