@@ -274,3 +274,34 @@ def test_last_projects_all_k_at_the_final_checkpoint_of_any_schedule(tmp_path):
         with pytest.raises(KeyError):
             run.projection(layer, step, 0, rank=2)
     assert run.projection(layer, 4, 0, rank=2).shape[0] == 3
+
+
+def test_overlay_draws_the_top1_projection_where_the_unit_fires(served, logged):
+    """overlay=projection on the patch and the whole image: each pixel blends towards red by its share of the peak."""
+    run = read_run(logged[0] / "new")
+    layer = run.layers[2]
+    records = run.topk(layer.name, 5)
+    unit = 3
+    field = run.crop(layer.name, 5)
+    box = field.box(True, int(records.y[unit, 0]), int(records.x[unit, 0]))
+    image = crop(run.probe_image(int(records.image[unit, 0])), box).astype(np.float64)
+    q = run.projection_pixels(layer.name, 5, unit, field=field).astype(np.float64)
+    strength = np.abs(q - 128).sum(axis=0)
+    alpha = (strength / strength.max())[:, :, None] * 0.75
+    want = np.rint(image * (1 - alpha) + np.array([255, 40, 0]) * alpha).astype(np.uint8)
+    got = png(served.client.get(API + f"patch?run=new&layer={layer.name}&step=5&unit={unit}&rank=0&overlay=projection"))
+    np.testing.assert_array_equal(got[:, :, :3], want)
+    assert (strength == 0).any() and (got[strength == 0][:, :3] == image[strength == 0]).all()  # untouched where it is 0
+    plain = png(served.client.get(API + f"probe_image?run=new&layer={layer.name}&step=5&unit={unit}&rank=0"))
+    heated = png(served.client.get(API + f"probe_image?run=new&layer={layer.name}&step=5&unit={unit}&rank=0"
+                                         "&overlay=projection"))
+    assert plain.shape == heated.shape and (plain != heated).any()
+    # Both boxes on the whole image: the theoretical field's in red, the effective one's in blue.
+    for color in ([255, 40, 40], [40, 200, 255]):
+        assert (plain[:, :, :3] == color).all(axis=2).any(), color
+    missing = served.client.get(API + f"patch?run=new&layer={layer.name}&step=5&unit={unit}&rank=1&overlay=projection")
+    assert missing.status_code == 404 and "only the top-1" in body(missing, 404)["error"]
+    bad = served.client.get(API + f"patch?run=new&layer={layer.name}&step=5&unit={unit}&rank=0&overlay=heat")
+    assert "none, projection" in body(bad, 400)["error"]
+    bad = served.client.get(API + f"mosaic?run=new&layer={layer.name}&step=5&unit={unit}&field=huge")
+    assert "effective, theoretical" in body(bad, 400)["error"]

@@ -23,7 +23,7 @@ from werkzeug import wrappers
 import tb_convviz
 from tb_convviz import metadata
 from tb_convviz.plugin import matching, render
-from tb_convviz.geometry import CropField
+from tb_convviz.geometry import CropField, ReceptiveField
 from tb_convviz.plugin.data import ConvVizData, Layer, Probe, RunListing
 
 logger = tb_logging.get_logger()
@@ -45,6 +45,8 @@ _INTEGER = re.compile(r"-?[0-9]{1,18}")
 # What the `field` parameter of the image routes crops: the effective receptive field (kept inside the
 # image; runs without one fall back to the theoretical field) or the theoretical field (padded).
 FIELDS = ("effective", "theoretical")
+# The `overlay` parameter of the patch and probe_image routes: none, or the record's projection as a heatmap.
+OVERLAYS = ("none", "projection")
 
 
 def frontend_dir() -> str:
@@ -212,7 +214,9 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
         record = _record(layer, step, unit, rank)
         probe = self._data.probe(ctx, eid, listing)
-        return _png(request, self._render.patch(ctx, eid, listing, probe, layer, record, size, _crop(layer, step, params)))
+        field = _crop(layer, step, params)
+        heat = self._heat(ctx, eid, listing, layer, step, unit, rank, field, params)
+        return _png(request, self._render.patch(ctx, eid, listing, probe, layer, record, size, field, heat))
 
     @_route
     def _serve_mosaic(self, request, params):
@@ -296,7 +300,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         ctx, eid = _context(request)
         listing = self._data.listing(ctx, eid, params.text("run"))
         index = params.integer("index", required=False)
-        boxes = ()
+        boxes, heat = (), None
         if any(params.text(name, required=False) is not None for name in ("layer", "unit", "rank", "step")):
             layer = self._data.layer(ctx, eid, listing, params.text("layer"))
             step = _step(listing, layer, params)
@@ -312,10 +316,13 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             crop = _crop(layer, step, params)
             boxes = tuple(dict.fromkeys((layer.crop(step, theoretical=True).box(layer.positional, y, x),
                                          crop.box(layer.positional, y, x))))
+            info = layer.info
+            heat = self._heat(ctx, eid, listing, layer, step, unit, rank,
+                              CropField(ReceptiveField.whole_input(info.input_h, info.input_w)), params)
         elif index is None:
             raise errors.InvalidArgumentError("parameter 'index' is required unless layer, unit and rank name a record")
         probe = self._data.probe(ctx, eid, listing)
-        return _png(request, self._render.probe_image(ctx, eid, listing, probe, index, boxes))
+        return _png(request, self._render.probe_image(ctx, eid, listing, probe, index, boxes, heat))
 
     @wrappers.Request.application
     def _serve_static(self, request):
@@ -340,6 +347,22 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         path = os.path.realpath(os.path.join(self._static_dir, *parts))
         inside = os.path.commonpath([path, self._static_dir]) == self._static_dir
         return path if inside and os.path.isfile(path) else None
+
+    def _heat(self, ctx, eid, listing, layer, step, unit, rank, field, params):
+        """For ``overlay=projection``: (cache key, loader) of the record's projection on ``field``'s crop, else None.
+
+        404 when that record was not projected (by default only each unit's top-1 is).
+        """
+        if _choice(params, "overlay", OVERLAYS) == "none":
+            return None
+        figures = self._figures.figures
+        position = figures.find(ctx, eid, listing, layer, step, unit, rank)
+        if position is None:
+            raise errors.NotFoundError(f"unit {unit} rank {rank} of layer {layer.name!r} was not projected at step "
+                                       f"{step}, so there is no overlay" + (" (only the top-1 record is projected there)"
+                                                                            if rank else ""))
+        return (("projection", layer.name, step, position, field),
+                lambda: figures.projection(ctx, eid, listing, layer, step, position, field))
 
     def _layers(self, ctx, eid: str, listing: RunListing) -> list[Layer]:
         layers = [self._data.layer(ctx, eid, listing, name) for name in listing.layers]

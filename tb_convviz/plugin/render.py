@@ -7,6 +7,7 @@ import ctypes.util
 import io
 import math
 import threading
+from typing import Callable, Hashable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -20,6 +21,9 @@ MIN_SIZE, MAX_SIZE = 8, 512
 BOX_COLOR = (255, 40, 40)
 # The effective field's box, drawn inside the theoretical one's on the whole-image view.
 EFFECTIVE_BOX_COLOR = (40, 200, 255)
+# "Where the unit fires": the top-1 projection's magnitude, drawn over the image in this colour, at most this opaque.
+HEAT_COLOR = (255, 40, 0)
+HEAT_OPACITY = 0.75
 MISSING_COLOR = (200, 60, 60)
 # The work one request may ask for: pixels of the PNG it gets (larger requests are
 # downscaled to fit) and pixels of probe images decoded for it (more answers 400).
@@ -126,6 +130,18 @@ def draw_boxes(image: np.ndarray, boxes: list[tuple[tuple[int, int, int, int], t
     return np.asarray(pil)
 
 
+def heatmap(image: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """RGB ``image`` ([h, w] or [h, w, C]) with the magnitude of projection ``q`` (uint8 ``[C, h, w]``, 128 is zero) over it.
+
+    Each pixel takes HEAT_COLOR in proportion to its share of the projection's peak |value|, summed over channels.
+    """
+    strength = np.abs(q.astype(np.float64) - 128).sum(axis=0)
+    peak = float(strength.max())
+    alpha = (strength / peak if peak > 0 else strength)[:, :, None] * HEAT_OPACITY
+    out = _rgb(image).astype(np.float64) * (1 - alpha) + np.asarray(HEAT_COLOR, np.float64) * alpha
+    return np.rint(out).astype(np.uint8)
+
+
 def _rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         return np.repeat(image[:, :, None], 3, axis=2)
@@ -145,13 +161,21 @@ class Renderer:
         self.pngs = ByteLRU(cache_bytes)
 
     def patch(self, ctx, eid: str, listing: RunListing, probe: Probe, layer: Layer,
-              record: np.void, size: int | None, field: CropField) -> bytes:
-        """The record's crop by ``field`` (see ``Layer.crop``)."""
+              record: np.void, size: int | None, field: CropField, heat: tuple[Hashable, Callable] | None = None) -> bytes:
+        """The record's crop by ``field`` (see ``Layer.crop``); ``heat`` (key, load) draws the projection ``load()``
+        (uint8 ``[C, h, w]`` on the same crop) over it, see :func:`heatmap`."""
         image, y, x = int(record["image"]), int(record["y"]), int(record["x"])
         size = fit_size(field.size, size)
-        key = ("patch", eid, listing.name, field.box(layer.positional, y, x), image, size)
-        return self._cached(key, lambda: encode_png(self._patch(ctx, eid, listing, probe, layer, field, image, y, x,
-                                                                size)))
+        box = field.box(layer.positional, y, x)
+        key = ("patch", eid, listing.name, box, image, size, None if heat is None else heat[0])
+
+        def render() -> bytes:
+            if heat is None:
+                return encode_png(self._patch(ctx, eid, listing, probe, layer, field, image, y, x, size))
+            return encode_png(resize(heatmap(crop(self._data.image(ctx, eid, listing, probe, image), box), heat[1]()),
+                                     size))
+
+        return self._cached(key, render)
 
     def mosaic(self, ctx, eid: str, listing: RunListing, probe: Probe, layer: Layer,
                records: np.ndarray, size: int | None, field: CropField) -> bytes:
@@ -174,10 +198,13 @@ class Renderer:
         return self._cached(key, render)
 
     def probe_image(self, ctx, eid: str, listing: RunListing, probe: Probe, index: int,
-                    boxes: tuple[tuple[int, int, int, int], ...]) -> bytes:
-        """Probe image ``index`` with ``boxes`` drawn in: the theoretical field's (red), then the effective one's (blue)."""
+                    boxes: tuple[tuple[int, int, int, int], ...], heat: tuple[Hashable, Callable] | None = None) -> bytes:
+        """Probe image ``index`` with ``boxes`` drawn in: the theoretical field's (red), then the effective one's (blue);
+        ``heat`` (key, load) first draws the projection ``load()`` (uint8 ``[C, H, W]`` on the whole image) over it."""
         def render() -> bytes:
             image = self._data.image(ctx, eid, listing, probe, index)
+            if heat is not None:
+                image = heatmap(image, heat[1]())
             h, w = image.shape[:2]
             side = fit_size((h, w), None)
             scale = side / max(h, w)
@@ -186,7 +213,7 @@ class Renderer:
             scaled = [tuple(round(v * min(scale, 1)) for v in box) for box in boxes]
             return encode_png(draw_boxes(image, list(zip(scaled, (BOX_COLOR, EFFECTIVE_BOX_COLOR)))) if boxes else image)
 
-        return self._cached(("probe", eid, listing.name, index, boxes), render)
+        return self._cached(("probe", eid, listing.name, index, boxes, None if heat is None else heat[0]), render)
 
     def _tile(self, ctx, eid, listing, probe, layer, field, image, y, x, size) -> np.ndarray | bool:
         """A mosaic tile, or False for a stored image that cannot be shown (drawn as missing)."""
