@@ -14,7 +14,19 @@ export function routeUrl(route, params = {}) {
   for (const [key, value] of Object.entries(params)) {
     if (value != null) url.searchParams.set(key, String(value));
   }
+  if (cropField && IMAGE_ROUTES.has(route)) url.searchParams.set("field", cropField);
   return url.href;
+}
+
+// The `field` every image route is asked for (null: the server's default, the effective field).
+const IMAGE_ROUTES = new Set(["patch", "mosaic", "probe_image", "projection", "projection_mosaic", "row"]);
+let cropField = null;
+
+/** Ask every image route for `field` (null for the default); returns whether that changed. */
+export function setCropField(field) {
+  const changed = field !== cropField;
+  cropField = field;
+  return changed;
 }
 
 const cache = new Map();
