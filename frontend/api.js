@@ -103,7 +103,8 @@ export const screenSize = (css) => clampSize(css == null ? css : css * Math.min(
  */
 export const mosaicUrl = (run, layer, step, unit, size) =>
   routeUrl("mosaic", { run, layer, step, unit, size: screenSize(size) });
-export const patchUrl = (run, layer, step, unit, rank, size) =>
-  routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size) });
-export const probeImageUrl = (run, layer, step, unit, rank, index) =>
-  routeUrl("probe_image", { run, index, layer, step, unit, rank });
+// `overlay`: "projection" draws the record's projection over the image as a heatmap (where the unit fires).
+export const patchUrl = (run, layer, step, unit, rank, size, overlay = null) =>
+  routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size), overlay });
+export const probeImageUrl = (run, layer, step, unit, rank, index, overlay = null) =>
+  routeUrl("probe_image", { run, index, layer, step, unit, rank, overlay });

@@ -305,3 +305,15 @@ def test_overlay_draws_the_top1_projection_where_the_unit_fires(served, logged):
     assert "none, projection" in body(bad, 400)["error"]
     bad = served.client.get(API + f"mosaic?run=new&layer={layer.name}&step=5&unit={unit}&field=huge")
     assert "effective, theoretical" in body(bad, 400)["error"]
+
+
+def test_stats_give_the_effective_field_over_training(served, logged):
+    run = read_run(logged[0] / "new")
+    layers = {l["name"]: l for l in body(served.client.get(API + "stats?run=new"))["layers"]}
+    for layer in run.layers:
+        sizes = [run.effective_field(layer.name, s) for s in STEPS]
+        assert layers[layer.name]["effective_field"] == [max(s) if s else None for s in sizes]
+        assert layers[layer.name]["theoretical_field"] == max(layer.receptive_field.size)
+    assert layers["avgpool"]["effective_field"] == [None] * len(STEPS)  # its units see the whole input
+    old = body(served.client.get(API + "stats?run=old"))["layers"][0]
+    assert old["effective_field"] == [None] * len(old["steps"])

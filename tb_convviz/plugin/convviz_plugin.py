@@ -176,6 +176,9 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                 values = scalars.get(metadata.scalar_tag(layer.name, name), {})
                 entry[name] = [_number(values.get(step)) for step in layer.steps]
             entry["final_overlap"] = _final_overlap(layer)
+            # The effective field's larger side per checkpoint (None where not measured), and the theoretical one's.
+            entry["effective_field"] = [max(layer.effective[s]) if s in layer.effective else None for s in layer.steps]
+            entry["theoretical_field"] = max(layer.field.size)
             out.append(entry)
         return _json(request, {"run": listing.name, "layers": out})
 
