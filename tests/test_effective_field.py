@@ -123,6 +123,12 @@ def test_logged_every_checkpoint_within_the_theoretical_field_with_scalars(tmp_p
             assert run.scalars[metadata.scalar_tag(name, SCALAR_NAME)][step] == max(size)
             assert run.crop(name, step).size == size and run.crop(name, step).inside == (24, 24)
             assert run.crop(name, step, theoretical=True) == CropField(field)
+            records = run.topk(name, step)
+            for y, x in zip(records.y.ravel().tolist(), records.x.ravel().tolist()):
+                top, left, bottom, right = run.crop(name, step).box(True, y, x)
+                cy, cx = field.center(y, x)
+                assert 0 <= top and 0 <= left and bottom <= 24 and right <= 24  # every record's crop: image only
+                assert top - 0.5 <= cy <= bottom - 0.5 and left - 0.5 <= cx <= right - 0.5  # and its centre
     assert run.effective_field("fc") is None  # fully connected: its units see the whole input
     assert run.crop("fc", 3) == CropField(run.layer("fc").receptive_field)
 
