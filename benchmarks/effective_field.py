@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
+from typing import Iterator
 
 import torch
 import torchvision
@@ -77,23 +78,24 @@ def cost(repeats: int) -> list[dict]:
     return rows
 
 
-def zoo() -> list[dict]:
+def zoo(only: list[str] | None = None) -> Iterator[dict]:
+    """One row per zoo model (of ``only``, if given), as each is measured."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
     from test_zoo import ZOO, build
 
-    rows = []
     for name, (side, _) in ZOO.items():
+        if only and name not in only:
+            continue
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             probe = ProbeSet(torch.rand(8, 3, side, side, generator=torch.Generator().manual_seed(0)))
             logger = ConvVizLogger(build(name), probe, tmp, k=1, projections=None)
             fields = effective_field.measure(logger._net, probe, logger._layer_infos, call=logger._call)
             logger.close(final_checkpoint=False)
-        rows.append({"model": name, "input": side, "layers": [
+        yield {"model": name, "input": side, "layers": [
             {"name": layer, "theoretical": [info.receptive_field.size_h, info.receptive_field.size_w],
              "effective": list(fields[layer]) if layer in fields else None}
-            for layer, info in logger._layer_infos.items()]})
-    return rows
+            for layer, info in logger._layer_infos.items()]}
 
 
 def _side(size: list[int] | None) -> str:
@@ -106,20 +108,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--zoo", action="store_true", help="the README's table of effective vs theoretical fields")
+    parser.add_argument("--models", nargs="*", default=None, help="with --zoo: only these (e.g. torchvision.resnet18)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.zoo:
-        rows = zoo()
-        if args.json:
-            print(json.dumps(rows, indent=1))
-            return
-        print(f"| model | input | effective / theoretical field (px), layers 1 to 5 at {effective_field.MASS_SHARE:.0%} "
-              "of the gradient mass |")
-        print("|---|---|---|")
-        for row in rows:
+        if not args.json:
+            print(f"| model | input | effective / theoretical field (px), layers 1 to 5, at "
+                  f"{effective_field.MASS_SHARE:.0%} of the gradient mass |")
+            print("|---|---|---|")
+        for row in zoo(args.models):
             cells = ", ".join(f"{_side(l['effective'])} / {_side(l['theoretical'])}" for l in row["layers"])
-            print(f"| {row['model']} | {row['input']} | {cells} |")
+            print(json.dumps(row) if args.json else f"| {row['model']} | {row['input']} | {cells} |", flush=True)
         return
     rows = cost(args.repeats)
     if args.json:

@@ -109,3 +109,21 @@ def test_an_older_run_opens_with_theoretical_crops_and_says_so(watched, old_serv
     page.wait_for_selector(f".cv-stability-body{IDLE}")
     assert page.locator(".cv-field-card").count() == 0
     watched.assert_clean()
+
+
+def test_both_view_draws_a_top1_projection_as_large_as_the_patch_mosaic(watched, seeds_server):
+    page = watched.open(seeds_server, f"run=seed0&layer={LAYER5}&show=both")
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    page.wait_for_function("(() => { const i = document.querySelector(\\".cv-tile[data-unit='1'] img.cv-projection\\");"
+                           " return i && i.complete && i.naturalWidth > 0; })()")
+    sizes = page.eval_on_selector_all(
+        ".cv-tile[data-unit='1'] img.cv-mosaic",
+        "els => els.map(e => { const r = e.getBoundingClientRect(); "
+        "return [e.classList.contains('cv-projection'), Math.round(r.width), Math.round(r.height), e.naturalWidth]; })")
+    patches = [s for s in sizes if not s[0]]
+    projection = [s for s in sizes if s[0]]
+    assert len(patches) == len(projection) == 1
+    # The top-1 projection fills the patches' 3x3 box (146 px at 48-px patches), at its own pixel size.
+    assert projection[0][1:3] == patches[0][1:3] == [3 * 48 + 2] * 2 and projection[0][3] == 3 * 48 + 2
+    screenshot(page, "both_top1_projection_as_large_as_mosaic")
+    watched.assert_clean()
