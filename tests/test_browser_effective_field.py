@@ -114,7 +114,7 @@ def test_an_older_run_opens_with_theoretical_crops_and_says_so(watched, old_serv
 def test_both_view_draws_a_top1_projection_as_large_as_the_patch_mosaic(watched, seeds_server):
     page = watched.open(seeds_server, f"run=seed0&layer={LAYER5}&show=both")
     page.wait_for_selector(f".cv-grid{IDLE}")
-    page.wait_for_function("(() => { const i = document.querySelector(\\".cv-tile[data-unit='1'] img.cv-projection\\");"
+    page.wait_for_function("(() => { const i = document.querySelector('.cv-tile[data-unit=\"1\"] img.cv-projection');"
                            " return i && i.complete && i.naturalWidth > 0; })()")
     sizes = page.eval_on_selector_all(
         ".cv-tile[data-unit='1'] img.cv-mosaic",
