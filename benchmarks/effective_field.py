@@ -49,9 +49,11 @@ def logger_for(model: torch.nn.Module, side: int, log_dir: str) -> ConvVizLogger
         return ConvVizLogger(model.eval(), probe, log_dir, batch_size=BATCH, projections=None)
 
 
-def cost(repeats: int) -> list[dict]:
+def cost(repeats: int, only: list[str] | None = None) -> list[dict]:
     rows = []
     for name, (build, side) in MODELS.items():
+        if only and name not in only:
+            continue
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
             logger = logger_for(build(), side, tmp)
@@ -108,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--zoo", action="store_true", help="the README's table of effective vs theoretical fields")
-    parser.add_argument("--models", nargs="*", default=None, help="with --zoo: only these (e.g. torchvision.resnet18)")
+    parser.add_argument("--models", nargs="*", default=None, help="only these models (--zoo: e.g. torchvision.resnet18; else e.g. resnet18)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -121,7 +123,7 @@ def main() -> None:
             cells = ", ".join(f"{_side(l['effective'])} / {_side(l['theoretical'])}" for l in row["layers"])
             print(json.dumps(row) if args.json else f"| {row['model']} | {row['input']} | {cells} |", flush=True)
         return
-    rows = cost(args.repeats)
+    rows = cost(args.repeats, args.models)
     if args.json:
         print(json.dumps(rows, indent=1))
         return
