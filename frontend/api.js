@@ -15,6 +15,7 @@ export function routeUrl(route, params = {}) {
   for (const [key, value] of Object.entries(params)) {
     if (value != null) url.searchParams.set(key, String(value));
   }
+  if (cropField && IMAGE_ROUTES.has(route)) url.searchParams.set("field", cropField);
   return url.href;
 }
 
@@ -26,6 +27,17 @@ let source = "probe";
 /** Ask record routes for `next`'s records ("probe", "train" or "eval") from now on. */
 export function setSource(next) {
   source = next;
+}
+
+// The `field` every image route is asked for (null: the server's default, the effective field).
+const IMAGE_ROUTES = new Set(["patch", "mosaic", "probe_image", "projection", "projection_mosaic", "row"]);
+let cropField = null;
+
+/** Ask every image route for `field` (null for the default); returns whether that changed. */
+export function setCropField(field) {
+  const changed = field !== cropField;
+  cropField = field;
+  return changed;
 }
 
 const cache = new Map();
@@ -102,7 +114,8 @@ export const screenSize = (css) => clampSize(css == null ? css : css * Math.min(
  */
 export const mosaicUrl = (run, layer, step, unit, size) =>
   routeUrl("mosaic", { run, layer, step, unit, size: screenSize(size) });
-export const patchUrl = (run, layer, step, unit, rank, size) =>
-  routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size) });
-export const probeImageUrl = (run, layer, step, unit, rank, index) =>
-  routeUrl("probe_image", { run, index, layer, step, unit, rank });
+// `overlay`: "projection" draws the record's projection over the image as a heatmap (where the unit fires).
+export const patchUrl = (run, layer, step, unit, rank, size, overlay = null) =>
+  routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size), overlay });
+export const probeImageUrl = (run, layer, step, unit, rank, index, overlay = null) =>
+  routeUrl("probe_image", { run, index, layer, step, unit, rank, overlay });

@@ -13,6 +13,7 @@ import { EvolutionGridView, ROW_ORDERS } from "./evolution_grid.js";
 import { SHOWS } from "./show.js";
 import { PATCH_SIZES, DEFAULT_PATCH, nearestStep, openDialog } from "./widgets.js";
 import { followTensorBoardTheme } from "./theme.js";
+import { applyField, fieldBar } from "./field.js";
 import { showHelp } from "./help.js";
 import { sourceSwitch, useSource, validSource } from "./source.js";
 
@@ -167,6 +168,8 @@ class App {
     this.state = this.normalize(wanted);
     useSource(this.state);
     if (source !== this.state.source) this.showView(null);  // a view's data are the old source's
+    // Other crops: every image of the view changes, so it is built afresh.
+    if (applyField(this.state)) this.viewName = null;
     writeState(this.state);
     this.renderChrome();
     if (!this.layer) {
@@ -213,7 +216,8 @@ class App {
       type: "button", class: "cv-nav-item", "aria-current": name === current ? "page" : null,
       onclick: () => this.navigate({ view: name }),
     }, label)));
-    fill(this.banner, run.error && message("error", `Some ConvViz data of run ${run.run} could not be read`, run.error));
+    fill(this.banner, run.error && message("error", `Some ConvViz data of run ${run.run} could not be read`, run.error),
+      fieldBar(this));
   }
 
   onKey(event) {

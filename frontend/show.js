@@ -45,14 +45,14 @@ export function showToggle(layer, show, onChange) {
 
 /**
  * Point `figure` (a MosaicFigure of `patch`-pixel cells) at a unit's projections at `step`: all k
- * in the patches' layout where all were projected, else the top-1 alone in the first cell.
+ * in the patches' layout where all were projected, else the top-1 alone, as large as the whole mosaic.
  */
 export function assignProjection(feed, figure, { run, layer, step, unit, records, patch, highlight = [] }) {
   const all = hasProjection(layer, step, 1);
-  const { pw, ph } = figure.geometry;
-  figure.img.style.width = all ? "" : `${pw}px`;
-  figure.img.style.height = all ? "" : `${ph}px`;
+  const { width, height } = figure.geometry;
+  figure.img.style.width = all ? "" : `${width}px`;
+  figure.img.style.height = all ? "" : `${height}px`;
   figure.setRecords(all ? records : records.filter((r) => r.rank === 0),
     { highlight: all ? highlight : highlight.filter((rank) => rank === 0), step, unit });
-  feed.assign(figure.img, projectionMosaicUrl(run, layer.name, step, unit, patch));
+  feed.assign(figure.img, projectionMosaicUrl(run, layer.name, step, unit, all ? patch : Math.max(width, height)));
 }

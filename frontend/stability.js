@@ -102,8 +102,25 @@ export class StabilityView {
             series: series("dead_fraction"), yMax: deadMax, width: 400, height: 170,
             title: "Dead-unit fraction per layer", yFormat: formatPercent, xLabel: "step", onPoint,
           }))),
+      this.fieldCard(layers, series, onPoint),
       h("div", { class: "cv-card" }, h("h2", {}, "Per layer, at the latest checkpoint"), this.table(layers, openLayer)),
     ];
+  }
+
+  /** The effective receptive field over training (Luo et al. predict it grows), or null for a run without it. */
+  fieldCard(layers, series, onPoint) {
+    const measured = layers.filter((l) => l.effective_field.some((v) => v != null));
+    if (!measured.length) return null;
+    const top = Math.max(...measured.flatMap((l) => l.effective_field.filter((v) => v != null)));
+    return h("div", { class: "cv-card cv-card-wide cv-field-card" },
+      h("h2", {}, "Effective receptive field"),
+      h("p", { class: "cv-caption" }, "Side in input pixels of the box that holds most of the input-gradient mass of a " +
+        "centre unit, measured at each checkpoint (the theoretical field bounds it). Luo et al. (2016) find that it " +
+        "grows during training."),
+      lineChart({
+        series: series("effective_field").filter((s) => measured.includes(s.layer)), yMax: Math.max(8, Math.ceil(top * 1.1)),
+        title: "Effective receptive field per layer (px)", yFormat: (v) => `${Math.round(v)} px`, xLabel: "step", onPoint,
+      }));
   }
 
   table(layers, openLayer) {

@@ -152,7 +152,7 @@ export class UnitView {
       h("button", { type: "button", class: "cv-button", disabled: !ordered && unit >= layer.units - 1, onclick: () => go(1),
         title: `Next unit${order} (↓)` }, "Next unit ›"),
       unitJump(layer, (next) => this.app.navigate({ unit: next }), unit),
-      fieldNote(layer),
+      fieldNote(layer, this.app.state.field),
       showToggle(layer, this.app.state.show, (show) => this.app.navigate({ show })),
     );
   }
@@ -268,7 +268,7 @@ export class UnitView {
 }
 
 /** Says when a patch cannot localise anything: the unit sees the whole probe image, or more. */
-function fieldNote(layer) {
+function fieldNote(layer, field) {
   const rf = layer.receptive_field, [inH, inW] = layer.input ?? [];
   if (rf?.method === "global") {
     return h("p", { class: "cv-dim cv-field-note" },
@@ -277,8 +277,10 @@ function fieldNote(layer) {
   const [height, width] = rf?.size ?? [];
   if (inH && height >= inH && width >= inW) {
     return h("p", { class: "cv-dim cv-field-note" },
-      `The receptive field (${height}×${width} px) covers the whole ${inH}×${inW} probe image: each patch is the whole image, ` +
-      "placed where the unit looks, with grey where the field runs past the image.");
+      `The receptive field (${height}×${width} px) covers the whole ${inH}×${inW} probe image: ` +
+      (layer.effective_field && field !== "theoretical"
+        ? "each patch shows the unit's smaller effective field, kept inside the image."
+        : "each patch is the whole image, placed where the unit looks, with grey where the field runs past the image."));
   }
   return null;
 }

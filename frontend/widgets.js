@@ -2,6 +2,7 @@
 
 import { h, fill, formatValue } from "./dom.js";
 import { probeImageUrl } from "./api.js";
+import { hasProjection } from "./show.js";
 
 const PLAY_PAUSE_MS = 450;
 
@@ -301,15 +302,20 @@ export function showProbeImage({ run, layer, step, unit, record }) {
   const img = fitImage(h("img", {
     class: "cv-probe-image",
     src: probeImageUrl(run, layer.name, step, unit, record.rank, record.image),
-    alt: `Probe image ${record.image} with the receptive field of ${recordAlt(unit, step, record)}`,
+    alt: `Probe image ${record.image} with the receptive fields of ${recordAlt(unit, step, record)}`,
   }), 320);
+  const overlay = hasProjection(layer, step, record.rank) ? firesToggle((on) => {
+    img.src = probeImageUrl(run, layer.name, step, unit, record.rank, record.image, on ? "projection" : null);
+  }) : null;
   const failure = h("p", { class: "cv-dim", hidden: true });
   img.addEventListener("error", () => {
     failure.hidden = false;
     failure.textContent = "The probe image could not be loaded (see the TensorBoard log).";
   });
-  return openDialog({ title: `Probe image #${record.image}` },
+  return openDialog({ title: `Probe image #${record.image}`, tools: overlay },
     h("div", { class: "cv-dialog-body" }, img, failure),
+    h("p", { class: "cv-caption" }, "Red: the unit's theoretical receptive field. Blue: the effective field the patch " +
+      "shows (where it differs)." + (overlay ? " Where it fires: the record's projection, red where it is strong." : "")),
     h("dl", { class: "cv-facts" },
       fact("Unit", `${unit} · ${layerTitle(layer)} (${layer.name})`),
       fact("Rank", `${record.rank + 1} of ${layer.k}`),
@@ -317,6 +323,13 @@ export function showProbeImage({ run, layer, step, unit, record }) {
       fact("Label", labelText(record) ?? "–"),
       fact("Position", record.y == null ? "whole image" : `feature map (${record.y}, ${record.x})`),
       fact("Step", String(step))));
+}
+
+/** The "Where it fires" checkbox: `onChange(on)` swaps in the image with the projection's heatmap over it. */
+export function firesToggle(onChange) {
+  const box = h("input", { type: "checkbox", class: "cv-fires", onchange: () => onChange(box.checked) });
+  return h("label", { class: "cv-field", title: "The record's projection drawn over the image: red where the unit's " +
+    "activation comes from" }, box, "Where it fires");
 }
 
 function fact(term, value) {

@@ -3,7 +3,8 @@
 
 import { h, fill, select, formatValue } from "./dom.js";
 import { patchUrl } from "./api.js";
-import { openDialog, labelText, layerTitle, mosaicGeometry, recordAlt, recordTip, showProbeImage } from "./widgets.js";
+import { firesToggle, openDialog, labelText, layerTitle, mosaicGeometry, recordAlt, recordTip, showProbeImage } from "./widgets.js";
+import { hasProjection } from "./show.js";
 
 export const ZOOM_SIZES = [64, 96, 128, 192, 256, 384];
 const DEFAULT_SIZE = 128;
@@ -33,6 +34,7 @@ function saveSize(size) {
  */
 export function showZoom({ run, layer, step, unit, records, highlight = [], side = null }) {
   let size = savedSize();
+  let fires = false;
   const marked = new Set(highlight);
   const cols = records.length === 1 ? 1 : Math.ceil(Math.sqrt(layer.k));
   const grid = h("div", { class: "cv-zoom-grid", style: { "grid-template-columns": `repeat(${cols}, auto)` } });
@@ -43,7 +45,8 @@ export function showZoom({ run, layer, step, unit, records, highlight = [], side
         type: "button", class: "cv-zoom-open", title: `${recordTip(r, step, unit)}\nClick: the whole probe image`,
         onclick: () => showProbeImage({ run, layer, step, unit, record: r }),
       }, h("img", {
-        class: "cv-pixelated", src: patchUrl(run, layer.name, step, unit, r.rank, size), alt: recordAlt(unit, step, r),
+        class: "cv-pixelated", alt: recordAlt(unit, step, r),
+        src: patchUrl(run, layer.name, step, unit, r.rank, size, fires && hasProjection(layer, step, r.rank) ? "projection" : null),
         width: pw, height: ph,
       })),
       h("figcaption", {},
@@ -65,7 +68,8 @@ export function showZoom({ run, layer, step, unit, records, highlight = [], side
   const title = `${side ? `${side} · ` : ""}Unit ${unit} · ${layerTitle(layer)} · step ${step} · ${what}`;
   const dialog = openDialog({
     title, className: "cv-zoom",
-    tools: h("label", { class: "cv-field" }, "Patch size", sizes),
+    tools: [layer.projections?.steps.includes(step) ? firesToggle((on) => { fires = on; draw(); }) : null,
+      h("label", { class: "cv-field" }, "Patch size", sizes)],
   }, h("div", { class: "cv-zoom-body" }, grid),
   marked.size ? h("p", { class: "cv-caption" }, "Outlined: probe images in both top-k sets of the comparison.") : null);
   dialog.addEventListener("keydown", (e) => {

@@ -203,6 +203,9 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
                    help="with --evolution, show patches even where projections were logged")
     p.add_argument("--patch-size", type=_positive_int, default=None,
                    help="pixels per patch side (default: 48, or 64 with --evolution)")
+    p.add_argument("--field", choices=("effective", "theoretical"), default="effective",
+                   help="crop each patch to the layer's effective receptive field, kept inside the image (the "
+                   "default; runs logged without it use the theoretical field), or to the whole theoretical field")
     p.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg or .pdf)")
     p.set_defaults(handler=export)
 
@@ -226,10 +229,11 @@ def export(args: argparse.Namespace) -> int:
                 raise CommandError("--evolution needs the unit to follow: --unit U (or --units 0-3 for several)")
             figure = figures.evolution_figure(run, layer.name, units, steps, top=args.top,
                                               patch_size=args.patch_size or 64,
-                                              projections=True if args.projections else False if args.patches else None)
+                                              projections=True if args.projections else False if args.patches else None,
+                                              theoretical=args.field == "theoretical")
         else:
             figure = figures.grid_figure(run, layer.name, args.step, units, patch_size=args.patch_size or 48,
-                                         projections=args.projections)
+                                         projections=args.projections, theoretical=args.field == "theoretical")
     except (OSError, ValueError) as e:
         raise CommandError(e) from None
     try:

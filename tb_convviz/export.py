@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from tb_convviz import projection_format as fmt
-from tb_convviz.geometry import crop
-from tb_convviz.plugin.render import mosaic, record_box, resize
+from tb_convviz.geometry import CropField, crop
+from tb_convviz.plugin.render import grid_shape, mosaic, resize
 from tb_convviz.reader import Layer, Run, event_files, read_run
 
 BACKGROUND = (255, 255, 255)
@@ -28,21 +28,25 @@ MAX_LISTED_RUNS = 20
 
 
 def grid_figure(run: Run, layer: str, step: int | None = None, units: list[int] | None = None,
-                *, patch_size: int = 48, projections: bool = False) -> Image.Image:
+                *, patch_size: int = 48, projections: bool = False, theoretical: bool = False) -> Image.Image:
     """The top-k mosaics of ``units`` of ``layer`` at ``step`` (latest if None), in a labelled grid.
 
-    With ``projections``, each unit's projections stand left of its patches, as in Fig. 2.
+    Patches are the effective field's crops where it was measured (see :meth:`Run.crop`), the
+    theoretical field's if ``theoretical``. With ``projections``, each unit's projections stand
+    left of its patches, as in Fig. 2: a mosaic where all k were projected, else the top-1
+    projection as large as the patches' mosaic.
     """
     info = find_layer(run, layer)
     step = _check_step(run, info, step)
     units = list(range(min(info.units, 16))) if units is None else units
     records = run.topk(info.name, step)
+    field = run.crop(info.name, step, theoretical)
     if projections:
         _check_projected(run, info, [step])
     cells = [(f"unit {u}" + (" (not finite)" if records.not_finite[u] else ""),
-              _side_by_side(_projection_mosaic(run, info, step, u, info.k, patch_size),
-                            _mosaic(run, info, records, u, info.k, patch_size)) if projections
-              else _mosaic(run, info, records, u, info.k, patch_size)) for u in units]
+              _side_by_side(_projection_mosaic(run, info, field, step, u, info.k, patch_size),
+                            _mosaic(run, info, field, records, u, info.k, patch_size)) if projections
+              else _mosaic(run, info, field, records, u, info.k, patch_size)) for u in units]
     cols = math.ceil(math.sqrt(len(cells)))
     rows = [cells[i:i + cols] for i in range(0, len(cells), cols)]
     title = f"{_run_name(run)} · layer {info.index} ({info.name}) · step {step}"
@@ -50,11 +54,13 @@ def grid_figure(run: Run, layer: str, step: int | None = None, units: list[int] 
 
 
 def evolution_figure(run: Run, layer: str, units: list[int], steps: list[int] | None = None,
-                     *, top: int = 1, patch_size: int = 64, projections: bool | None = None) -> Image.Image:
+                     *, top: int = 1, patch_size: int = 64, projections: bool | None = None,
+                     theoretical: bool = False) -> Image.Image:
     """Each unit of ``units`` (rows) at each checkpoint (columns): its ``top`` strongest projections or patches.
 
     ``projections`` None shows projections when any of ``steps`` has them (a checkpoint without
-    them shows its patches), True requires them, False shows patches.
+    them shows its patches), True requires them, False shows patches. Each checkpoint's crops are
+    its effective field's (the theoretical field's if ``theoretical``), as the tab shows them.
     """
     info = find_layer(run, layer)
     steps = run.steps if steps is None else [_check_step(run, info, s) for s in steps]
@@ -65,8 +71,9 @@ def evolution_figure(run: Run, layer: str, units: list[int], steps: list[int] | 
         _check_projected(run, info, steps)
     use = projected if projections is not False else set()
     per_step = {s: run.topk(info.name, s) for s in steps}
-    rows = [[(None, _projection_mosaic(run, info, s, u, top, patch_size) if s in use
-              else _mosaic(run, info, per_step[s], u, top, patch_size)) for s in steps] for u in units]
+    fields = {s: run.crop(info.name, s, theoretical) for s in steps}
+    rows = [[(None, _projection_mosaic(run, info, fields[s], s, u, top, patch_size) if s in use
+              else _mosaic(run, info, fields[s], per_step[s], u, top, patch_size)) for s in steps] for u in units]
     shown = "projections" if use & set(steps) == set(steps) else "projections and patches" if use & set(steps) else None
     rule = run.projection_info(info.name).rule if shown else ""
     title = f"{_run_name(run)} · layer {info.index} ({info.name}) over training" + (
@@ -128,35 +135,44 @@ def _runs_hint(logdir: str) -> str:
             "ConvVizLogger, `tb-convviz checkpoints` or `tb-convviz demo`")
 
 
-def _mosaic(run: Run, info: Layer, records, unit: int, count: int, patch_size: int) -> Image.Image:
+def _mosaic(run: Run, info: Layer, field: CropField, records, unit: int, count: int, patch_size: int) -> Image.Image:
     tiles = []
     for image, y, x in zip(records.image[unit, :count], records.y[unit, :count], records.x[unit, :count]):
         if image < 0 or int(image) not in run.stored_images:
             tiles.append(None)
             continue
-        box = record_box(info.receptive_field, info.fmap is not None, int(y), int(x))
+        box = field.box(info.fmap is not None, int(y), int(x))
         tiles.append(resize(crop(run.probe_image(int(image)), box), patch_size))
-    tile_shape = resize(np.zeros(info.receptive_field.size, np.uint8), patch_size).shape[:2]
-    rgba = Image.fromarray(mosaic(tiles, tile_shape), "RGBA")
-    out = Image.new("RGB", rgba.size, BACKGROUND)
-    out.paste(rgba, mask=rgba)
-    return out
+    return _on_background(mosaic(tiles, _tile_shape(field, patch_size)))
 
 
-def _projection_mosaic(run: Run, info: Layer, step: int, unit: int, count: int, patch_size: int) -> Image.Image:
-    """A unit's projections at ``step`` (ranks below ``count`` that were projected), each contrast-normalised."""
+def _projection_mosaic(run: Run, info: Layer, field: CropField, step: int, unit: int, count: int,
+                       patch_size: int) -> Image.Image:
+    """A unit's projections at ``step``, each contrast-normalised: the mosaic of the ranks below ``count``
+    where more than the top-1 was projected, else the top-1 alone, as large as that mosaic."""
     tiles = []
     for rank in range(count):
         try:
-            q = run.projection_pixels(info.name, step, unit, rank)
+            tiles.append(fmt.display(run.projection_pixels(info.name, step, unit, rank, field=field)))
         except KeyError:
             tiles.append(None)  # only the top-1 record was projected at that step
-            continue
-        tiles.append(resize(fmt.display(q), patch_size))
-    tile_shape = resize(np.zeros(info.receptive_field.size, np.uint8), patch_size).shape[:2]
-    rgba = Image.fromarray(mosaic(tiles, tile_shape), "RGBA")
-    out = Image.new("RGB", rgba.size, BACKGROUND)
-    out.paste(rgba, mask=rgba)
+    tile_shape = _tile_shape(field, patch_size)
+    if count > 1 and all(t is None for t in tiles[1:]):
+        rows, cols = grid_shape(count)
+        shape = (rows * tile_shape[0] + rows - 1, cols * tile_shape[1] + cols - 1)
+        return _on_background(mosaic([resize(tiles[0], max(shape)) if tiles[0] is not None else None],
+                                     resize(np.zeros(field.size, np.uint8), max(shape)).shape[:2]))
+    return _on_background(mosaic([None if t is None else resize(t, patch_size) for t in tiles], tile_shape))
+
+
+def _tile_shape(field: CropField, patch_size: int) -> tuple[int, int]:
+    return resize(np.zeros(field.size, np.uint8), patch_size).shape[:2]
+
+
+def _on_background(rgba: np.ndarray) -> Image.Image:
+    image = Image.fromarray(rgba, "RGBA")
+    out = Image.new("RGB", image.size, BACKGROUND)
+    out.paste(image, mask=image)
     return out
 
 

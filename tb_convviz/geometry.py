@@ -72,6 +72,43 @@ def record_box(field: ReceptiveField, positional: bool, y: int, x: int) -> tuple
     return field.box(y, x)
 
 
+@dataclasses.dataclass(frozen=True)
+class CropField:
+    """How a layer's records are cropped: ``field``'s box, moved inside an ``inside`` (h, w) image when given."""
+
+    field: ReceptiveField
+    inside: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.field.size
+
+    def box(self, positional: bool, y: int, x: int) -> tuple[int, int, int, int]:
+        """The crop box of a record at (y, x) (see :func:`record_box`)."""
+        box = record_box(self.field, positional, y, x)
+        return box if self.inside is None else kept_inside(box, *self.inside)
+
+
+def effective_crop(field: ReceptiveField, size: tuple[int, int] | None, image: tuple[int, int]) -> CropField:
+    """The crop of a layer whose effective field is ``size`` (h, w; None: not measured, the theoretical field as is).
+
+    An effective box is centred on the record and moved inside the ``image`` (h, w): it shows only image.
+    """
+    if size is None:
+        return CropField(field)
+    size = (max(1, min(size[0], field.size[0], image[0])), max(1, min(size[1], field.size[1], image[1])))
+    return CropField(dataclasses.replace(field, size=size), image)
+
+
+def kept_inside(box: tuple[int, int, int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """``box`` moved (not resized) to lie inside a ``height`` x ``width`` image; centred on an axis it is longer than."""
+    top, left, bottom, right = box
+    h, w = bottom - top, right - left
+    top = min(max(top, 0), height - h) if h <= height else -((h - height) // 2)
+    left = min(max(left, 0), width - w) if w <= width else -((w - width) // 2)
+    return top, left, top + h, left + w
+
+
 def crop(image: np.ndarray, box: tuple[int, int, int, int], fill: int = PAD_VALUE) -> np.ndarray:
     """Crop ``image`` ([H, W] or [H, W, C]) to ``box``, padding with ``fill`` where it runs off."""
     top, left, bottom, right = box

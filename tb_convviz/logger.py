@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tb_convviz import layers as layer_select
-from tb_convviz import plugin_data_pb2
+from tb_convviz import effective_field, plugin_data_pb2
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
@@ -314,8 +314,16 @@ class ConvVizLogger:
         if rank() != 0:
             return True
         self._warn_not_finite(step, ranked.not_finite)
+        try:  # on rank 0 alone, which writes it: no rank waits on it, and all agree on the stored box
+            fields = effective_field.measure(self._net, self.probe, self._layer_infos, call=self._call,
+                                             device=self.device)
+            self._failing.discard("effective field")
+        except Exception as e:
+            fields = {}
+            self._failed("effective field", f"the effective fields at step {step} could not be measured "
+                         f"({type(e).__name__}: {e}); the checkpoint is logged without them")
         try:
-            self._records.write(step, ranked.topk, projections, streams)
+            self._records.write(step, ranked.topk, projections, streams, fields)
         except Exception as e:
             self._failed("write", f"could not write the checkpoint at step {step} to {self.log_dir!r} "
                          f"({type(e).__name__}: {e}); training goes on and the next checkpoint tries again")

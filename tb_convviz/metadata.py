@@ -35,6 +35,10 @@ With projections on, in the checkpoint's event as well (older readers skip these
 * ``convviz/filters/<module>`` (TENSOR): float32 ``[out, in, kh, kw]`` weights of
   the first convolution, with a ``FilterInfo``; and the SCALARs
   ``convviz/<module>/{dominant_filters,near_zero_filters}``.
+* ``convviz/effective_field/<layer>`` (TENSOR, int32 ``[2]``): the (height, width) of the
+  layer's effective receptive field at that checkpoint (see ``effective_field``), with an
+  ``EffectiveFieldInfo``; and the SCALAR ``convviz/<layer>/effective_field`` (its larger side).
+  Runs before it have none: readers crop the theoretical field.
 
 With streams on (``"train"``, ``"eval"``; older readers skip these tags), per stream ``<s>``:
 
@@ -67,6 +71,7 @@ PROBE_INDEX_TAG = "convviz/probe/index"
 PROBE_IMAGES_TAG = "convviz/probe/images"
 PROJECTION_TAG_PREFIX = "convviz/projection/"
 FILTERS_TAG_PREFIX = "convviz/filters/"
+EFFECTIVE_FIELD_TAG_PREFIX = "convviz/effective_field/"
 STREAM_TAG_PREFIX = "convviz/stream/"
 SOURCES = ("probe", "train", "eval")
 _INDEX_MAGIC = b"CVZX"
@@ -112,19 +117,24 @@ def filters_tag(module: str) -> str:
     return FILTERS_TAG_PREFIX + module
 
 
+def effective_field_tag(layer: str) -> str:
+    return EFFECTIVE_FIELD_TAG_PREFIX + layer
+
+
 def scalar_tag(layer: str, name: str) -> str:
     return f"convviz/{layer}/{name}"
 
 
 def create_summary_metadata(
     content: plugin_data_pb2.LayerInfo | plugin_data_pb2.ProbeInfo | plugin_data_pb2.ProjectionInfo
-    | plugin_data_pb2.FilterInfo,
+    | plugin_data_pb2.FilterInfo | plugin_data_pb2.EffectiveFieldInfo,
     data_class: int,
 ) -> summary_pb2.SummaryMetadata:
     """SummaryMetadata for a convviz series; ``data_class`` is a summary_pb2.DATA_CLASS_*."""
     data = plugin_data_pb2.PluginData(version=PROTO_VERSION)
     field = {plugin_data_pb2.LayerInfo: data.layer, plugin_data_pb2.ProbeInfo: data.probe,
-             plugin_data_pb2.ProjectionInfo: data.projection, plugin_data_pb2.FilterInfo: data.filters}
+             plugin_data_pb2.ProjectionInfo: data.projection, plugin_data_pb2.FilterInfo: data.filters,
+             plugin_data_pb2.EffectiveFieldInfo: data.effective_field}
     field[type(content)].CopyFrom(content)
     return summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(

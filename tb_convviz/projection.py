@@ -122,7 +122,8 @@ def project(net: nn.Module, layers: Sequence[str], images: torch.Tensor, layer_o
             call: Callable[[torch.Tensor], object] | None = None) -> Projection:
     """Project row b's activation (layer ``layers[layer_of_row[b]]``, ``unit[b]``, flat ``position[b]``) back onto ``images[b]``.
 
-    ``position`` is ``y * width + x`` (-1 for ``[N, F]`` outputs); ``call(images)`` runs the
+    ``position`` is ``y * width + x`` (-1 for ``[N, F]`` outputs); ``unit`` -1 seeds every unit at that
+    position (a conv layer's effective field); ``call(images)`` runs the
     model (default ``net(images)``; the logger's runs the user's ``forward=``). One forward pass and one
     backward pass, in eval mode as the caller sets it; gradients are taken with respect to the
     input only, so no parameter's ``.grad`` changes.
@@ -172,7 +173,9 @@ def project(net: nn.Module, layers: Sequence[str], images: torch.Tensor, layer_o
             seed[rows_t[mine], unit_t[mine]] = 1
         else:
             flat = seed.view(rows, out.shape[1], -1)
-            flat[rows_t[mine], unit_t[mine], position_t[mine]] = 1
+            one, every = mine & (unit_t >= 0), mine & (unit_t < 0)
+            flat[rows_t[one], unit_t[one], position_t[one]] = 1
+            flat[rows_t[every], :, position_t[every]] = 1
         seeds.append(seed)
     (grad,) = torch.autograd.grad([outputs[i] for i in wanted], [x], seeds, allow_unused=True)
     pixels = torch.zeros_like(x, dtype=torch.float32) if grad is None else grad.float()

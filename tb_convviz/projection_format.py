@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from tb_convviz.geometry import crop
+
 INDEX_DTYPE = np.dtype([("unit", "<i4"), ("rank", "<i4"), ("image", "<i4"), ("y", "<i2"), ("x", "<i2"),
                         ("scale", "<f4")])
 # Chosen for size at equal fidelity (benchmarks/projections.py measures every candidate against
@@ -147,6 +149,17 @@ def decode_projection(data: bytes, info, box: tuple[int, int, int, int]) -> np.n
         t, l, b, r = region
         out[:, t - top:b - top, l - left:r - left] = decode_pixels(data, info.channels, b - t, r - l)
     return out
+
+
+def on_box(q: np.ndarray, box: tuple[int, int, int, int], target: tuple[int, int, int, int]) -> np.ndarray:
+    """A projection ``q`` (``[C, h, w]`` on ``box``) cut to ``target`` (both top, left, bottom, right in image pixels).
+
+    128 (zero) where ``target`` leaves ``box``: a projection is zero outside its record's field.
+    """
+    if target == box:
+        return q
+    shifted = (target[0] - box[0], target[1] - box[1], target[2] - box[0], target[3] - box[1])
+    return np.ascontiguousarray(crop(q.transpose(1, 2, 0), shifted, fill=128).transpose(2, 0, 1))
 
 
 def encode_index(rows: np.ndarray) -> bytes:

@@ -16,7 +16,7 @@ from tensorboard.util import tensor_util
 
 from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz import projection_format as fmt
-from tb_convviz.geometry import ReceptiveField, record_box
+from tb_convviz.geometry import CropField, ReceptiveField, effective_crop, record_box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,7 @@ class Run:
         # source -> layer -> step -> (info, index rows, image blobs): one self-contained record each.
         self._projections: dict[str, dict[str, dict[int, tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]]]] = {}
         self.filter_module: str | None = None
+        self._effective: dict[str, dict[int, tuple[int, int]]] = {}
         self._filters: dict[int, np.ndarray] = {}
         # Streams ("train", "eval"): per source, like the probe's records, images and labels.
         self._stream_payloads: dict[str, dict[str, dict[int, bytes]]] = {}
@@ -136,6 +137,23 @@ class Run:
         label = np.vectorize(lambda i: labels.get(int(i), -1), otypes=[np.int64])(image)
         return TopKRecords(rec["value"].copy(), image, rec["y"].astype(np.int64), rec["x"].astype(np.int64), label)
 
+    def effective_field(self, layer: str, step: int | None = None) -> tuple[int, int] | None:
+        """(h, w) of ``layer``'s effective receptive field at ``step`` (the latest if None); None if not measured.
+
+        Runs logged before tb-convviz measured it have none.
+        """
+        per_step = self._effective.get(self.layer(layer).name, {})
+        if step is None:
+            return per_step[max(per_step)] if per_step else None
+        return per_step.get(step)
+
+    def crop(self, layer: str, step: int, theoretical: bool = False) -> CropField:
+        """How ``layer``'s records at ``step`` are cropped: the effective field's box kept inside the image where
+        it was measured, else (or if ``theoretical``) the theoretical field's box."""
+        info = self.layer(layer)
+        size = None if theoretical else self.effective_field(layer, step)
+        return effective_crop(info.receptive_field, size, info.input_size)
+
     def probe_image(self, index: int) -> np.ndarray:
         """Probe image ``index`` as displayed, uint8 ``[H, W, 3]``; only images some record names are stored."""
         if index not in self._images:
@@ -177,14 +195,19 @@ class Run:
         return fmt.dequantize(self.projection_pixels(layer, step, unit, rank, source),
                               float(self.projection_record(layer, step, unit, rank, source)["scale"]))
 
-    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe") -> np.ndarray:
-        """The stored uint8 ``[C, h, w]`` of a record's projection, as drawn: 128 is zero, 1 and 255 ∓ its peak."""
+    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe",
+                          field: CropField | None = None) -> np.ndarray:
+        """The stored uint8 ``[C, h, w]`` of a record's projection, as drawn: 128 is zero, 1 and 255 ∓ its peak.
+
+        On ``field``'s crop (see :meth:`crop`); by default on the record's theoretical box.
+        """
         info, index, blobs = self._projections_at(layer, step, source)
         position = self._projection_position(layer, step, index, unit, rank)
         found = self.layer(layer)
-        box = record_box(found.receptive_field, found.fmap is not None, int(index[position]["y"]),
-                         int(index[position]["x"]))
-        return fmt.decode_projection(blobs[position], info, box)
+        y, x = int(index[position]["y"]), int(index[position]["x"])
+        box = record_box(found.receptive_field, found.fmap is not None, y, x)
+        q = fmt.decode_projection(blobs[position], info, box)
+        return q if field is None else fmt.on_box(q, box, field.box(found.fmap is not None, y, x))
 
     def projection_record(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe") -> np.void:
         """The index row (unit, rank, image, y, x, scale) of a stored projection."""
@@ -229,6 +252,12 @@ class Run:
                 scalar = value.simple_value if value.WhichOneof("value") == "simple_value" else \
                     float(tensor_util.make_ndarray(value.tensor))
                 self.scalars.setdefault(value.tag, {})[event.step] = scalar
+                continue
+            if value.tag.startswith(metadata.EFFECTIVE_FIELD_TAG_PREFIX):
+                size = tensor_util.make_ndarray(value.tensor).reshape(-1)
+                if size.shape == (2,) and size.dtype.kind in "iu" and (size > 0).all():
+                    layer = value.tag[len(metadata.EFFECTIVE_FIELD_TAG_PREFIX):]
+                    self._effective.setdefault(layer, {})[event.step] = (int(size[0]), int(size[1]))
                 continue
             if value.tag.startswith((metadata.PROJECTION_TAG_PREFIX, metadata.FILTERS_TAG_PREFIX)):
                 self._add_figure_data(value, event.step)

@@ -11,7 +11,7 @@ import torch
 from tensorboard.compat.proto import summary_pb2
 from torch import nn
 
-from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz import effective_field, metadata, plugin_data_pb2, summary
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import LayerProjections
 from tb_convviz.projection_format import DOMINANT_RATIO, ENCODING, LEVELS, NEAR_ZERO_RATIO, encode_index, filter_flags
@@ -64,8 +64,9 @@ class RecordWriter:
         self._chunks.update({metadata.stream_tag(source, "chunk"): c for source, c in run.stream_chunks.items()})
 
     def write(self, step: int, results: dict[str, TopK], projections: dict[str, LayerProjections] | None = None,
-              streams: dict[str, StreamRecords] | None = None) -> None:
-        """Write one checkpoint: the new winning images first, then its records in one event at ``step``."""
+              streams: dict[str, StreamRecords] | None = None, fields: dict[str, tuple[int, int]] | None = None) -> None:
+        """Write one checkpoint: the new winning images first, then its records (and ``fields``, the layers'
+        effective fields) in one event at ``step``."""
         writer = self._writer or self._open()
         new = sorted(self._winners(results) - self._stored)
         self._write_chunks(writer, metadata.PROBE_CHUNK_TAG, new, self.probe.display, self.probe.label, self._stored)
@@ -83,6 +84,7 @@ class RecordWriter:
                           for name, topk in stream.topk.items())
             values.extend(self._projection_values(stream.projections, source))
         values.extend(self._filter_values(scalars))
+        values.extend(effective_field.summary_values(fields or {}, scalars))
         values.extend(summary.scalars_pb(scalars).value)
         writer.write(summary_pb2.Summary(value=values), step)
         writer.flush()

@@ -91,6 +91,14 @@ def filters_pb(info: plugin_data_pb2.FilterInfo, weights: np.ndarray) -> summary
                                                                 metadata=md, tensor=tensor)])
 
 
+def effective_field_pb(info: plugin_data_pb2.EffectiveFieldInfo, size: tuple[int, int]) -> summary_pb2.Summary:
+    """A layer's effective field at a checkpoint: int32 ``[height, width]``."""
+    md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_TENSOR)
+    tensor = tensor_util.make_tensor_proto(np.asarray(size, np.int32))
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=metadata.effective_field_tag(info.layer),
+                                                                metadata=md, tensor=tensor)])
+
+
 def scalars_pb(values: dict[str, float]) -> summary_pb2.Summary:
     """Scalars as ``SummaryWriter.add_scalar`` writes them, for every reader of event files.
 

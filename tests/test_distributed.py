@@ -117,6 +117,9 @@ def test_two_gloo_ranks_with_ddp_equal_one_process_exactly(spawned, tmp_path):
                 np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{layer} {field}")
     assert ddp.stored_images == single.stored_images
     assert ddp.scalars == single.scalars
+    # Rank 0 measures the effective fields (with its own buffers, which it writes about): one process's boxes.
+    for layer in ("conv1", "relu2"):
+        assert all(ddp.effective_field(layer, s) == single.effective_field(layer, s) is not None for s in LOGGED)
     # The tie rule was exercised across ranks: the flat copies rank together, in index order.
     tied = [row[np.isin(row, [3, 9, 30, 41])] for row in ddp.topk("conv1", 0).image]
     assert any(list(row) == [3, 9, 30, 41] for row in tied)

@@ -123,8 +123,20 @@ def test_projection_png_is_the_stored_projection(served, logged):
     layer = run.layers[1]
     stored = run.projection(layer.name, 5, 3)
     scale = float(run.projection_record(layer.name, 5, 3)["scale"])
-    image = png(served.client.get(API + f"projection?run=new&layer={layer.name}&step=5&unit=3"))
+    image = png(served.client.get(API + f"projection?run=new&layer={layer.name}&step=5&unit=3&field=theoretical"))
     np.testing.assert_array_equal(image.transpose(2, 0, 1), fmt.quantize(stored)[0] if scale else image)
+    # By default, the same projection on the record's effective-field crop, as its patch is cut.
+    field = run.crop(layer.name, 5)
+    assert field.size == run.effective_field(layer.name, 5) and field.size < layer.receptive_field.size
+    cut = png(served.client.get(API + f"projection?run=new&layer={layer.name}&step=5&unit=3"))
+    np.testing.assert_array_equal(cut.transpose(2, 0, 1), run.projection_pixels(layer.name, 5, 3, field=field))
+    row = run.projection_record(layer.name, 5, 3)
+    box = field.box(True, int(row["y"]), int(row["x"]))
+    theoretical = layer.receptive_field.box(int(row["y"]), int(row["x"]))
+    # The effective crop is part of the theoretical one (kept inside the image, it may leave it, where the projection is 0).
+    inner = crop(image, (box[0] - theoretical[0], box[1] - theoretical[1], box[2] - theoretical[0], box[3] - theoretical[1]),
+                 fill=128)
+    np.testing.assert_array_equal(cut, inner)
     common = png(served.client.get(API + f"projection?run=new&layer={layer.name}&step=5&unit=3&scale=common"))
     assert np.abs(common.astype(int) - 128).max() <= np.abs(image.astype(int) - 128).max()
     big = png(served.client.get(API + f"projection?run=new&layer={layer.name}&step=5&unit=3&size=128"))
@@ -145,11 +157,20 @@ def test_row_is_one_cell_per_step(served, logged):
     run = read_run(logged[0] / "new")
     layer = run.layers[2]
     h, w = layer.receptive_field.size
-    row = png(served.client.get(API + f"row?run=new&layer={layer.name}&unit=2&steps=0,5,10"))
+    row = png(served.client.get(API + f"row?run=new&layer={layer.name}&unit=2&steps=0,5,10&field=theoretical"))
     assert row.shape == (h, 3 * w + 2, 4)
     for i, step in enumerate(STEPS):
         cell = row[:, i * (w + 1):i * (w + 1) + w, :3].transpose(2, 0, 1)
         np.testing.assert_array_equal(cell, fmt.quantize(run.projection(layer.name, step, 2))[0])
+    # By default one crop along the row, the largest of its steps' effective fields: one scale, as in Fig. 4.
+    field = max((run.crop(layer.name, s) for s in STEPS), key=lambda f: f.size[0] * f.size[1])
+    assert field.size < (h, w)
+    (eh, ew) = field.size
+    row = png(served.client.get(API + f"row?run=new&layer={layer.name}&unit=2&steps=0,5,10"))
+    assert row.shape == (eh, 3 * ew + 2, 4)
+    for i, step in enumerate(STEPS):
+        np.testing.assert_array_equal(row[:, i * (ew + 1):i * (ew + 1) + ew, :3].transpose(2, 0, 1),
+                                      run.projection_pixels(layer.name, step, 2, field=field))
     patches = png(served.client.get(API + f"row?run=new&layer={layer.name}&unit=2&steps=10,0&kind=patch&size=32"))
     assert patches.shape == (32, 65, 4)
     old = png(served.client.get(API + "row?run=old&layer=" + read_run(logged[0] / "old").layers[0].name
@@ -253,3 +274,45 @@ def test_last_projects_all_k_at_the_final_checkpoint_of_any_schedule(tmp_path):
         with pytest.raises(KeyError):
             run.projection(layer, step, 0, rank=2)
     assert run.projection(layer, 4, 0, rank=2).shape[0] == 3
+
+
+def test_overlay_draws_the_top1_projection_where_the_unit_fires(served, logged):
+    """overlay=projection on the patch and the whole image: each pixel blends towards red by its share of the peak."""
+    run = read_run(logged[0] / "new")
+    layer = run.layers[2]
+    records = run.topk(layer.name, 5)
+    unit = 3
+    field = run.crop(layer.name, 5)
+    box = field.box(True, int(records.y[unit, 0]), int(records.x[unit, 0]))
+    image = crop(run.probe_image(int(records.image[unit, 0])), box).astype(np.float64)
+    q = run.projection_pixels(layer.name, 5, unit, field=field).astype(np.float64)
+    strength = np.abs(q - 128).sum(axis=0)
+    alpha = (strength / strength.max())[:, :, None] * 0.75
+    want = np.rint(image * (1 - alpha) + np.array([255, 40, 0]) * alpha).astype(np.uint8)
+    got = png(served.client.get(API + f"patch?run=new&layer={layer.name}&step=5&unit={unit}&rank=0&overlay=projection"))
+    np.testing.assert_array_equal(got[:, :, :3], want)
+    assert (strength == 0).any() and (got[strength == 0][:, :3] == image[strength == 0]).all()  # untouched where it is 0
+    plain = png(served.client.get(API + f"probe_image?run=new&layer={layer.name}&step=5&unit={unit}&rank=0"))
+    heated = png(served.client.get(API + f"probe_image?run=new&layer={layer.name}&step=5&unit={unit}&rank=0"
+                                         "&overlay=projection"))
+    assert plain.shape == heated.shape and (plain != heated).any()
+    # Both boxes on the whole image: the theoretical field's in red, the effective one's in blue.
+    for color in ([255, 40, 40], [40, 200, 255]):
+        assert (plain[:, :, :3] == color).all(axis=2).any(), color
+    missing = served.client.get(API + f"patch?run=new&layer={layer.name}&step=5&unit={unit}&rank=1&overlay=projection")
+    assert missing.status_code == 404 and "only the top-1" in body(missing, 404)["error"]
+    bad = served.client.get(API + f"patch?run=new&layer={layer.name}&step=5&unit={unit}&rank=0&overlay=heat")
+    assert "none, projection" in body(bad, 400)["error"]
+    bad = served.client.get(API + f"mosaic?run=new&layer={layer.name}&step=5&unit={unit}&field=huge")
+    assert "effective, theoretical" in body(bad, 400)["error"]
+
+
+def test_stats_give_the_effective_field_over_training(served, logged):
+    run = read_run(logged[0] / "new")
+    layers = {l["name"]: l for l in body(served.client.get(API + "stats?run=new"))["layers"]}
+    for layer in run.layers:
+        sizes = [run.effective_field(layer.name, s) for s in STEPS]
+        assert layers[layer.name]["effective_field"] == [max(s) if s else None for s in sizes]
+        assert layers[layer.name]["theoretical_field"] == max(layer.receptive_field.size)
+    old = body(served.client.get(API + "stats?run=old"))["layers"][0]
+    assert old["effective_field"] == [None] * len(old["steps"])

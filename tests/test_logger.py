@@ -199,7 +199,8 @@ def test_round_trip_through_tensorboard_data_provider(tmp_path):
     dp = data_provider.MultiplexerDataProvider(mux, str(tmp_path))
     ctx = context.RequestContext()
     tensors = dp.list_tensors(ctx, experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run1"]
-    assert set(tensors) == {metadata.topk_tag(n) for n in LAYERS} | {metadata.filters_tag("stem.0")}
+    assert set(tensors) == ({metadata.topk_tag(n) for n in LAYERS} | {metadata.filters_tag("stem.0")}
+                            | {metadata.effective_field_tag(n) for n in LAYERS if n != "fc"})  # fc: the whole input
     blobs = dp.list_blob_sequences(ctx, experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run1"]
     assert set(blobs) == {metadata.PROBE_CHUNK_TAG} | {metadata.projection_tag(n) for n in LAYERS}
     scalars = dp.list_scalars(ctx, experiment_id="", plugin_name="scalars")["run1"]

@@ -135,6 +135,7 @@ def test_runs_lists_layers_steps_and_probe_set(served, logs):
                             "method": "analytic"},
         "fmap": [4, 4], "input": [16, 16], "steps": written.steps,
         "projections": None,  # a synthetic run has none
+        "effective_field": None,  # nor effective fields: its crops are the theoretical field's
     }
     assert run["filters"] is None
     assert run["layers"][3]["fmap"] is None

@@ -23,6 +23,7 @@ from werkzeug import wrappers
 import tb_convviz
 from tb_convviz import metadata
 from tb_convviz.plugin import matching, render
+from tb_convviz.geometry import CropField, ReceptiveField
 from tb_convviz.plugin.data import ConvVizData, Layer, Probe, RunListing
 
 logger = tb_logging.get_logger()
@@ -41,6 +42,11 @@ _STATIC_TYPES = {
     ".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json",
 }
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
+# What the `field` parameter of the image routes crops: the effective receptive field (kept inside the
+# image; runs without one fall back to the theoretical field) or the theoretical field (padded).
+FIELDS = ("effective", "theoretical")
+# The `overlay` parameter of the patch and probe_image routes: none, or the record's projection as a heatmap.
+OVERLAYS = ("none", "projection")
 
 
 def frontend_dir() -> str:
@@ -173,6 +179,9 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                 values = scalars.get(metadata.scalar_tag(layer.name, name), {})
                 entry[name] = [_number(values.get(step)) for step in layer.steps]
             entry["final_overlap"] = _final_overlap(layer)
+            # The effective field's larger side per checkpoint (None where not measured), and the theoretical one's.
+            entry["effective_field"] = [max(layer.effective[s]) if s in layer.effective else None for s in layer.steps]
+            entry["theoretical_field"] = max(layer.field.size)
             out.append(entry)
         return _json(request, {"run": listing.name, "layers": out})
 
@@ -211,7 +220,9 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
         record = _record(layer, step, unit, rank)
         probe = self._data.probe(ctx, eid, listing)
-        return _png(request, self._render.patch(ctx, eid, listing, probe, layer, record, size))
+        field = _crop(layer, step, params)
+        heat = self._heat(ctx, eid, listing, layer, step, unit, rank, field, params)
+        return _png(request, self._render.patch(ctx, eid, listing, probe, layer, record, size, field, heat))
 
     @_route
     def _serve_mosaic(self, request, params):
@@ -222,7 +233,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
         probe = self._data.probe(ctx, eid, listing)
         records = layer.records(step)[unit]
-        return _png(request, self._render.mosaic(ctx, eid, listing, probe, layer, records, size))
+        return _png(request, self._render.mosaic(ctx, eid, listing, probe, layer, records, size,
+                                                 _crop(layer, step, params)))
 
     @_route
     def _serve_evolution(self, request, params):
@@ -294,7 +306,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         ctx, eid = _context(request)
         listing = self._data.listing(ctx, eid, params.text("run"), _source(params))
         index = params.integer("index", required=False)
-        box = None
+        boxes, heat = (), None
         if any(params.text(name, required=False) is not None for name in ("layer", "unit", "rank", "step")):
             layer = self._data.layer(ctx, eid, listing, params.text("layer"))
             step = _step(listing, layer, params)
@@ -306,11 +318,17 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                     f"index {index} does not match the record's probe image {int(record['image'])}; omit index"
                 )
             index = int(record["image"])
-            box = render.record_box(layer.field, layer.positional, int(record["y"]), int(record["x"]))
+            y, x = int(record["y"]), int(record["x"])
+            crop = _crop(layer, step, params)
+            boxes = tuple(dict.fromkeys((layer.crop(step, theoretical=True).box(layer.positional, y, x),
+                                         crop.box(layer.positional, y, x))))
+            info = layer.info
+            heat = self._heat(ctx, eid, listing, layer, step, unit, rank,
+                              CropField(ReceptiveField.whole_input(info.input_h, info.input_w)), params)
         elif index is None:
             raise errors.InvalidArgumentError("parameter 'index' is required unless layer, unit and rank name a record")
         probe = self._data.probe(ctx, eid, listing)
-        return _png(request, self._render.probe_image(ctx, eid, listing, probe, index, box))
+        return _png(request, self._render.probe_image(ctx, eid, listing, probe, index, boxes, heat))
 
     @wrappers.Request.application
     def _serve_static(self, request):
@@ -335,6 +353,22 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         path = os.path.realpath(os.path.join(self._static_dir, *parts))
         inside = os.path.commonpath([path, self._static_dir]) == self._static_dir
         return path if inside and os.path.isfile(path) else None
+
+    def _heat(self, ctx, eid, listing, layer, step, unit, rank, field, params):
+        """For ``overlay=projection``: (cache key, loader) of the record's projection on ``field``'s crop, else None.
+
+        404 when that record was not projected (by default only each unit's top-1 is).
+        """
+        if _choice(params, "overlay", OVERLAYS) == "none":
+            return None
+        figures = self._figures.figures
+        position = figures.find(ctx, eid, listing, layer, step, unit, rank)
+        if position is None:
+            raise errors.NotFoundError(f"unit {unit} rank {rank} of layer {layer.name!r} was not projected at step "
+                                       f"{step}, so there is no overlay" + (" (only the top-1 record is projected there)"
+                                                                            if rank else ""))
+        return (("projection", layer.name, step, position, field),
+                lambda: figures.projection(ctx, eid, listing, layer, step, position, field))
 
     def _layers(self, ctx, eid: str, listing: RunListing) -> list[Layer]:
         layers = [self._data.layer(ctx, eid, listing, name) for name in listing.layers]
@@ -417,6 +451,21 @@ def _step(listing: RunListing, layer: Layer, params: _Params, *, name: str = "st
     return step
 
 
+def _choice(params: _Params, name: str, choices: tuple[str, ...]) -> str:
+    """Parameter ``name``, one of ``choices`` (the first if absent)."""
+    value = params.text(name, required=False)
+    if value is None:
+        return choices[0]
+    if value not in choices:
+        raise errors.InvalidArgumentError(f"parameter {name!r} must be one of {', '.join(choices)}, got {_short(value)}")
+    return value
+
+
+def _crop(layer: Layer, step: int, params: _Params) -> CropField:
+    """The crop that ``field=`` asks for at ``step``: the effective field's (the default, where measured) or the theoretical one's."""
+    return layer.crop(step, theoretical=_choice(params, "field", FIELDS) == "theoretical")
+
+
 def _index_param(params: _Params, name: str, count: int, what: str) -> int:
     value = params.integer(name)
     if not 0 <= value < count:
@@ -481,6 +530,9 @@ def _layer_json(layer: Layer) -> dict:
         "name": layer.name, "index": info.index, "units": info.units, "k": info.k,
         "receptive_field": {"size": list(rf.size), "stride": list(rf.stride), "center": list(rf.offset),
                             "method": rf.method},
+        "effective_field": {"mass_share": layer.mass_share,
+                            "sizes": [list(layer.effective[s]) if s in layer.effective else None for s in layer.steps]}
+        if layer.effective else None,
         "fmap": [info.fmap_h, info.fmap_w] if layer.positional else None,
         "input": [info.input_h, info.input_w],
         "steps": list(layer.steps),

@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.data_provider import MultiplexerDataPr
 from tensorboard.data import provider
 
 from tb_convviz import metadata, plugin_data_pb2
-from tb_convviz.geometry import ReceptiveField
+from tb_convviz.geometry import CropField, ReceptiveField, effective_crop
 
 # `downsample=` that keeps every point: the loaders keep all convviz points (see
 # loader.fix_flags), and anything smaller would make the provider drop steps.
@@ -139,6 +139,9 @@ class Layer:
     steps: tuple[int, ...]
     records_by_step: dict[int, np.ndarray]
     errors: tuple[str, ...] = ()
+    # (h, w) of the effective receptive field per step where it was measured, and the mass share it holds.
+    effective: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    mass_share: float | None = None
 
     @property
     def positional(self) -> bool:
@@ -148,6 +151,12 @@ class Layer:
     def records(self, step: int) -> np.ndarray:
         """``[units, k]`` RECORD_DTYPE records at ``step`` (which must be logged)."""
         return self.records_by_step[step]
+
+    def crop(self, step: int, theoretical: bool = False) -> CropField:
+        """How records at ``step`` are cropped: the effective field kept inside the image where measured, else
+        (or if ``theoretical``) the theoretical field."""
+        size = None if theoretical else self.effective.get(step)
+        return effective_crop(self.field, size, (self.info.input_h, self.info.input_w))
 
     def previous_step(self, step: int) -> int | None:
         i = self.steps.index(step)
@@ -202,6 +211,8 @@ class RunListing:
         layers, version = self.streams[source]
         return dataclasses.replace(self, layers=layers, probe_version=version, source=source,
                                    probe_format=metadata.PROTO_VERSION)
+    # Layers with an effective-field series: name -> the mass share its box holds.
+    effective: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class ConvVizData:
@@ -262,7 +273,8 @@ class ConvVizData:
         info, version = listing.layers[name]
         return self._cached(
             ("layer", eid, listing.key, name), version,
-            lambda: self._read_layer(ctx, eid, listing.name, name, info, listing.source)
+            lambda: self._read_layer(ctx, eid, listing.name, name, info, listing.source,
+                                     listing.effective.get(name)),
         )
 
     def probe(self, ctx, eid: str, listing: RunListing) -> Probe:
@@ -331,11 +343,15 @@ class ConvVizData:
     def _cached(self, key: Hashable, version: Hashable, load: Callable[[], Any]) -> Any:
         return cached_version(self._series, self._flight, key, version, load)
 
-    def _read_layer(self, ctx, eid: str, run: str, name: str, info: plugin_data_pb2.LayerInfo, source: str):
+    def _read_layer(self, ctx, eid: str, run: str, name: str, info: plugin_data_pb2.LayerInfo, source: str,
+                    mass_share: float | None):
         tag = metadata.topk_tag(name) if source == "probe" else metadata.stream_tag(source, "topk", name)
+        # The effective field is the layer's, whichever images its records rank.
+        effective_tag = metadata.effective_field_tag(name)
+        tags = [tag] if mass_share is None else [tag, effective_tag]
         read = _unless_vanished(lambda: self._provider.read_tensors(
             ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS,
-            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=tags),
         ), None)
         if read is None:  # the loader is swapping the series in: nothing yet, and nothing kept
             return Layer(name=name, info=info, field=ReceptiveField.from_proto(info.receptive_field),
@@ -351,11 +367,20 @@ class ConvVizData:
                 nbytes += len(payload)
             except ValueError as e:
                 problems.append(f"layer {name!r} step {datum.step}: {e}; step skipped")
+        effective = {}
+        for datum in read.get(run, {}).get(effective_tag, []) if mass_share is not None else ():
+            size = np.asarray(datum.numpy)
+            if size.shape == (2,) and size.dtype.kind in "iu" and (size > 0).all() and (size <= MAX_FIELD_SIDE).all():
+                effective[datum.step] = (int(size[0]), int(size[1]))
+            else:
+                problems.append(f"layer {name!r} step {datum.step}: the effective field is not two positive "
+                                "int sides; its theoretical field is shown")
         layer = Layer(
             name=name, info=info, field=ReceptiveField.from_proto(info.receptive_field),
             steps=tuple(sorted(records)), records_by_step=records, errors=tuple(problems),
+            effective=effective, mass_share=mass_share,
         )
-        return layer, nbytes + 64 * len(records)
+        return layer, nbytes + 64 * len(records) + 64 * len(effective)
 
     def _read_probe(self, ctx, eid: str, listing: RunListing):
         if listing.probe_format < 2:
@@ -458,8 +483,14 @@ def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
     probe_series = [(metadata.PROBE_CHUNK_TAG, chunks)] if chunks is not None else []
     if chunks is None and metadata.PROBE_INDEX_TAG in tags:
         probe_series, probe_format = [(metadata.PROBE_INDEX_TAG, tags[metadata.PROBE_INDEX_TAG])], 1
+    effective = {}
     for tag, series in sorted(tags.items()) + probe_series:
         version = (series.max_step, series.max_wall_time)
+        if tag.startswith(metadata.EFFECTIVE_FIELD_TAG_PREFIX):
+            share = _mass_share(series.plugin_content)
+            if share is not None:
+                effective[tag[len(metadata.EFFECTIVE_FIELD_TAG_PREFIX):]] = share
+            continue
         name = metadata.layer_of_tag(tag)
         stream = metadata.parse_stream_tag(tag)
         if stream is not None and stream[1] == "topk" and stream[2]:
@@ -489,7 +520,17 @@ def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
             continue
         layers_of[name] = (data.layer, version)
     return RunListing(name=run, layers=layers, probe=probe, probe_version=probe_version, errors=tuple(problems),
-                      probe_format=probe_format, streams=streams)
+                      probe_format=probe_format, streams=streams, effective=effective)
+
+
+def _mass_share(content: bytes) -> float | None:
+    """The mass share of an effective-field series, or None if its plugin data is unusable (then it is not read)."""
+    try:
+        data = metadata.parse_plugin_metadata(content)
+    except ValueError:
+        return None
+    share = data.effective_field.mass_share
+    return share if data.WhichOneof("content") == "effective_field" and 0 < share <= 1 else None
 
 
 def _invalid_layer(data: plugin_data_pb2.PluginData) -> str | None:

@@ -61,9 +61,9 @@ class FigureRoutes:
 
     # --- projections ------------------------------------------------------------------------
 
-    def _scaled(self, ctx, eid, listing, layer, step, position, scale: str) -> np.ndarray:
-        """``[h, w, C]`` uint8 display image of a stored projection, on its own or the layer's common scale."""
-        q = self.figures.projection(ctx, eid, listing, layer, step, position)
+    def _scaled(self, ctx, eid, listing, layer, step, position, scale: str, field) -> np.ndarray:
+        """``[h, w, C]`` uint8 display image of a stored projection on ``field``'s crop, on its own or the layer's common scale."""
+        q = self.figures.projection(ctx, eid, listing, layer, step, position, field)
         if scale == "common":
             rows = self.figures.index(ctx, eid, listing, layer, step)
             finite = rows["scale"][np.isfinite(rows["scale"])]
@@ -71,44 +71,45 @@ class FigureRoutes:
         return fmt.display(q)
 
     def _projection_params(self, request, params):
-        """What both projection routes take: ``(ctx, eid, listing, layer, step, unit, size, scale)``."""
+        """What both projection routes take: ``(ctx, eid, listing, layer, step, unit, size, scale, field)``."""
         ctx, eid = base._context(request)
         listing, layer = self._plugin._layer(ctx, eid, params)
         step = base._step(listing, layer, params)
         unit = base._unit(layer, params)
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
-        return ctx, eid, listing, layer, step, unit, size, _choice(params, "scale", SCALES)
+        return (ctx, eid, listing, layer, step, unit, size, base._choice(params, "scale", SCALES),
+                base._crop(layer, step, params))
 
     @base._route
     def _serve_projection(self, request, params):
-        ctx, eid, listing, layer, step, unit, size, scale = self._projection_params(request, params)
+        ctx, eid, listing, layer, step, unit, size, scale, field = self._projection_params(request, params)
         rank = base._rank(layer, params) if params.text("rank", required=False) is not None else 0
-        size = render.fit_size(layer.field.size, size)
+        size = render.fit_size(field.size, size)
         position = self.figures.find(ctx, eid, listing, layer, step, unit, rank)
         if position is None:
             raise errors.NotFoundError(
                 f"unit {unit} rank {rank} of layer {layer.name!r} was not projected at step {step}"
                 + (" (only the top-1 record is projected there)" if rank else ""))
-        key = ("projection", eid, listing.key, layer.name, step, position, size, scale)
+        key = ("projection", eid, listing.key, layer.name, step, position, size, scale, field)
         return base._png(request, self._cached(key, lambda: render.encode_png(render.resize(
-            self._scaled(ctx, eid, listing, layer, step, position, scale), size))))
+            self._scaled(ctx, eid, listing, layer, step, position, scale, field), size))))
 
     @base._route
     def _serve_projection_mosaic(self, request, params):
-        ctx, eid, listing, layer, step, unit, size, scale = self._projection_params(request, params)
+        ctx, eid, listing, layer, step, unit, size, scale, field = self._projection_params(request, params)
         rows = self.figures.index(ctx, eid, listing, layer, step)
         mine = np.flatnonzero(rows["unit"] == unit)
         count = int(rows["rank"][mine].max()) + 1 if mine.size else 1
         by_rank = {int(rows["rank"][i]): int(i) for i in mine}
-        size = render.fit_size(layer.field.size, size, count)
+        size = render.fit_size(field.size, size, count)
 
         def draw() -> bytes:
-            tiles = [render.resize(self._scaled(ctx, eid, listing, layer, step, by_rank[r], scale), size)
+            tiles = [render.resize(self._scaled(ctx, eid, listing, layer, step, by_rank[r], scale, field), size)
                      if r in by_rank else None for r in range(count)]
-            tile = render.resize(np.zeros(layer.field.size, np.uint8), size).shape[:2]
+            tile = render.resize(np.zeros(field.size, np.uint8), size).shape[:2]
             return render.encode_png(render.mosaic(tiles, tile))
 
-        key = ("projection_mosaic", eid, listing.key, layer.name, step, unit, size, scale)
+        key = ("projection_mosaic", eid, listing.key, layer.name, step, unit, size, scale, field)
         return base._png(request, self._cached(key, draw))
 
     @base._route
@@ -119,9 +120,11 @@ class FigureRoutes:
         unit = base._unit(layer, params)
         steps = _steps(params, layer, required=True)
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
-        kind = _choice(params, "kind", KINDS)
-        scale = _choice(params, "scale", SCALES)
-        tile = render.resize(np.zeros(layer.field.size, np.uint8), size).shape[:2]
+        kind = base._choice(params, "kind", KINDS)
+        scale = base._choice(params, "scale", SCALES)
+        # One scale along the row (Fig. 4 compares checkpoints): the largest of its steps' crops.
+        field = max((base._crop(layer, step, params) for step in steps), key=lambda f: f.size[0] * f.size[1])
+        tile = render.resize(np.zeros(field.size, np.uint8), size).shape[:2]
         width = len(steps) * (tile[1] + 1) - 1
         if width > MAX_ROW_PIXELS or width * tile[0] > render.MAX_OUTPUT_PIXELS:
             raise errors.InvalidArgumentError(
@@ -133,7 +136,8 @@ class FigureRoutes:
 
         def draw() -> bytes:
             if kind == "projection" and scale == "common":
-                return render.encode_png(_strip(self._common_row(ctx, eid, listing, layer, steps, unit, size), tile))
+                return render.encode_png(_strip(self._common_row(ctx, eid, listing, layer, steps, unit, size, field),
+                                                tile))
             cells = []
             for step in steps:
                 if kind == "patch":
@@ -141,15 +145,14 @@ class FigureRoutes:
                     ok = int(record["image"]) in probe.blob_keys
                     cells.append(render.resize(crop(
                         self._data.image(ctx, eid, listing, probe, int(record["image"])),
-                        render.record_box(layer.field, layer.positional, int(record["y"]), int(record["x"]))),
-                        size) if ok else None)
+                        field.box(layer.positional, int(record["y"]), int(record["x"]))), size) if ok else None)
                     continue
                 position = self._find_or_none(ctx, eid, listing, layer, step, unit)
                 cells.append(None if position is None else render.resize(fmt.display(
-                    self.figures.projection(ctx, eid, listing, layer, step, position)), size))
+                    self.figures.projection(ctx, eid, listing, layer, step, position, field)), size))
             return render.encode_png(_strip(cells, tile))
 
-        key = ("row", eid, listing.key, layer.name, unit, tuple(steps), size, kind, scale,
+        key = ("row", eid, listing.key, layer.name, unit, tuple(steps), size, kind, scale, field,
                layer.steps[-1] if layer.steps else None)
         return base._png(request, self._cached(key, draw))
 
@@ -159,13 +162,13 @@ class FigureRoutes:
         except errors.NotFoundError:
             return None  # no projections at that step: an empty cell
 
-    def _common_row(self, ctx, eid, listing, layer, steps, unit, size):
+    def _common_row(self, ctx, eid, listing, layer, steps, unit, size, field):
         found = [(step, self._find_or_none(ctx, eid, listing, layer, step, unit)) for step in steps]
         scales = [float(self.figures.index(ctx, eid, listing, layer, s)["scale"][p]) if p is not None else 0.0
                   for s, p in found]
         common = max([s for s in scales if math.isfinite(s)], default=0.0)
         return [None if p is None else render.resize(fmt.display(fmt.rescale(
-            self.figures.projection(ctx, eid, listing, layer, s, p), scale, common)), size)
+            self.figures.projection(ctx, eid, listing, layer, s, p, field), scale, common)), size)
             for (s, p), scale in zip(found, scales)]
 
     @base._route
@@ -174,7 +177,7 @@ class FigureRoutes:
         ctx, eid = base._context(request)
         listing, layer = self._plugin._layer(ctx, eid, params)
         steps = _steps(params, layer, required=False) or list(layer.steps)
-        order = _choice(params, "rows", ROW_ORDERS)
+        order = base._choice(params, "rows", ROW_ORDERS)
         count = params.bounded("count", 1, MAX_GRID_UNITS, default=16)
         seed = params.bounded("seed", 0, 2 ** 31 - 1, default=0)
         if not steps:
@@ -280,15 +283,6 @@ def _strip(cells: list, tile: tuple[int, int]) -> np.ndarray:
         out[:, i * (tw + 1):i * (tw + 1) + tw, :3] = rgb[:, :, :3]
         out[:, i * (tw + 1):i * (tw + 1) + tw, 3] = 255
     return out
-
-
-def _choice(params, name: str, choices: tuple[str, ...]) -> str:
-    value = params.text(name, required=False)
-    if value is None:
-        return choices[0]
-    if value not in choices:
-        raise errors.InvalidArgumentError(f"parameter {name!r} must be one of {', '.join(choices)}, got {base._short(value)}")
-    return value
 
 
 def _int_list(params, name: str, *, required: bool) -> list[int] | None:

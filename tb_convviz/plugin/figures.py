@@ -15,7 +15,7 @@ from tensorboard.data import provider
 
 from tb_convviz import metadata, plugin_data_pb2
 from tb_convviz import projection_format as fmt
-from tb_convviz.geometry import record_box
+from tb_convviz.geometry import CropField, record_box
 from tb_convviz.plugin.data import ALL_POINTS, ByteLRU, ConvVizData, Layer, RunListing, _SingleFlight, cached_version
 
 # Bounds on what logged metadata may ask of the renderer.
@@ -132,21 +132,23 @@ class FigureData:
         hits = np.flatnonzero((rows["unit"] == unit) & (rows["rank"] == rank))
         return int(hits[-1]) if hits.size else None
 
-    def projection(self, ctx, eid: str, listing: RunListing, layer: Layer, step: int, position: int) -> np.ndarray:
-        """The uint8 ``[C, h, w]`` projection at ``position`` of the step's index."""
+    def projection(self, ctx, eid: str, listing: RunListing, layer: Layer, step: int, position: int,
+                   field: CropField | None = None) -> np.ndarray:
+        """The uint8 ``[C, h, w]`` projection at ``position`` of the step's index, on ``field``'s crop (default: the theoretical)."""
         projections = self.layer_projections(ctx, eid, listing, layer)
         ref = projections.blobs[step][position + 1]
         key = ("pixels", eid, listing.name, ref.blob_key)
         q = self.pixels.get(key)
+        row = self.index(ctx, eid, listing, layer, step)[position]
+        y, x = int(row["y"]), int(row["x"])
+        box = record_box(layer.field, layer.positional, y, x)
         if q is None:
-            row = self.index(ctx, eid, listing, layer, step)[position]
-            box = record_box(layer.field, layer.positional, int(row["y"]), int(row["x"]))
             try:
                 q = fmt.decode_projection(self._provider.read_blob(ctx, blob_key=ref.blob_key), projections.info, box)
             except Exception as e:  # Pillow raises many types on corrupt data; all mean "unusable"
                 raise errors.NotFoundError(f"a projection of {layer.name!r} at step {step} cannot be decoded ({e})")
             self.pixels.put(key, q, q.nbytes + 64)
-        return q
+        return q if field is None else fmt.on_box(q, box, field.box(layer.positional, y, x))
 
     def filters(self, ctx, eid: str, run: str) -> Filters:
         """The first convolution's weights; NotFoundError saying "not logged in this run" without them."""

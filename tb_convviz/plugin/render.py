@@ -7,17 +7,23 @@ import ctypes.util
 import io
 import math
 import threading
+from typing import Callable, Hashable
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tensorboard import errors
 
-from tb_convviz.geometry import PAD_VALUE, crop, record_box
+from tb_convviz.geometry import PAD_VALUE, CropField, crop, record_box
 from tb_convviz.plugin.data import ByteLRU, ConvVizData, Layer, Probe, RunListing
 
 # Range of the `size=` parameter: the longer side of a resampled patch, in pixels.
 MIN_SIZE, MAX_SIZE = 8, 512
 BOX_COLOR = (255, 40, 40)
+# The effective field's box, drawn inside the theoretical one's on the whole-image view.
+EFFECTIVE_BOX_COLOR = (40, 200, 255)
+# "Where the unit fires": the top-1 projection's magnitude, drawn over the image in this colour, at most this opaque.
+HEAT_COLOR = (255, 40, 0)
+HEAT_OPACITY = 0.75
 MISSING_COLOR = (200, 60, 60)
 # The work one request may ask for: pixels of the PNG it gets (larger requests are
 # downscaled to fit) and pixels of probe images decoded for it (more answers 400).
@@ -114,13 +120,26 @@ def _missing(h: int, w: int) -> np.ndarray:
     return np.asarray(pil)
 
 
-def draw_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """RGB copy of ``image`` with the outline of ``box`` (which may run off the image) drawn in."""
+def draw_boxes(image: np.ndarray, boxes: list[tuple[tuple[int, int, int, int], tuple[int, int, int]]]) -> np.ndarray:
+    """RGB copy of ``image`` with the outline of each (box, colour) drawn in, in order (boxes may run off the image)."""
     pil = Image.fromarray(_rgb(image))
-    top, left, bottom, right = box
     width = max(1, min(pil.width, pil.height) // 64)
-    ImageDraw.Draw(pil).rectangle((left, top, right - 1, bottom - 1), outline=BOX_COLOR, width=width)
+    draw = ImageDraw.Draw(pil)
+    for (top, left, bottom, right), color in boxes:
+        draw.rectangle((left, top, right - 1, bottom - 1), outline=color, width=width)
     return np.asarray(pil)
+
+
+def heatmap(image: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """RGB ``image`` ([h, w] or [h, w, C]) with the magnitude of projection ``q`` (uint8 ``[C, h, w]``, 128 is zero) over it.
+
+    Each pixel takes HEAT_COLOR in proportion to its share of the projection's peak |value|, summed over channels.
+    """
+    strength = np.abs(q.astype(np.float64) - 128).sum(axis=0)
+    peak = float(strength.max())
+    alpha = (strength / peak if peak > 0 else strength)[:, :, None] * HEAT_OPACITY
+    out = _rgb(image).astype(np.float64) * (1 - alpha) + np.asarray(HEAT_COLOR, np.float64) * alpha
+    return np.rint(out).astype(np.uint8)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -142,58 +161,70 @@ class Renderer:
         self.pngs = ByteLRU(cache_bytes)
 
     def patch(self, ctx, eid: str, listing: RunListing, probe: Probe, layer: Layer,
-              record: np.void, size: int | None) -> bytes:
+              record: np.void, size: int | None, field: CropField, heat: tuple[Hashable, Callable] | None = None) -> bytes:
+        """The record's crop by ``field`` (see ``Layer.crop``); ``heat`` (key, load) draws the projection ``load()``
+        (uint8 ``[C, h, w]`` on the same crop) over it, see :func:`heatmap`."""
         image, y, x = int(record["image"]), int(record["y"]), int(record["x"])
-        size = fit_size(layer.field.size, size)
-        key = ("patch", eid, listing.key, record_box(layer.field, layer.positional, y, x), image, size)
-        return self._cached(key, lambda: encode_png(self._patch(ctx, eid, listing, probe, layer, image, y, x, size)))
+        size = fit_size(field.size, size)
+        box = field.box(layer.positional, y, x)
+        key = ("patch", eid, listing.key, box, image, size, None if heat is None else heat[0])
+
+        def render() -> bytes:
+            if heat is None:
+                return encode_png(self._patch(ctx, eid, listing, probe, layer, field, image, y, x, size))
+            return encode_png(resize(heatmap(crop(self._data.image(ctx, eid, listing, probe, image), box), heat[1]()),
+                                     size))
+
+        return self._cached(key, render)
 
     def mosaic(self, ctx, eid: str, listing: RunListing, probe: Probe, layer: Layer,
-               records: np.ndarray, size: int | None) -> bytes:
-        size = fit_size(layer.field.size, size, len(records))
+               records: np.ndarray, size: int | None, field: CropField) -> bytes:
+        size = fit_size(field.size, size, len(records))
         content = np.stack([records["image"], records["y"].astype(np.int32), records["x"].astype(np.int32)])
-        key = ("mosaic", eid, listing.key, layer.field, layer.positional, content.tobytes(), size)
+        key = ("mosaic", eid, listing.key, field, layer.positional, content.tobytes(), size)
 
         def render() -> bytes:
             stored = sorted({int(i) for i in records["image"].tolist() if int(i) in probe.blob_keys})
             check_decoded(probe, len(stored))
             self._data.prefetch(ctx, eid, listing, probe, stored)
             tiles = [
-                self._tile(ctx, eid, listing, probe, layer, int(r["image"]), int(r["y"]), int(r["x"]), size)
+                self._tile(ctx, eid, listing, probe, layer, field, int(r["image"]), int(r["y"]), int(r["x"]), size)
                 if int(r["image"]) in probe.blob_keys else None
                 for r in records
             ]
-            blank = np.zeros(layer.field.size, np.uint8)
+            blank = np.zeros(field.size, np.uint8)
             return encode_png(mosaic(tiles, resize(blank, size).shape[:2]))
 
         return self._cached(key, render)
 
     def probe_image(self, ctx, eid: str, listing: RunListing, probe: Probe, index: int,
-                    box: tuple[int, int, int, int] | None) -> bytes:
+                    boxes: tuple[tuple[int, int, int, int], ...], heat: tuple[Hashable, Callable] | None = None) -> bytes:
+        """Probe image ``index`` with ``boxes`` drawn in: the theoretical field's (red), then the effective one's (blue);
+        ``heat`` (key, load) first draws the projection ``load()`` (uint8 ``[C, H, W]`` on the whole image) over it."""
         def render() -> bytes:
             image = self._data.image(ctx, eid, listing, probe, index)
+            if heat is not None:
+                image = heatmap(image, heat[1]())
             h, w = image.shape[:2]
             side = fit_size((h, w), None)
             scale = side / max(h, w)
-            if scale < 1:  # shown within the budget; the box follows the image
+            if scale < 1:  # shown within the budget; the boxes follow the image
                 image = resize(image, side)
-                box_ = None if box is None else tuple(round(v * scale) for v in box)
-            else:
-                box_ = box
-            return encode_png(image if box_ is None else draw_box(image, box_))
+            scaled = [tuple(round(v * min(scale, 1)) for v in box) for box in boxes]
+            return encode_png(draw_boxes(image, list(zip(scaled, (BOX_COLOR, EFFECTIVE_BOX_COLOR)))) if boxes else image)
 
-        return self._cached(("probe", eid, listing.key, index, box), render)
+        return self._cached(("probe", eid, listing.key, index, boxes, None if heat is None else heat[0]), render)
 
-    def _tile(self, ctx, eid, listing, probe, layer, image, y, x, size) -> np.ndarray | bool:
+    def _tile(self, ctx, eid, listing, probe, layer, field, image, y, x, size) -> np.ndarray | bool:
         """A mosaic tile, or False for a stored image that cannot be shown (drawn as missing)."""
         try:
-            return self._patch(ctx, eid, listing, probe, layer, image, y, x, size)
+            return self._patch(ctx, eid, listing, probe, layer, field, image, y, x, size)
         except errors.NotFoundError:
             return False
 
-    def _patch(self, ctx, eid, listing, probe, layer, image, y, x, size) -> np.ndarray:
+    def _patch(self, ctx, eid, listing, probe, layer, field, image, y, x, size) -> np.ndarray:
         pixels = self._data.image(ctx, eid, listing, probe, image)
-        return crop_resized(pixels, record_box(layer.field, layer.positional, y, x), size)
+        return crop_resized(pixels, field.box(layer.positional, y, x), size)
 
     def _cached(self, key, render) -> bytes:
         png = self.pngs.get(key)
