@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch import nn
 
+from tb_convviz.caller import user_stacklevel
+
 AUTO_LAYERS = 5
 WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 # A resolution at most this fraction of the stage's is a downsampling; unpadded convs
@@ -145,7 +147,7 @@ def auto_layers(model: nn.Module, calls: list[Call]) -> list[str]:
     elif len(stages) < AUTO_LAYERS:
         warnings.warn(f"layers='auto': the model has {len(stages)} stage(s), not {AUTO_LAYERS}, so "
                       f"tb-convviz logs all of them: {', '.join(s.name for s in stages)}. Pass "
-                      f"layers=[...] with module names to choose others.", stacklevel=4)
+                      f"layers=[...] with module names to choose others.", stacklevel=user_stacklevel())
     return [s.name for s in stages]
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from tb_convviz import layers as layer_select
 from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz.caller import user_stacklevel
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
@@ -113,7 +114,7 @@ class ConvVizLogger:
                 f"convviz: the log dir {self.log_dir!r} contains {', '.join(map(repr, awkward))}; under TensorBoard's "
                 "default (Rust) data server a run whose name holds these characters shows no images "
                 "(\"failed to parse blob key\"). Rename the directory, or run tensorboard with --load_fast=false",
-                ConvVizWarning, stacklevel=2,
+                ConvVizWarning, stacklevel=user_stacklevel(),
             )
 
         self.layers = self._pick_layers(layers)
@@ -271,7 +272,7 @@ class ConvVizLogger:
             f"convviz: maybe_log({step}) came after maybe_log({self._seen_step}): a step that goes back is "
             f"never logged, so nothing is logged until step {self._due}. If your step counter restarts "
             "every epoch, pass a global step instead, such as `epoch * steps_per_epoch + i` (in Lightning, "
-            "trainer.global_step)", ConvVizWarning, stacklevel=3,
+            "trainer.global_step)", ConvVizWarning, stacklevel=user_stacklevel(),
         )
 
     def log(self, step: int) -> bool:
@@ -309,7 +310,7 @@ class ConvVizLogger:
 
     def _failed(self, kind: str, message: str) -> None:
         if kind not in self._failing:
-            warnings.warn(f"convviz: {message}", ConvVizWarning, stacklevel=3)
+            warnings.warn(f"convviz: {message}", ConvVizWarning, stacklevel=user_stacklevel())
             self._failing.add(kind)
 
     def _warn_order(self, step: int) -> None:
@@ -317,7 +318,7 @@ class ConvVizLogger:
             warnings.warn(
                 f"convviz: step {step} is not after the last logged step {self._last_step} in "
                 f"{self.log_dir!r}; checkpoints up to {self._last_step} are skipped, because TensorBoard "
-                "would drop the records logged after a repeated step", ConvVizWarning, stacklevel=3,
+                "would drop the records logged after a repeated step", ConvVizWarning, stacklevel=user_stacklevel(),
             )
             self._warned_order = True
 
@@ -330,7 +331,7 @@ class ConvVizLogger:
                     f"convviz: layer {name!r}: {count} of {len(units)} units had NaN or infinite activations "
                     f"at step {step} (has training diverged?). They are recorded as not finite, without "
                     "ranks; later checkpoints do not repeat this warning for this layer.",
-                    ConvVizWarning, stacklevel=3,
+                    ConvVizWarning, stacklevel=user_stacklevel(),
                 )
 
     def _check_inputs(self, first: int, batch: torch.Tensor) -> None:
@@ -340,7 +341,8 @@ class ConvVizLogger:
         if len(bad):
             warnings.warn(
                 f"convviz: probe image(s) {(bad + first).tolist()[:8]} have NaN or infinite pixels; the units "
-                "whose activations they make non-finite are recorded as not finite", ConvVizWarning, stacklevel=4,
+                "whose activations they make non-finite are recorded as not finite", ConvVizWarning,
+                stacklevel=user_stacklevel(),
             )
 
     def _collect(self) -> tuple[dict[str, TopK], dict[str, torch.Tensor]]:
@@ -561,7 +563,7 @@ class ConvVizLogger:
             if _world() == 1:
                 warnings.warn("convviz: close() came after the process group was destroyed, so the final "
                               "checkpoint is skipped: call close() before destroy_process_group()",
-                              ConvVizWarning, stacklevel=3)
+                              ConvVizWarning, stacklevel=user_stacklevel())
                 return
             # Every rank must take the same decision, as every rank joins the checkpoint's gather.
             decided = torch.tensor([step], device=self.device)

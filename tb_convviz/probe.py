@@ -9,6 +9,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from tb_convviz.caller import user_stacklevel
+
 # Images held in memory by ProbeSet.from_dataset up to this many bytes; larger
 # probe sets (e.g. a 50,000-image validation set) are read from the dataset per batch.
 IN_MEMORY_BYTES = 2 << 30
@@ -162,7 +164,7 @@ class ProbeSet:
                 f"ProbeSet: probe image(s) {_some(bad)} have NaN or infinite pixels. The model's activations "
                 "on them are then usually not finite, and every unit that sees such an activation is "
                 "recorded as 'not finite' instead of ranked. Replace the pixels (torch.nan_to_num) or "
-                "leave those images out.", ProbeDisplayWarning, stacklevel=4,
+                "leave those images out.", ProbeDisplayWarning, stacklevel=user_stacklevel(),
             )
         shown = torch.stack([self._unit_range(self.image(i)) for i in samples])
         shown = shown[shown.isfinite()]
@@ -178,10 +180,10 @@ class ProbeSet:
         if clipped > CLIPPED_FRACTION:
             warnings.warn(f"ProbeSet: {clipped:.0%} of the sampled probe pixels fall outside the display "
                           f"range ({how}), so the dashboard shows them clipped: {fix}",
-                          ProbeDisplayWarning, stacklevel=4)
+                          ProbeDisplayWarning, stacklevel=user_stacklevel())
         elif spread < CONSTANT_STD:
             warnings.warn(f"ProbeSet: the probe images would display as near-constant ({how}; pixel "
-                          f"std {spread:.3f} of the range): {fix}", ProbeDisplayWarning, stacklevel=4)
+                          f"std {spread:.3f} of the range): {fix}", ProbeDisplayWarning, stacklevel=user_stacklevel())
 
     def _fingerprint(self) -> str:
         # Full hash for in-memory sets; dataset-backed sets hash an evenly spaced
