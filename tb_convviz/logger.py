@@ -21,7 +21,7 @@ from tb_convviz.caller import user_stacklevel
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
-from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward
+from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward, check_probe_input
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import LayerProjections, Target, check_options, project_checkpoint
 from tb_convviz.projection_format import DOMINANT_RATIO, ENCODING, LEVELS, NEAR_ZERO_RATIO, encode_index, filter_flags
@@ -96,6 +96,7 @@ class ConvVizLogger:
         self._net = layer_select.unwrap(model)
         self.device = torch.device(device) if device is not None else _device_of(self._net)
         self._forward = check_forward(forward)
+        check_probe_input(probe.dtype, self._forward)
         self._call = ProbeCall(self._net, self._forward, self.device)
         self.schedule = Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)
         check_options(projections, projection_rule, projections_topk_every)
