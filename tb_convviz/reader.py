@@ -93,6 +93,11 @@ class Run:
         self._projections: dict[str, dict[int, tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]]] = {}
         self.filter_module: str | None = None
         self._filters: dict[int, np.ndarray] = {}
+        # Streams ("train", "eval"): per source, like the probe's records, images and labels.
+        self._stream_payloads: dict[str, dict[str, dict[int, bytes]]] = {}
+        self._stream_images: dict[str, dict[int, bytes]] = {}
+        self._stream_labels: dict[str, dict[int, int]] = {}
+        self.stream_chunks: dict[str, int] = {}
 
     @property
     def steps(self) -> list[int]:
@@ -109,16 +114,26 @@ class Run:
                 return layer
         raise KeyError(f"no layer {name!r} in {self.path}; logged layers: {[l.name for l in self.layers]}")
 
-    def topk(self, layer: str, step: int | None = None) -> TopKRecords:
-        """Records of ``layer`` at ``step`` (the latest if None)."""
+    @property
+    def streams(self) -> list[str]:
+        """The streams ("train", "eval") this run logged records of."""
+        return [s for s in metadata.SOURCES[1:] if s in self._stream_payloads]
+
+    def topk(self, layer: str, step: int | None = None, source: str = "probe") -> TopKRecords:
+        """Records of ``layer`` at ``step`` (the latest if None), over the probe set or a stream ("train", "eval")."""
         info = self.layer(layer)
-        per_step = self._payloads[info.name]
+        if source not in metadata.SOURCES:
+            raise ValueError(f"source must be one of {metadata.SOURCES}, got {source!r}")
+        per_step = (self._payloads if source == "probe" else self._stream_payloads.get(source, {})).get(info.name, {})
+        if not per_step:
+            raise KeyError(f"layer {layer!r} has no {source!r} records in {self.path}")
         step = max(per_step) if step is None else step
         if step not in per_step:
-            raise KeyError(f"layer {layer!r} has no checkpoint at step {step}; steps: {sorted(per_step)}")
+            raise KeyError(f"layer {layer!r} has no {source} checkpoint at step {step}; steps: {sorted(per_step)}")
         rec = metadata.decode_records(per_step[step], info.units, info.k)
         image = rec["image"].astype(np.int64)
-        label = np.vectorize(lambda i: self._labels.get(int(i), -1), otypes=[np.int64])(image)
+        labels = self._labels if source == "probe" else self._stream_labels.get(source, {})
+        label = np.vectorize(lambda i: labels.get(int(i), -1), otypes=[np.int64])(image)
         return TopKRecords(rec["value"].copy(), image, rec["y"].astype(np.int64), rec["x"].astype(np.int64), label)
 
     def probe_image(self, index: int) -> np.ndarray:
@@ -129,6 +144,17 @@ class Run:
 
     def label(self, index: int) -> int:
         return self._labels.get(index, -1)
+
+    def stream_image(self, source: str, index: int) -> np.ndarray:
+        """Image ``index`` of stream ``source`` as displayed, uint8 ``[H, W, 3]`` (numbered as its records name it)."""
+        blob = self._stream_images.get(source, {}).get(index)
+        if blob is None:
+            raise KeyError(f"{source} image {index} is not stored in {self.path}")
+        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+
+    def stream_label(self, source: str, index: int) -> int:
+        """The label of stream image ``index``, -1 if unlabelled."""
+        return self._stream_labels.get(source, {}).get(index, -1)
 
     def projection_steps(self, layer: str) -> list[int]:
         """Steps at which ``layer``'s projections were logged, ascending (empty if never)."""
@@ -202,6 +228,10 @@ class Run:
             if value.tag.startswith((metadata.PROJECTION_TAG_PREFIX, metadata.FILTERS_TAG_PREFIX)):
                 self._add_figure_data(value, event.step)
                 continue
+            stream = metadata.parse_stream_tag(value.tag)
+            if stream is not None:
+                self._add_stream(value, event.step, *stream)
+                continue
             layer = metadata.layer_of_tag(value.tag)
             if layer is None and value.tag not in _PROBE_TAGS:
                 continue
@@ -236,6 +266,26 @@ class Run:
             for (index, label), blob in zip(rows.tolist(), images):
                 self._images.setdefault(index, blob)
                 self._labels.setdefault(index, label)
+
+    def _add_stream(self, value, step: int, source: str, kind: str, layer: str | None) -> None:
+        """A stream's records or image chunk; its records' layers are the probe records' layers."""
+        if kind == "topk" and layer is not None:
+            payload = tensor_util.make_ndarray(value.tensor).item()
+            self._stream_payloads.setdefault(source, {}).setdefault(layer, {})[step] = payload
+        elif kind == "chunk":
+            self.stream_chunks[source] = max(self.stream_chunks.get(source, -1), step)
+            blobs = tensor_util.make_ndarray(value.tensor).reshape(-1).tolist()
+            try:
+                rows = metadata.decode_chunk_index(blobs[0] if blobs else b"")
+                images = [metadata.decode_image_blob(blob, i) for i, blob in zip(rows[:, 0].tolist(), blobs[1:])]
+                if len(rows) != len(images):
+                    raise ValueError(f"{len(rows)} index rows but {len(images)} images")
+            except ValueError as e:
+                self.errors.append(f"{source} chunk at step {step}: {e}; its images are not used")
+                return
+            for (index, label), blob in zip(rows.tolist(), images):
+                self._stream_images.setdefault(source, {}).setdefault(index, blob)
+                self._stream_labels.setdefault(source, {}).setdefault(index, label)
 
     def _add_figure_data(self, value, step: int) -> None:
         """A projections blob sequence or a filters tensor; a series' metadata comes with its first value."""
