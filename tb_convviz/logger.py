@@ -27,6 +27,7 @@ from tb_convviz.ranking import merge_ranks, rank, world
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.records import RecordWriter
+from tb_convviz.resume import check_same_model
 from tb_convviz.schedule import Schedule
 from tb_convviz.sources import ProbeSource
 from tb_convviz.streams import POOL_BYTES, ImagesAt, StreamHooks, StreamSource, check_streams, locate_images
@@ -242,6 +243,7 @@ class ConvVizLogger:
                 f"{run.probe.fingerprint}, this one is {self.probe.fingerprint}): log into a new directory, "
                 "or build the probe set exactly as before (same images, order and labels)"
             )
+        check_same_model(run, self._layer_infos, self.log_dir)
         if run.steps:
             self._last_step = run.steps[-1]
         self._records.resume(run, self._last_step)

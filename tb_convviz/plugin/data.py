@@ -181,6 +181,7 @@ class RunListing:
     errors: tuple[str, ...]
     # Format of the probe chunks: 2 (one self-describing blob sequence) or 1 (legacy index + images).
     probe_format: int = metadata.PROTO_VERSION
+    restarts_version: tuple | None = None  # of the restart markers' series, None without one
 
 
 class ConvVizData:
@@ -303,6 +304,23 @@ class ConvVizData:
             run_tag_filter=provider.RunTagFilter(runs=[run], tags=tags),
         )
         return {tag: {d.step: d.value for d in series} for tag, series in data.get(run, {}).items()}
+
+    def restarts(self, ctx, eid: str, listing: RunListing) -> list[int]:
+        """Steps at which a restarted training's session began logging into the run (see metadata)."""
+        if listing.restarts_version is None:
+            return []
+        return self._cached(("restarts", eid, listing.name), listing.restarts_version,
+                            lambda: self._read_restarts(ctx, eid, listing.name))
+
+    def _read_restarts(self, ctx, eid: str, run: str):
+        read = _unless_vanished(lambda: self._provider.read_tensors(
+            ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[metadata.RESTART_TAG]),
+        ), None)
+        if read is None:  # the loader is swapping the series in
+            return [], None
+        steps = sorted({datum.step for datum in read.get(run, {}).get(metadata.RESTART_TAG, [])})
+        return steps, 16 * len(steps)
 
     def _cached(self, key: Hashable, version: Hashable, load: Callable[[], Any]) -> Any:
         return cached_version(self._series, self._flight, key, version, load)
@@ -431,6 +449,7 @@ def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
     probe_series = [(metadata.PROBE_CHUNK_TAG, chunks)] if chunks is not None else []
     if chunks is None and metadata.PROBE_INDEX_TAG in tags:
         probe_series, probe_format = [(metadata.PROBE_INDEX_TAG, tags[metadata.PROBE_INDEX_TAG])], 1
+    restarts = tags.get(metadata.RESTART_TAG)
     for tag, series in sorted(tags.items()) + probe_series:
         version = (series.max_step, series.max_wall_time)
         name = metadata.layer_of_tag(tag)
@@ -453,7 +472,8 @@ def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
             continue
         layers[name] = (data.layer, version)
     return RunListing(name=run, layers=layers, probe=probe, probe_version=probe_version, errors=tuple(problems),
-                      probe_format=probe_format)
+                      probe_format=probe_format,
+                      restarts_version=(restarts.max_step, restarts.max_wall_time) if restarts else None)
 
 
 def _invalid_layer(data: plugin_data_pb2.PluginData) -> str | None:
