@@ -16,6 +16,7 @@ from torch import nn
 
 from tb_convviz import layers as layer_select
 from tb_convviz import plugin_data_pb2
+from tb_convviz.budget import DEFAULT_BUDGET, OverheadBudget
 from tb_convviz.caller import user_stacklevel
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
@@ -58,6 +59,8 @@ class ConvVizLogger:
     top-k beside the probe's. The images are the model's first positional argument (or the one
     ``forward`` passes the probe batch in), else ``stream_images``: an argument position, a
     keyword, or ``images(args, kwargs)``. Candidates wait on the CPU, ``stream_pool_bytes`` at most.
+    ``overhead_budget`` (a fraction, None for no limit) defers or thins the scheduled checkpoints
+    of ``maybe_log`` so that they take at most that share of training's wall time (see ``budget``).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class ConvVizLogger:
         stream: str | Sequence[str] | None = None,
         stream_images: ImagesAt | None = None,
         stream_pool_bytes: int = POOL_BYTES,
+        overhead_budget: float | None = DEFAULT_BUDGET,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -103,6 +107,7 @@ class ConvVizLogger:
         check_probe_input(probe.dtype, self._forward)
         self._call = ProbeCall(self._net, self._forward, self.device)
         self.schedule = Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)
+        self._budget = OverheadBudget(overhead_budget, self.schedule, self.device)
         check_options(projections, projection_rule, projections_topk_every)
         self.projections, self.projection_rule = projections, projection_rule
         self.projections_topk_every = projections_topk_every
@@ -266,13 +271,16 @@ class ConvVizLogger:
         if labels is not None:
             self.label(labels)
         self._warn_if_backwards(step)
+        if self._budget.seen(step):  # the rest of the schedule was thinned to the overhead budget
+            self._due = self.schedule.next_due(self._last_step)
         logged = False
         if step <= self._resumed_at and self._last_step == self._resumed_at:
             # A resumed run replaying steps the log dir already holds: say so once.
             self._warn_order(step)
-        elif self._due is not None and step >= self._due:
+        elif self._due is not None and step >= self._due and self._budget.allows(step, self._due):
             self._due = self.schedule.next_due(step)
-            logged = self.log(step)
+            with self._budget.measure(step):
+                logged = self.log(step)
             # Renewed here, as `.to()` replaces buffers; walking the modules every step would cost 20x the sum.
             self._state = _state_tensors(self._net)
         self._seen_step, self._seen_version = max(self._seen_step, step), _state_version(self._state)
@@ -392,6 +400,7 @@ class ConvVizLogger:
         try:
             if final_checkpoint:
                 self._log_final()
+            self._budget.report()
             self._records.close()
         finally:
             if self._hooks is not None:

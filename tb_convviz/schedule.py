@@ -39,7 +39,7 @@ class Schedule:
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         if checkpoints < 2:
             raise ValueError(f"checkpoints must be at least 2, got {checkpoints}")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps, self.total_steps = every_n_steps, total_steps
         if steps is not None:
             self._list = sorted({int(s) for s in steps})
             if not self._list or self._list[0] < 0:
@@ -48,6 +48,26 @@ class Schedule:
             self._list = spaced_steps(total_steps, checkpoints)
         else:
             self._list = None
+
+    def thin(self, after: int, keep: int) -> list[int]:
+        """Keep at most ``keep`` (at least 1) of the ``total_steps`` schedule's steps after ``after``; the dropped ones.
+
+        The kept steps are those of the same spacing with fewer checkpoints, so the
+        schedule stays dense early and still ends at ``total_steps``.
+        """
+        if self.total_steps is None or self._list is None:
+            raise ValueError("only a total_steps schedule is thinned")
+        future = [s for s in self._list if s > after]
+        if len(future) <= keep:
+            return []
+        plan = [self.total_steps]
+        for checkpoints in range(len(self._list) - 1, 2, -1):
+            candidate = [s for s in spaced_steps(self.total_steps, checkpoints) if s > after]
+            if len(candidate) <= keep:
+                plan = candidate
+                break
+        self._list = [s for s in self._list if s <= after] + plan
+        return sorted(set(future) - set(plan))
 
     def next_due(self, after: int) -> int | None:
         """The first scheduled step greater than ``after`` (None when the list is exhausted)."""
