@@ -72,7 +72,8 @@ class OverheadBudget:
             return False
         # The training time of the whole run, at this pace, less what is spent; the final checkpoint is kept.
         allowance = self.fraction * per_step * self.schedule.total_steps + GRACE_SECONDS - self._spent
-        keep = self._agree(max(1, math.floor(allowance / self._cost)) if self._cost > 0 else 1 << 30)
+        affordable = allowance / self._cost if self._cost > 0 else math.inf
+        keep = self._agree(1 << 30 if affordable >= 1 << 30 else max(1, math.floor(affordable)))
         dropped = self.schedule.thin(checkpoint_step, keep)
         self._dropped += dropped
         return bool(dropped)

@@ -19,15 +19,21 @@ from tb_convviz import ConvVizLogger, ProbeSet, read_run
 CLASSES = ["cat", "dog", "fox"]
 
 
+def image_folder(root, splits=("validation",), per_class: int = 4) -> None:
+    """ImageNet's layout with generated images: ``root/<split>/<class>/<i>.png``, a class per brightness."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) // (c + 1)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
 @pytest.fixture(scope="module")
 def dataset_eval(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / "validation" / name).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) // (c + 1)
-            Image.fromarray(pixels).save(root / "validation" / name / f"{i}.png")
+    image_folder(root)
     return timm.data.create_dataset("", root=str(root), split="validation")
 
 
