@@ -275,8 +275,10 @@ class ConvVizLogger:
             self._due = self.schedule.next_due(self._last_step)
         logged = False
         if step <= self._resumed_at and self._last_step == self._resumed_at:
-            # A resumed run replaying steps the log dir already holds: say so once.
-            self._warn_order(step)
+            # A resumed run replaying steps the log dir already holds: say so once. Its last step
+            # itself is where a resumed job starts (the final checkpoint of the session before).
+            if step < self._resumed_at:
+                self._warn_order(step)
         elif self._due is not None and step >= self._due and self._budget.allows(step, self._due):
             self._due = self.schedule.next_due(step)
             with self._budget.measure(step):

@@ -8,6 +8,7 @@ a generated ImageFolder, nothing downloaded.
 from __future__ import annotations
 
 import os
+import warnings
 
 import timm
 import timm.data
@@ -19,6 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision import transforms
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
+from tb_convviz.warning import ConvVizWarning
 from test_timm_data import CLASSES, image_folder
 
 
@@ -128,7 +130,10 @@ def test_torchvision_reference_train_py_recipe_with_a_resume(tmp_path):
     first = read_run(tmp_path / "out" / "convviz").steps
     assert first[0] == 0 and first[-1] == 3  # one epoch of 3 steps, and the model after it
     checkpoint["resumed"] = True
-    torchvision_main(str(tmp_path / "data"), str(tmp_path / "out"), 1, 3, checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torchvision_main(str(tmp_path / "data"), str(tmp_path / "out"), 1, 3, checkpoint)
+    assert not [w for w in caught if issubclass(w.category, ConvVizWarning)]  # resuming at the last step is silent
     run = read_run(tmp_path / "out" / "convviz")
     assert run.steps[: len(first)] == first and run.steps[-1] == 9
     assert run.restarts == [run.steps[len(first)]]  # the resumed session is marked
