@@ -1,8 +1,8 @@
 """The README's recipes, on small copies of the structure of timm's train.py and torchvision's reference train.py.
 
 Each loop is shaped like its script's (where the step comes from, when the scheduler is
-built, the EMA model, the resume); the logger lines are the README's. CPU, random init,
-a generated ImageFolder, nothing downloaded.
+built, the EMA model, the resume); the logger lines are the README's, with projections=None
+to keep the test fast. CPU, random init, a generated ImageFolder, nothing downloaded.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def test_timm_train_py_recipe(tmp_path):
     probe_set.transform = timm.data.create_transform(**data_config, is_training=False)
     probe = ProbeSet.from_dataset(probe_set, n=1024, mean=data_config["mean"], std=data_config["std"])
     total_steps = num_epochs * updates_per_epoch
-    convviz = ConvVizLogger(model, probe, os.path.join(output_dir, "convviz"), total_steps=total_steps)
+    convviz = ConvVizLogger(model, probe, os.path.join(output_dir, "convviz"), total_steps=total_steps,
+                            projections=None)
     convviz_ema = ConvVizLogger(model_ema.module, probe, os.path.join(output_dir, "convviz_ema"),
-                                total_steps=total_steps)
+                                total_steps=total_steps, projections=None)
 
     for epoch in range(num_epochs):
         timm_train_one_epoch(epoch, model, loader_train, optimizer, torch.nn.CrossEntropyLoss(), lr_scheduler,
@@ -112,7 +113,8 @@ def torchvision_main(data: str, output_dir: str, start_epoch: int, epochs: int, 
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     # The README's recipe.
     probe = ProbeSet.from_dataset(dataset_test, n=1024, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    convviz = ConvVizLogger(model, probe, os.path.join(output_dir, "convviz"), total_steps=epochs * len(data_loader))
+    convviz = ConvVizLogger(model, probe, os.path.join(output_dir, "convviz"), total_steps=epochs * len(data_loader),
+                            projections=None)
     for epoch in range(start_epoch, epochs):
         torchvision_train_one_epoch(model, criterion, optimizer, data_loader, epoch, model_ema, convviz)
         lr_scheduler.step()
