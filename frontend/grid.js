@@ -113,7 +113,7 @@ export class GridView {
   async update() {
     const { state, run, layer } = this.app;
     fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
-    this.slider.update(layer.steps, state.step);
+    this.slider.update(layer.steps, state.step, run.restarts ?? []);
     this.sort.value = state.sort;
     this.patchSize.value = String(this.patch);
     fill(this.showSlot, showToggle(layer, state.show, (show) => this.app.navigate({ show })));

@@ -54,18 +54,26 @@ export class StepSlider {
     });
     this.readout = h("output", { class: "cv-step-readout", "aria-live": "polite" });
     this.range = h("span", { class: "cv-step-range" });
+    this.marks = h("div", { class: "cv-restart-marks" });
     this.el = h("div", { class: "cv-slider" }, this.playButton,
-      h("div", { class: "cv-slider-track" }, this.input, this.range), this.readout);
+      h("div", { class: "cv-slider-track" }, this.input, this.marks, this.range), this.readout);
   }
 
-  update(steps, step) {
+  /** `restarts`: steps where a restarted training began logging into the run, marked on the track. */
+  update(steps, step, restarts = []) {
     this.steps = steps;
     const index = Math.max(0, steps.indexOf(step));
+    const last = Math.max(1, steps.length - 1);
+    fill(this.marks, ...restarts.filter((s) => steps.includes(s)).map((s) => h("span", {
+      class: "cv-restart-mark", style: `left: ${(100 * steps.indexOf(s)) / last}%`,
+      title: `Training restarted: step ${s} is the first checkpoint of a new session`,
+    })));
     this.input.max = String(Math.max(0, steps.length - 1));
     this.input.value = String(index);
     this.input.disabled = steps.length < 2;
     this.playButton.disabled = steps.length < 2;
-    this.readout.textContent = steps.length ? `step ${step}` : "no checkpoints";
+    const restart = restarts.includes(step) ? " · restart" : "";
+    this.readout.textContent = steps.length ? `step ${step}${restart}` : "no checkpoints";
     this.readout.title = `checkpoint ${index + 1} of ${steps.length}`;
     this.range.textContent = steps.length ? `${index + 1} / ${steps.length}` : "";
   }

@@ -320,10 +320,14 @@ class _TensorBoard:
         # TensorBoard has a session of its own, so a plain `kill` of this process must
         # unwind through __exit__ to stop it too, instead of leaving it running.
         self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_signal)
+        # Ctrl-C is how the demo stops serving, even when it was started with SIGINT ignored
+        # (`nohup`, a background job of a script, some CIs), which Python would otherwise keep.
+        self._previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self._previous_sigterm)
+        signal.signal(signal.SIGINT, self._previous_sigint)
         self._proc.terminate()
         try:
             self._proc.wait(timeout=10)

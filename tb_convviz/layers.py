@@ -7,9 +7,11 @@ preference, from the layout a model publishes (timm's ``feature_info``), from to
 known layouts (AlexNet's 5 conv ReLUs, VGG's 5 pools, ResNet's ``relu, layer1..4``,
 SqueezeNet's ``features``), or else from one traced forward: wherever the main path's
 resolution drops, the tensor entering the downsampling block ends a stage, and the last
-spatial tensor ends the last one. Global pools (the heads, and the squeeze-excitation gates
-inside blocks) and their 1×1 maps are never stages. Of more than 5 stages, 5 are spread
-over the depth, first and last included.
+spatial tensor ends the last one. A block that convolves at a resolution before it pools
+(``Sequential(conv, bn, relu, maxpool)``) is not a downsampling block: its pooling starts
+the next stage, so its activation ends this one, nested or written flat. Global pools (the
+heads, and the squeeze-excitation gates inside blocks) and their 1×1 maps are never stages.
+Of more than 5 stages, 5 are spread over the depth, first and last included.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import warnings
 
 import torch
 from torch import nn
+
+from tb_convviz.caller import user_stacklevel
 
 AUTO_LAYERS = 5
 WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
@@ -143,7 +147,7 @@ def auto_layers(model: nn.Module, calls: list[Call]) -> list[str]:
     elif len(stages) < AUTO_LAYERS:
         warnings.warn(f"layers='auto': the model has {len(stages)} stage(s), not {AUTO_LAYERS}, so "
                       f"tb-convviz logs all of them: {', '.join(s.name for s in stages)}. Pass "
-                      f"layers=[...] with module names to choose others.", stacklevel=4)
+                      f"layers=[...] with module names to choose others.", stacklevel=user_stacklevel())
     return [s.name for s in stages]
 
 
@@ -235,13 +239,21 @@ def _traced(calls: list[Call], size: tuple[int, int]) -> list[Stage]:
     once = _called_once(calls)
     leaves = sorted((c for c in calls if c.is_leaf), key=lambda c: c.start)
     stages: list[Stage] = []
-    resolution, previous_end = size, -1
+    resolution, previous_end, last_mixing = size, -1, -1
     for leaf in leaves:
         out = _spatial(leaf.output)
-        if out is None or not _downsampled(out, resolution):
+        if out is None:
             continue
-        # The outermost block that starts the downsampling takes the stage's output as input.
-        for block in sorted((c for c in calls if c.contains(leaf) and c.start > previous_end), key=lambda c: c.start):
+        if not _downsampled(out, resolution):
+            if _mixes_space(leaf.module):
+                last_mixing = leaf.start
+            continue
+        # The outermost block that starts the downsampling takes the stage's output as input. A
+        # block that first works at this resolution (conv, bn, relu, then pool) holds the last
+        # tensor at it, so only blocks starting after its last spatial conv qualify: nesting
+        # the same modules in blocks does not change the picks.
+        after = max(previous_end, last_mixing)
+        for block in sorted((c for c in calls if c.contains(leaf) and c.start > after), key=lambda c: c.start):
             shape = _spatial(tuple(block.input_tensor.shape)) if block.input_tensor is not None else None
             producer = _producer(block.input_tensor, once, previous_end, block.start)
             if shape is not None and not _downsampled(shape, resolution) and shape <= resolution and producer:
@@ -275,6 +287,11 @@ def _inside_resizing_blocks(calls: list[Call]) -> set[int]:
             inner.add(id(call))
         open_calls.append(call)
     return inner
+
+
+def _mixes_space(module: nn.Module) -> bool:
+    """A convolution with a kernel larger than 1×1: it makes new features at its resolution."""
+    return isinstance(module, nn.modules.conv._ConvNd) and any(k > 1 for k in module.kernel_size)
 
 
 def _downsampled(shape: tuple[int, int], resolution: tuple[int, int]) -> bool:

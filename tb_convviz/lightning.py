@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from tb_convviz.budget import DEFAULT_BUDGET
 from tb_convviz.logger import ConvVizLogger
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import check_options
@@ -33,7 +34,7 @@ class ConvVizCallback(Callback):
     LightningModule's device; under DDP every rank ranks its share of the probe set and
     global rank 0 writes. Training ends with a checkpoint of the trained model at the last
     global step, whatever the schedule. ``projections``, ``projection_rule`` and
-    ``projections_topk_every`` are passed to the logger, e.g.
+    ``projections_topk_every`` and ``overhead_budget`` are passed to the logger, e.g.
     ``ConvVizCallback(probe, projections_topk_every=4)`` for all k projections at every 4th checkpoint.
     ``stream``, ``stream_images`` and ``stream_pool_bytes`` rank the training and validation batches
     as the logger does; a batch ``(images, labels, ...)`` gives the stream images their labels.
@@ -56,6 +57,7 @@ class ConvVizCallback(Callback):
         stream: str | Sequence[str] | None = None,
         stream_images: ImagesAt | None = None,
         stream_pool_bytes: int = POOL_BYTES,
+        overhead_budget: float | None = DEFAULT_BUDGET,
     ) -> None:
         steps = list(steps) if steps is not None else None
         Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)  # fail at construction
@@ -65,7 +67,8 @@ class ConvVizCallback(Callback):
                              "projections_topk_every": projections_topk_every, "stream": stream,
                              "stream_images": stream_images, "stream_pool_bytes": stream_pool_bytes}
         self.probe, self.layers, self.k, self.batch_size = probe, layers, k, batch_size
-        self._schedule: dict[str, Any] = {"every_n_steps": every_n_steps, "steps": steps, "total_steps": total_steps}
+        self._schedule: dict[str, Any] = {"every_n_steps": every_n_steps, "steps": steps, "total_steps": total_steps,
+                                          "overhead_budget": overhead_budget}
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
         self._logger: ConvVizLogger | None = None
 

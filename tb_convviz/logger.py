@@ -16,16 +16,19 @@ from torch import nn
 
 from tb_convviz import layers as layer_select
 from tb_convviz import effective_field, plugin_data_pb2
+from tb_convviz.budget import DEFAULT_BUDGET, OverheadBudget
+from tb_convviz.caller import user_stacklevel
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
-from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward, probe_dtype
+from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward, check_probe_input, probe_dtype
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import LayerProjections, Target, check_options, project_ranks
 from tb_convviz.ranking import merge_ranks, rank, world
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.records import RecordWriter
+from tb_convviz.resume import check_same_model
 from tb_convviz.schedule import Schedule
 from tb_convviz.sources import ProbeSource
 from tb_convviz.streams import POOL_BYTES, ImagesAt, StreamHooks, StreamSource, check_streams, locate_images
@@ -56,6 +59,8 @@ class ConvVizLogger:
     top-k beside the probe's. The images are the model's first positional argument (or the one
     ``forward`` passes the probe batch in), else ``stream_images``: an argument position, a
     keyword, or ``images(args, kwargs)``. Candidates wait on the CPU, ``stream_pool_bytes`` at most.
+    ``overhead_budget`` (a fraction, None for no limit) defers or thins the scheduled checkpoints
+    of ``maybe_log`` so that they take at most that share of training's wall time (see ``budget``).
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class ConvVizLogger:
         stream: str | Sequence[str] | None = None,
         stream_images: ImagesAt | None = None,
         stream_pool_bytes: int = POOL_BYTES,
+        overhead_budget: float | None = DEFAULT_BUDGET,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -98,8 +104,10 @@ class ConvVizLogger:
         self._net = layer_select.unwrap(model)
         self.device = torch.device(device) if device is not None else _device_of(self._net)
         self._forward = check_forward(forward)
+        check_probe_input(probe.dtype, self._forward)
         self._call = ProbeCall(self._net, self._forward, self.device)
         self.schedule = Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)
+        self._budget = OverheadBudget(overhead_budget, self.schedule, self.device)
         check_options(projections, projection_rule, projections_topk_every)
         self.projections, self.projection_rule = projections, projection_rule
         self.projections_topk_every = projections_topk_every
@@ -114,7 +122,7 @@ class ConvVizLogger:
                 f"convviz: the log dir {self.log_dir!r} contains {', '.join(map(repr, awkward))}; under TensorBoard's "
                 "default (Rust) data server a run whose name holds these characters shows no images "
                 "(\"failed to parse blob key\"). Rename the directory, or run tensorboard with --load_fast=false",
-                ConvVizWarning, stacklevel=2,
+                ConvVizWarning, stacklevel=user_stacklevel(),
             )
 
         self.layers = self._pick_layers(layers)
@@ -240,6 +248,7 @@ class ConvVizLogger:
                 f"{run.probe.fingerprint}, this one is {self.probe.fingerprint}): log into a new directory, "
                 "or build the probe set exactly as before (same images, order and labels)"
             )
+        check_same_model(run, self._layer_infos, self.log_dir)
         if run.steps:
             self._last_step = run.steps[-1]
         self._records.resume(run, self._last_step)
@@ -264,13 +273,18 @@ class ConvVizLogger:
         if labels is not None:
             self.label(labels)
         self._warn_if_backwards(step)
+        if self._budget.seen(step):  # the rest of the schedule was thinned to the overhead budget
+            self._due = self.schedule.next_due(self._last_step)
         logged = False
         if step <= self._resumed_at and self._last_step == self._resumed_at:
-            # A resumed run replaying steps the log dir already holds: say so once.
-            self._warn_order(step)
-        elif self._due is not None and step >= self._due:
+            # A resumed run replaying steps the log dir already holds: say so once. Its last step
+            # itself is where a resumed job starts (the final checkpoint of the session before).
+            if step < self._resumed_at:
+                self._warn_order(step)
+        elif self._due is not None and step >= self._due and self._budget.allows(step, self._due):
             self._due = self.schedule.next_due(step)
-            logged = self.log(step)
+            with self._budget.measure(step):
+                logged = self.log(step)
             # Renewed here, as `.to()` replaces buffers; walking the modules every step would cost 20x the sum.
             self._state = _state_tensors(self._net)
         self._seen_step, self._seen_version = max(self._seen_step, step), _state_version(self._state)
@@ -284,7 +298,7 @@ class ConvVizLogger:
             f"convviz: maybe_log({step}) came after maybe_log({self._seen_step}): a step that goes back is "
             f"never logged, so nothing is logged until step {self._due}. If your step counter restarts "
             "every epoch, pass a global step instead, such as `epoch * steps_per_epoch + i` (in Lightning, "
-            "trainer.global_step)", ConvVizWarning, stacklevel=3,
+            "trainer.global_step)", ConvVizWarning, stacklevel=user_stacklevel(),
         )
 
     def log(self, step: int) -> bool:
@@ -334,7 +348,7 @@ class ConvVizLogger:
 
     def _failed(self, kind: str, message: str) -> None:
         if kind not in self._failing:
-            warnings.warn(f"convviz: {message}", ConvVizWarning, stacklevel=3)
+            warnings.warn(f"convviz: {message}", ConvVizWarning, stacklevel=user_stacklevel())
             self._failing.add(kind)
 
     def _warn_order(self, step: int) -> None:
@@ -342,7 +356,7 @@ class ConvVizLogger:
             warnings.warn(
                 f"convviz: step {step} is not after the last logged step {self._last_step} in "
                 f"{self.log_dir!r}; checkpoints up to {self._last_step} are skipped, because TensorBoard "
-                "would drop the records logged after a repeated step", ConvVizWarning, stacklevel=3,
+                "would drop the records logged after a repeated step", ConvVizWarning, stacklevel=user_stacklevel(),
             )
             self._warned_order = True
 
@@ -355,7 +369,7 @@ class ConvVizLogger:
                     f"convviz: layer {name!r}: {count} of {len(units)} units had NaN or infinite activations "
                     f"at step {step} (has training diverged?). They are recorded as not finite, without "
                     "ranks; later checkpoints do not repeat this warning for this layer.",
-                    ConvVizWarning, stacklevel=3,
+                    ConvVizWarning, stacklevel=user_stacklevel(),
                 )
 
     def _projection_ranks(self, step: int) -> int:
@@ -403,6 +417,7 @@ class ConvVizLogger:
         try:
             if final_checkpoint:
                 self._log_final()
+            self._budget.report()
             self._records.close()
         finally:
             if self._hooks is not None:
@@ -423,7 +438,7 @@ class ConvVizLogger:
             if world() == 1:
                 warnings.warn("convviz: close() came after the process group was destroyed, so the final "
                               "checkpoint is skipped: call close() before destroy_process_group()",
-                              ConvVizWarning, stacklevel=3)
+                              ConvVizWarning, stacklevel=user_stacklevel())
                 return
             # Every rank must take the same decision, as every rank joins the checkpoint's gather.
             decided = torch.tensor([step], device=self.device)

@@ -40,6 +40,12 @@ With projections on, in the checkpoint's event as well (older readers skip these
   ``EffectiveFieldInfo``; and the SCALAR ``convviz/<layer>/effective_field`` (its larger side).
   Runs before it have none: readers crop the theoretical field.
 
+When a logger resumes a log dir that already holds checkpoints (a restarted training; older
+readers skip this tag):
+
+* ``convviz/restart`` (TENSOR, PluginData with no content): an int64 scalar, the last step the
+  log dir held, at the first step the new session logs; its steps are the restart boundaries.
+
 With streams on (``"train"``, ``"eval"``; older readers skip these tags), per stream ``<s>``:
 
 * ``convviz/stream/<s>/topk/<layer>``: the stream's records, as ``convviz/topk/<layer>``;
@@ -73,6 +79,7 @@ PROJECTION_TAG_PREFIX = "convviz/projection/"
 FILTERS_TAG_PREFIX = "convviz/filters/"
 EFFECTIVE_FIELD_TAG_PREFIX = "convviz/effective_field/"
 STREAM_TAG_PREFIX = "convviz/stream/"
+RESTART_TAG = "convviz/restart"
 SOURCES = ("probe", "train", "eval")
 _INDEX_MAGIC = b"CVZX"
 _IMAGE_MAGIC = b"CVZI"

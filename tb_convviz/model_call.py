@@ -42,6 +42,26 @@ def check_forward(forward: Forward | None) -> Forward | None:
     return forward
 
 
+def check_probe_input(dtype: torch.dtype, forward: Forward | None) -> None:
+    """Refuse integer probe images that would reach the model un-normalised.
+
+    timm's prefetcher pipeline loads uint8 images and normalises them on the device, in the
+    loader; the probe pass casts to float and calls the model directly, so it would rank
+    0..255 pixels the model never sees in training. A ``forward`` is trusted to normalise.
+    """
+    if dtype.is_floating_point or forward is not None:
+        return
+    raise ValueError(
+        f"the probe images are {str(dtype).removeprefix('torch.')}, not normalised floats: the probe pass would "
+        "feed the model raw 0..255 pixels it never sees in training (timm's prefetcher normalises on the device, "
+        "after the dataset). Build the probe from the eval transform, as the model sees its input:\n"
+        "    data_config = timm.data.resolve_data_config(model=model)\n"
+        "    dataset_eval.transform = timm.data.create_transform(**data_config, is_training=False)\n"
+        "    probe = ProbeSet.from_dataset(dataset_eval, n=1024, mean=data_config['mean'], std=data_config['std'])\n"
+        "or normalise in the probe pass as the prefetcher does: forward=lambda model, x: model((x / 255 - MEAN) / STD), "
+        "with MEAN and STD the model's per-channel [1, C, 1, 1] tensors on its device.")
+
+
 def probe_dtype(net: nn.Module) -> torch.dtype:
     """float32, or the model's float64; float16/bfloat16 models are run in float32."""
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)

@@ -9,6 +9,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from tb_convviz.caller import user_stacklevel
+
 # Images held in memory by ProbeSet.from_dataset up to this many bytes; larger
 # probe sets (e.g. a 50,000-image validation set) are read from the dataset per batch.
 IN_MEMORY_BYTES = 2 << 30
@@ -84,7 +86,7 @@ class ProbeSet:
         indices = sorted(torch.randperm(size, generator=generator)[:n].tolist())
         first, _ = _image_label(dataset[indices[0]])
         if class_names is None:
-            class_names = getattr(dataset, "classes", None) or getattr(dataset, "class_names", None)
+            class_names = _class_names(dataset)
         if n * first.numel() * first.element_size() <= IN_MEMORY_BYTES:
             pairs = [_image_label(dataset[i]) for i in indices]
             return cls(torch.stack([p[0] for p in pairs]), [p[1] for p in pairs], class_names, mean, std, value_range)
@@ -97,7 +99,7 @@ class ProbeSet:
     def _init_common(self, n, shape, labels, class_names, mean, std, value_range, dtype) -> None:
         if n == 0:
             raise ValueError("the probe set is empty: pass at least one image (Zeiler & Fergus used ~50,000)")
-        self.n, self.shape = n, shape
+        self.n, self.shape, self.dtype = n, shape, dtype
         if labels is not None:
             labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
             if len(labels) != n:
@@ -166,7 +168,7 @@ class ProbeSet:
                 f"ProbeSet: probe image(s) {_some(bad)} have NaN or infinite pixels. The model's activations "
                 "on them are then usually not finite, and every unit that sees such an activation is "
                 "recorded as 'not finite' instead of ranked. Replace the pixels (torch.nan_to_num) or "
-                "leave those images out.", ProbeDisplayWarning, stacklevel=4,
+                "leave those images out.", ProbeDisplayWarning, stacklevel=user_stacklevel(),
             )
         shown = torch.stack([self._unit_range(self.image(i)) for i in samples])
         shown = shown[shown.isfinite()]
@@ -182,10 +184,10 @@ class ProbeSet:
         if clipped > CLIPPED_FRACTION:
             warnings.warn(f"ProbeSet: {clipped:.0%} of the sampled probe pixels fall outside the display "
                           f"range ({how}), so the dashboard shows them clipped: {fix}",
-                          ProbeDisplayWarning, stacklevel=4)
+                          ProbeDisplayWarning, stacklevel=user_stacklevel())
         elif spread < CONSTANT_STD:
             warnings.warn(f"ProbeSet: the probe images would display as near-constant ({how}; pixel "
-                          f"std {spread:.3f} of the range): {fix}", ProbeDisplayWarning, stacklevel=4)
+                          f"std {spread:.3f} of the range): {fix}", ProbeDisplayWarning, stacklevel=user_stacklevel())
 
     def _fingerprint(self) -> str:
         # Full hash for in-memory sets; dataset-backed sets hash an evenly spaced
@@ -211,6 +213,17 @@ def _image_label(item) -> tuple[torch.Tensor, int]:
             f"dataset items must be tensors [C, H, W] (add transforms.ToTensor()), got {type(image).__name__}"
         )
     return image, int(label) if not isinstance(label, torch.Tensor) else int(label.item())
+
+
+def _class_names(dataset) -> list[str] | None:
+    """torchvision's ``classes``, a ``class_names`` list, or timm's ``reader.class_to_idx`` in index order."""
+    names = getattr(dataset, "classes", None) or getattr(dataset, "class_names", None)
+    if names:
+        return list(names)
+    to_index = getattr(getattr(dataset, "reader", None), "class_to_idx", None)
+    if isinstance(to_index, dict) and sorted(to_index.values()) == list(range(len(to_index))):
+        return [str(name) for name, _ in sorted(to_index.items(), key=lambda item: item[1])]
+    return None
 
 
 def _value_range(value_range, dtype: torch.dtype, mean: torch.Tensor) -> tuple[float, float]:

@@ -248,7 +248,9 @@ def project_records(net: nn.Module, probe, targets: Sequence[Target], image: dic
         for img in chunk[:, 3].tolist():
             if img not in cache:
                 cache[img] = probe.image(img)
-        images = torch.stack([cache[img] for img in chunk[:, 3].tolist()]).to(device, dtype)
+        images = torch.stack([cache[img] for img in chunk[:, 3].tolist()])
+        # Integer probes (normalised by the user's `forward`) take gradients as floats.
+        images = images.to(device, dtype or (images.dtype if images.is_floating_point() else torch.float32))
         result = project(net, names, images, chunk[:, 0].tolist(), chunk[:, 1].tolist(),
                          np.maximum(chunk[:, 4], 0).tolist(), rule, call)
         if uncovered is not None:

@@ -99,6 +99,8 @@ class Run:
         self._stream_images: dict[str, dict[int, bytes]] = {}
         self._stream_labels: dict[str, dict[int, int]] = {}
         self.stream_chunks: dict[str, int] = {}
+        # The first step of each session that resumed this log dir (a restarted training).
+        self.restarts: list[int] = []
 
     @property
     def steps(self) -> list[int]:
@@ -265,6 +267,9 @@ class Run:
             stream = metadata.parse_stream_tag(value.tag)
             if stream is not None:
                 self._add_stream(value, event.step, *stream)
+                continue
+            if value.tag == metadata.RESTART_TAG:
+                self.restarts = sorted({*self.restarts, event.step})
                 continue
             layer = metadata.layer_of_tag(value.tag)
             if layer is None and value.tag not in _PROBE_TAGS:

@@ -49,10 +49,12 @@ class RecordWriter:
         self._chunks: dict[str, int] = {}  # tag -> its last chunk step
         self._stored: set[int] = set()
         self._previous: dict[str, np.ndarray] = {}
+        self._restart_after: int | None = None  # the log dir's last step, until this session's first checkpoint
 
     def resume(self, run: Run, last_step: int) -> None:
         """Continue ``run``, whose last checkpoint is ``last_step`` (-1: none): its stored images and chunk steps."""
         if last_step >= 0:
+            self._restart_after = last_step
             for layer in run.layers:
                 if layer.name in self.layer_infos:
                     try:
@@ -86,9 +88,11 @@ class RecordWriter:
         values.extend(self._filter_values(scalars))
         values.extend(effective_field.summary_values(fields or {}, scalars))
         values.extend(summary.scalars_pb(scalars).value)
+        if self._restart_after is not None:
+            values.extend(summary.restart_pb(self._restart_after).value)
         writer.write(summary_pb2.Summary(value=values), step)
         writer.flush()
-        self._previous = images
+        self._previous, self._restart_after = images, None
 
     @staticmethod
     def _winners(results: dict[str, TopK]) -> set[int]:

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from tb_convviz.caller import user_stacklevel
 from tb_convviz.isolation import preserved
 from tb_convviz.probe import ProbeSet
 from tb_convviz.ranking import Ranked, buffers_of_rank_0, share
@@ -113,5 +114,6 @@ def _check_inputs(first: int, batch: torch.Tensor) -> None:
     if len(bad):
         warnings.warn(
             f"convviz: probe image(s) {(bad + first).tolist()[:8]} have NaN or infinite pixels; the units "
-            "whose activations they make non-finite are recorded as not finite", ConvVizWarning, stacklevel=5,
+            "whose activations they make non-finite are recorded as not finite", ConvVizWarning,
+            stacklevel=user_stacklevel(),
         )

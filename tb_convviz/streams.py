@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tb_convviz.caller import user_stacklevel
 from tb_convviz.isolation import preserved
 from tb_convviz.ranking import Ranked, merge_ranks, rank, world
 from tb_convviz.records import StreamRecords
@@ -239,7 +240,7 @@ class StreamSource:
     def warn_once(self, message: str) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn(f"convviz: {message}", ConvVizWarning, stacklevel=4)
+            warnings.warn(f"convviz: {message}", ConvVizWarning, stacklevel=user_stacklevel())
 
 
 class _Numbered:

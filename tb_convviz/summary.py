@@ -99,6 +99,18 @@ def effective_field_pb(info: plugin_data_pb2.EffectiveFieldInfo, size: tuple[int
                                                                 metadata=md, tensor=tensor)])
 
 
+def restart_pb(previous_step: int) -> summary_pb2.Summary:
+    """The marker of a resumed session's first checkpoint: the last step the log dir held before it."""
+    md = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(
+            plugin_name=metadata.PLUGIN_NAME,
+            content=plugin_data_pb2.PluginData(version=metadata.PROTO_VERSION).SerializeToString()),
+        data_class=summary_pb2.DATA_CLASS_TENSOR,
+    )
+    tensor = tensor_util.make_tensor_proto(np.array(previous_step, np.int64))
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=metadata.RESTART_TAG, metadata=md, tensor=tensor)])
+
+
 def scalars_pb(values: dict[str, float]) -> summary_pb2.Summary:
     """Scalars as ``SummaryWriter.add_scalar`` writes them, for every reader of event files.
 

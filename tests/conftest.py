@@ -51,3 +51,17 @@ def seeds_server(two_seeds):
     """A real TensorBoard (``--load_fast=true``) over ``two_seeds``."""
     with serve_seeds(two_seeds) as url:
         yield url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def schedules_independent_of_machine_load():
+    """Tests of schedules and records get every scheduled checkpoint, however loaded the machine.
+
+    The overhead budget thins checkpoints by wall time; tests/test_budget.py tests it on a clock
+    it controls, with the real grace.
+    """
+    from tb_convviz import budget
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(budget, "GRACE_SECONDS", float("inf"))
+        yield

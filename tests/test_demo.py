@@ -56,9 +56,17 @@ class ServedDemo:
     tb_gone: bool  # TensorBoard's port refused connections after the demo exited
 
 
+def _ignore_sigint() -> None:
+    """Start the demo as `nohup` or a script's background job does: Ctrl-C must still stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> ServedDemo:
-    """`tb-convviz demo --quick --serve`, queried over HTTP while it serves, then stopped by Ctrl-C."""
+    """`tb-convviz demo --quick --serve`, queried over HTTP while it serves, then stopped by Ctrl-C.
+
+    It starts with SIGINT ignored, as under `nohup`: Ctrl-C (SIGINT) stops it all the same.
+    """
     assert CLI.exists(), f"no {CLI}: install the package with `pip install -e .`"
     tmp = tmp_path_factory.mktemp("demo")
     logdir, out_path, err_path = tmp / "runs", tmp / "stdout", tmp / "stderr"
@@ -69,7 +77,7 @@ def served(tmp_path_factory) -> ServedDemo:
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen(
             [str(CLI), "demo", "--quick", "--serve", "--port", str(port), "--logdir", str(logdir), "--device", "cpu"],
-            stdout=out, stderr=err,
+            stdout=out, stderr=err, preexec_fn=_ignore_sigint,
         )
     try:
         deadline = time.monotonic() + 600

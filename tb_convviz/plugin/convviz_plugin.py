@@ -155,6 +155,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             runs.append({
                 "run": listing.name,
                 "steps": sorted({s for layer in layers for s in layer.steps}),
+                "restarts": self._data.restarts(ctx, eid, listing),
                 "layers": [{**_layer_json(layer), "projections": projections[layer.name]} for layer in layers],
                 "filters": filters,
                 "probe": _probe_json(probe),

@@ -213,6 +213,7 @@ class RunListing:
                                    probe_format=metadata.PROTO_VERSION)
     # Layers with an effective-field series: name -> the mass share its box holds.
     effective: dict[str, float] = dataclasses.field(default_factory=dict)
+    restarts_version: tuple | None = None  # of the restart markers' series, None without one
 
 
 class ConvVizData:
@@ -339,6 +340,23 @@ class ConvVizData:
             run_tag_filter=provider.RunTagFilter(runs=[run], tags=tags),
         )
         return {tag: {d.step: d.value for d in series} for tag, series in data.get(run, {}).items()}
+
+    def restarts(self, ctx, eid: str, listing: RunListing) -> list[int]:
+        """Steps at which a restarted training's session began logging into the run (see metadata)."""
+        if listing.restarts_version is None:
+            return []
+        return self._cached(("restarts", eid, listing.name), listing.restarts_version,
+                            lambda: self._read_restarts(ctx, eid, listing.name))
+
+    def _read_restarts(self, ctx, eid: str, run: str):
+        read = _unless_vanished(lambda: self._provider.read_tensors(
+            ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[metadata.RESTART_TAG]),
+        ), None)
+        if read is None:  # the loader is swapping the series in
+            return [], None
+        steps = sorted({datum.step for datum in read.get(run, {}).get(metadata.RESTART_TAG, [])})
+        return steps, 16 * len(steps)
 
     def _cached(self, key: Hashable, version: Hashable, load: Callable[[], Any]) -> Any:
         return cached_version(self._series, self._flight, key, version, load)
@@ -484,6 +502,7 @@ def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
     if chunks is None and metadata.PROBE_INDEX_TAG in tags:
         probe_series, probe_format = [(metadata.PROBE_INDEX_TAG, tags[metadata.PROBE_INDEX_TAG])], 1
     effective = {}
+    restarts = tags.get(metadata.RESTART_TAG)
     for tag, series in sorted(tags.items()) + probe_series:
         version = (series.max_step, series.max_wall_time)
         if tag.startswith(metadata.EFFECTIVE_FIELD_TAG_PREFIX):
@@ -520,7 +539,8 @@ def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
             continue
         layers_of[name] = (data.layer, version)
     return RunListing(name=run, layers=layers, probe=probe, probe_version=probe_version, errors=tuple(problems),
-                      probe_format=probe_format, streams=streams, effective=effective)
+                      probe_format=probe_format, streams=streams, effective=effective,
+                      restarts_version=(restarts.max_step, restarts.max_wall_time) if restarts else None)
 
 
 def _mass_share(content: bytes) -> float | None:
