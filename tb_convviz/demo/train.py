@@ -47,7 +47,9 @@ def train(
     )
     writer = SummaryWriter(os.fspath(run_dir))
     logger = ConvVizLogger(model, probe, writer=writer, layers=layers, k=min(k, len(probe)),
-                           total_steps=total_steps, stream=("train", "eval"))
+                           total_steps=total_steps, stream=("train", "eval"),
+                           # The demo is there to show all 16 checkpoints (Fig. 4), on however loaded a machine.
+                           overhead_budget=None)
     step, test_accuracy = 0, float("nan")
     with writer, logger, tqdm(total=total_steps, unit="step", dynamic_ncols=True) as bar:
         checkpoints = int(logger.maybe_log(step))
