@@ -11,7 +11,7 @@ import { UnitView } from "./unit.js";
 import { CompareView, ORDERS, matching } from "./compare.js";
 import { EvolutionGridView, ROW_ORDERS } from "./evolution_grid.js";
 import { SHOWS } from "./show.js";
-import { PATCH_SIZES, DEFAULT_PATCH, nearestStep, openDialog } from "./widgets.js";
+import { PATCH_SIZES, DEFAULT_PATCH, nearestStep, openDialog, closeDialogs } from "./widgets.js";
 import { followTensorBoardTheme } from "./theme.js";
 import { showHelp } from "./help.js";
 
@@ -66,7 +66,11 @@ class App {
   }
 
   async start() {
-    window.addEventListener("hashchange", () => this.navigate(readState(), { replace: true }));
+    // A pasted link, Back/Forward or a new "#": the dialogs of the old view must not stay over the new one.
+    window.addEventListener("hashchange", () => {
+      closeDialogs();
+      this.navigate(readState(), { replace: true });
+    });
     document.addEventListener("keydown", (e) => this.onKey(e));
     fill(this.main, h("p", { class: "cv-dim cv-loading" }, "Loading runs…"));
     await this.refresh();

@@ -296,6 +296,11 @@ export function openDialog({ title, label = title, tools = null, className = "" 
   return dialog;
 }
 
+/** Close every open dialog: they belong to the view an address change replaces. */
+export function closeDialogs() {
+  for (const dialog of document.querySelectorAll("dialog.cv-dialog[open]")) dialog.close();
+}
+
 /** A modal with the whole probe image and the record's receptive-field box. */
 export function showProbeImage({ run, layer, step, unit, record }) {
   const img = fitImage(h("img", {
