@@ -1,5 +1,6 @@
-// Compare: one layer at two checkpoints of a run, or at two runs. B is the run and step the
-// other views show; A, the reference, defaults to B's previous checkpoint. Across runs, units
+// Compare: one layer at two checkpoints of a run, or at two runs. A is the run and step the
+// other views show (`run`, `step`); B (`b_run`, `b_step`) defaults to A's previous checkpoint,
+// or to the same step of another run. Across runs, units
 // are matched one-to-one by the overlap of their top-k images (unit i of one seed is not
 // unit i of another); within a run that is a toggle, which shows units that swapped roles.
 
@@ -19,7 +20,7 @@ const MATCH_MAX_UNITS = 1024;
 /** Whether units are matched: as the state says, else across runs yes and within a run no. */
 export function matching(state, layer) {
   if ((layer?.units ?? 0) > MATCH_MAX_UNITS) return false;
-  return (state.match ?? (state.other_run !== state.run ? "1" : "0")) === "1";
+  return (state.match ?? (state.b_run !== state.run ? "1" : "0")) === "1";
 }
 
 export class CompareView {
@@ -44,14 +45,14 @@ export class CompareView {
 
   async update() {
     const { state, run, layer, runs } = this.app;
-    const other = runs.find((r) => r.run === state.other_run) ?? run;
+    const other = runs.find((r) => r.run === state.b_run) ?? run;
     const otherLayer = other.layers.find((l) => l.name === layer.name);
     const match = matching(state, layer);
     fill(this.tabs, layerTabs(run, layer.name, (name) => this.app.navigate({ layer: name })));
     this.renderControls(run, layer, other, otherLayer, match);
     const seq = ++this.seq;
     if (!otherLayer) {
-      this.showError(`Run ${other.run} has no layer ${layer.name}`, "Pick another run for A, or a layer both runs logged.");
+      this.showError(`Run ${other.run} has no layer ${layer.name}`, "Pick another run for B, or a layer both runs logged.");
       return;
     }
     const layerKey = JSON.stringify([run.run, other.run, layer.name, layer.units, layer.k, effectiveShow(state.show, layer)]);
@@ -60,7 +61,7 @@ export class CompareView {
     let data;
     try {
       data = await allUnits("compare", {
-        run: other.run, layer: layer.name, step: state.other_step, other_run: run.run, other_step: state.step,
+        run: run.run, layer: layer.name, step: state.step, other_run: other.run, other_step: state.b_step,
         match: match ? 1 : 0,
       });
     } catch (e) {
@@ -92,21 +93,21 @@ export class CompareView {
       h("div", { class: "cv-compare-side" }, h("span", { class: `cv-side-badge cv-side-${name}` }, name), runSelect, stepSelect);
     fill(this.controls,
       side("A",
-        // A new run for A keeps A's step where that run has it, else takes the nearest one.
-        select(runOptions, other.run, (value) => this.app.navigate({
-          other_run: value, other_step: nearestStep(stepsOf(value), state.other_step),
-        }), { "aria-label": "Run A" }),
-        select(stepOptions(otherLayer?.steps ?? []), state.other_step, (value) => this.app.navigate({ other_step: Number(value) }),
-          { "aria-label": "Step A", disabled: !otherLayer })),
-      h("button", {
-        type: "button", class: "cv-button", title: "Swap A and B",
-        onclick: () => this.app.navigate({ run: other.run, step: state.other_step, other_run: run.run, other_step: state.step }),
-      }, "⇄"),
-      side("B",
+        // A new run for a side keeps that side's step where the run has it, else takes the nearest one.
         select(runOptions, run.run, (value) => this.app.navigate({
           run: value, step: nearestStep(stepsOf(value), state.step),
+        }), { "aria-label": "Run A" }),
+        select(stepOptions(layer.steps), state.step, (value) => this.app.navigate({ step: Number(value) }), { "aria-label": "Step A" })),
+      h("button", {
+        type: "button", class: "cv-button", title: "Swap A and B",
+        onclick: () => this.app.navigate({ run: other.run, step: state.b_step, b_run: run.run, b_step: state.step }),
+      }, "⇄"),
+      side("B",
+        select(runOptions, other.run, (value) => this.app.navigate({
+          b_run: value, b_step: nearestStep(stepsOf(value), state.b_step),
         }), { "aria-label": "Run B" }),
-        select(stepOptions(layer.steps), state.step, (value) => this.app.navigate({ step: Number(value) }), { "aria-label": "Step B" })),
+        select(stepOptions(otherLayer?.steps ?? []), state.b_step, (value) => this.app.navigate({ b_step: Number(value) }),
+          { "aria-label": "Step B", disabled: !otherLayer })),
       h("label", {
         class: "cv-field cv-toggle",
         title: layer.units > MATCH_MAX_UNITS ? `Matching is limited to layers of ${MATCH_MAX_UNITS} units`
@@ -163,7 +164,7 @@ export class CompareView {
     });
   }
 
-  /** `otherLayer`: the layer in A's run (its projections may have been logged at other steps). */
+  /** `otherLayer`: the layer in B's run (its projections may have been logged at other steps). */
   showUnits(layer, otherLayer, data, order) {
     const k = layer.k;
     const same = data.run === data.other_run;
@@ -177,8 +178,8 @@ export class CompareView {
       const partner = unit.other_unit;
       changed += isChanged;
       moved += partner !== unit.unit;
-      this.showSide(tile.a, "A", data.run, otherLayer, data.step, unit.unit, unit.records, unit.ranks);
-      this.showSide(tile.b, "B", data.other_run, layer, data.other_step, partner, unit.other_records, unit.other_ranks);
+      this.showSide(tile.a, "A", data.run, layer, data.step, unit.unit, unit.records, unit.ranks);
+      this.showSide(tile.b, "B", data.other_run, otherLayer, data.other_step, partner, unit.other_records, unit.other_ranks);
       tile.el.classList.toggle("cv-changed", isChanged && !data.matched);
       tile.el.classList.toggle("cv-unique", unique);
       tile.el.dataset.otherUnit = String(partner);
@@ -192,8 +193,8 @@ export class CompareView {
           h("span", { class: "cv-meter", "aria-hidden": "true" }, h("span", { style: { width: formatPercent(unit.overlap ?? 0) } })),
           `${shared}/${k} shared`),
         h("button", {
-          type: "button", class: "cv-button cv-open-unit", title: `Open unit ${partner} of B (${data.other_run}) over training`,
-          onclick: () => this.app.navigate({ view: "unit", unit: partner }),
+          type: "button", class: "cv-button cv-open-unit", title: `Open unit ${unit.unit} of A (${data.run}) over training`,
+          onclick: () => this.app.navigate({ view: "unit", unit: unit.unit }),
         }, "›"),
       );
     }

@@ -117,22 +117,23 @@ class App {
     }
     if (state.view === "compare") {
       if (!ORDERS.some(([key]) => key === state.order)) state.order = "change";
-      const other = this.runs.find((r) => r.run === state.other_run) ?? run;
-      state.other_run = other.run;
+      // A is the run and step the other views show; B is `b_run` at `b_step`.
+      const other = this.runs.find((r) => r.run === state.b_run) ?? run;
+      state.b_run = other.run;
       const otherSteps = other.layers.find((l) => l.name === state.layer)?.steps ?? [];
-      if (!otherSteps.includes(state.other_step)) {
-        // By default: what changed since the previous checkpoint, or since the same step of the other run.
+      if (!otherSteps.includes(state.b_step)) {
+        // By default: the previous checkpoint (what changed to get here), or the same step of the other run.
         const i = steps.indexOf(state.step);
-        const reference = Number.isInteger(state.other_step) ? state.other_step
+        const reference = Number.isInteger(state.b_step) ? state.b_step
           : other === run ? steps[i > 0 ? i - 1 : Math.min(1, steps.length - 1)] : state.step;
-        state.other_step = nearestStep(otherSteps, reference);
+        state.b_step = nearestStep(otherSteps, reference);
       }
       if (state.match !== "0" && state.match !== "1") delete state.match;
       // Only a choice that differs from the default (matched across runs, not within one) is kept.
       if (state.match && matching({ ...state, match: undefined }, layer) === (state.match === "1")) delete state.match;
     } else {
-      delete state.other_run;
-      delete state.other_step;
+      delete state.b_run;
+      delete state.b_step;
       delete state.order;
       delete state.match;
     }

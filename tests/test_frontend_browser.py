@@ -215,13 +215,13 @@ def test_compare_marks_changed_units(watched, server, written):
     assert_images_loaded(page, ".cv-compare-grid .cv-mosaic", 2 * UNITS)
     assert f"{len(expected)} of {UNITS} units changed" in page.locator(".cv-summary").inner_text()
     screenshot(page, "compare")
-    # Opened from the grid, Compare shows what changed since the previous checkpoint.
+    # Opened from the grid, Compare shows A, the grid's checkpoint, against B, the previous one.
     page.click(".cv-nav-item:text-is('Layers')")
     page.wait_for_selector(f".cv-grid{IDLE}")
     page.click(".cv-nav-item:text-is('Compare')")
     page.wait_for_selector(f".cv-compare-grid{IDLE}")
     state = hash_state(page)
-    assert (state["other_step"], state["step"]) == (str(written.steps[-2]), str(written.steps[-1]))
+    assert (state["step"], state["b_step"]) == (str(written.steps[3]), str(written.steps[2]))
     watched.assert_clean()
 
 
