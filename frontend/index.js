@@ -22,7 +22,9 @@ const GRID_ROWS = [8, 16, 32];
 
 function emptyState() {
   return message("info", "No ConvViz data in this log directory yet.",
-    h("span", {}, "1. Pick fixed probe images: ", h("code", {}, "probe = ProbeSet.from_dataset(val_set, n=1024)")),
+    h("span", {}, "1. Pick fixed probe images, as fed to the model: ",
+      h("code", {}, "probe = ProbeSet.from_dataset(val_set, n=1024, seed=0, mean=MEAN, std=STD)"),
+      " (MEAN and STD: your Normalize transform's, so that the patches show the images as they look)"),
     h("span", {}, "2. Next to your SummaryWriter: ", h("code", {}, "cv = ConvVizLogger(model, probe, log_dir=writer.log_dir)")),
     h("span", {}, "3. In the training loop call ", h("code", {}, "cv.maybe_log(step)"),
       ", and point TensorBoard at the same directory. To see it work first, run ", h("code", {}, "tb-convviz demo"), "."));

@@ -9,14 +9,17 @@ real run (``tb-convviz demo``), ``test_screenshots_of_a_real_run`` saves the REA
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import os
+import pathlib
 import urllib.parse
 
 import numpy as np
 import pytest
 
-from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz import ProbeSet, metadata, plugin_data_pb2, summary
 from tb_convviz.metadata import topk_overlap
 from tb_convviz.synthetic_run import write_synthetic_run
 from browser_support import (IDLE, Watched, assert_images_loaded, hash_state, mosaic_sources,
@@ -327,6 +330,15 @@ def test_empty_log_dir_explains_how_to_log(browser, tmp_path):
             lines = message.locator("p").all_inner_texts()
             assert len(lines) == 3
             assert "ConvVizLogger" in lines[1] and "tensorboard" in lines[2].lower()
+            # The probe call is whole: copied as it stands, it undoes the normalisation for display
+            # (without mean/std, normalised images warn as clipped), and it is the README's call.
+            call = message.locator("p").first.locator("code").inner_text()
+            parsed = ast.parse(call).body[0].value
+            keywords = {k.arg for k in parsed.keywords}
+            assert {"mean", "std", "n"} <= keywords
+            inspect.signature(ProbeSet.from_dataset).bind(*parsed.args, **dict.fromkeys(keywords))
+            readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+            assert call in readme
             screenshot(page, "empty_dark")
             w.assert_clean()
         finally:
