@@ -64,7 +64,7 @@ export class GridView {
       this.tabs,
       h("div", { class: "cv-toolbar" }, this.slider.el,
         h("label", { class: "cv-field" }, "Sort by", this.sort),
-        h("label", { class: "cv-field", title: "Patch size in the tiles; z or the magnifier opens a unit larger" }, "Patches", this.patchSize),
+        h("label", { class: "cv-field", title: "Patch size in the tiles and the layer-1 filters; z or the magnifier opens a unit larger" }, "Patches", this.patchSize),
         this.showSlot),
       h("div", { class: "cv-toolbar cv-finder-bar" }, this.finder),
       this.filtersSlot, this.summary, this.notice, this.grid);
@@ -95,6 +95,7 @@ export class GridView {
     if (event.key === "ArrowLeft") this.slider.move(-1);
     else if (event.key === "ArrowRight") this.slider.move(1);
     else if (event.key === "g") this.finder.querySelector(".cv-unit-jump")?.focus();
+    else if (event.key === "z" && this.filters?.el.matches(":hover")) this.filters.zoom();
     else if (event.key === "z") {
       // The tile under the pointer, else the focused one.
       const tile = this.grid.querySelector(".cv-tile:hover") ?? document.activeElement?.closest(".cv-tile");
