@@ -24,7 +24,7 @@ from tb_convviz.metadata import topk_overlap
 from tb_convviz.synthetic_run import write_synthetic_run
 from browser_support import (IDLE, Watched, assert_images_loaded, hash_state, mosaic_sources,
                              screenshot)
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import get, plugin_json, tensorboard_server, wait_for
 
 HOSTILE_RUN = "<img src=x onerror=alert(1)>"
 HOSTILE_LAYER = "<img src=x onerror=alert(2)>\"'" + "-long" * 60
@@ -229,15 +229,42 @@ def test_compare_marks_changed_units(watched, server, written):
 
 
 def test_large_layers_load_mosaics_near_the_viewport_only(watched, server):
-    page = watched.open(server, f"run={WIDE_RUN}")
+    requests: list[str] = []
+    watched.page.on("request", lambda r: requests.append(urllib.parse.unquote(r.url)))
+    steps = next(r for r in plugin_json(server, "runs")["runs"] if r["run"] == WIDE_RUN)["layers"][0]["steps"]
+    page = watched.open(server, f"run={WIDE_RUN}&step={steps[-1]}")
     page.wait_for_selector(f".cv-grid{IDLE}")
     assert page.locator(".cv-tile").count() == WIDE_UNITS
     with_source = "els => els.filter((e) => e.getAttribute('src')).length"
     requested = page.eval_on_selector_all(".cv-grid .cv-mosaic", with_source)
     assert 0 < requested < WIDE_UNITS // 4
-    last = page.locator(f".cv-tile[data-unit='{WIDE_UNITS - 1}'] .cv-mosaic")
+    # Only tiles near the window are drawn: a far one has no tooltips or chips yet.
+    last_tile = page.locator(f".cv-tile[data-unit='{WIDE_UNITS - 1}']")
+    assert last_tile.locator(".cv-cell").count() == 0 and last_tile.locator(".cv-tile-meta").inner_text() == ""
+    assert page.locator(".cv-tile[data-unit='0'] .cv-cell").count() == 4
+    # The previous checkpoint is fetched ahead: its units, and the mosaics of exactly the tiles near the window.
+    near = set(page.eval_on_selector_all(".cv-grid .cv-mosaic[data-near]", "els => els.map((e) => e.closest('.cv-tile').dataset.unit)"))
+    ahead = f"step={steps[0]}&"
+
+    def fetched_ahead():
+        return {dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(u).query))["unit"]
+                for u in requests if "/mosaic?" in u and ahead in u}
+
+    wait_for(lambda: fetched_ahead() == near, timeout=30)
+    assert any("/topk?" in u and u.endswith(f"step={steps[0]}") for u in requests)
+    # Switching to it asks for no JSON again.
+    before = len([u for u in requests if "/topk?" in u])
+    page.locator("body").press("ArrowLeft")
+    page.wait_for_function(f"location.hash.includes('step={steps[0]}')")
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    assert ahead in page.eval_on_selector(".cv-tile[data-unit='0'] .cv-mosaic", "i => i.currentSrc")
+    assert len([u for u in requests if "/topk?" in u]) == before
+    last = last_tile.locator(".cv-mosaic")
     last.scroll_into_view_if_needed()
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=last.element_handle())
+    # Drawn once near: its tooltips and chips are there, for the checkpoint shown.
+    assert last_tile.locator(".cv-cell").count() == 4 and f"#{WIDE_UNITS - 1}" in last_tile.locator(".cv-tile-meta").inner_text()
+    assert ahead in last.evaluate("i => i.currentSrc")
     assert page.eval_on_selector_all(".cv-grid .cv-mosaic", with_source) < WIDE_UNITS // 2
     watched.assert_clean()
 
