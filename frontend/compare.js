@@ -5,13 +5,14 @@
 // unit i of another); within a run that is a toggle, which shows units that swapped roles.
 
 import { h, fill, select, message, formatPercent } from "./dom.js";
-import { allUnits, mosaicUrl } from "./api.js";
+import { getJson, mosaicUrl } from "./api.js";
 import { layerTabs, startMosaicGrid, MosaicFigure, layerTitle, nearestStep, CHANGED_BELOW } from "./widgets.js";
-import { sortUnits } from "./grid.js";
 import { showZoom } from "./zoom.js";
 import { assignProjection, effectiveShow, showToggle } from "./show.js";
 
 const PATCH_PX = 36;
+// Pairs per `compare` request: the first page shows at once, later ones load as the list scrolls.
+const PAGE_UNITS = 64;
 export const ORDERS = [["change", "Least shared first"], ["unit", "Unit index"]];
 
 // The backend matches layers of at most this many units (http_api.md, `compare`).
@@ -36,11 +37,18 @@ export class CompareView {
     this.summary = h("p", { class: "cv-summary" });
     this.notice = h("div", { class: "cv-notice" });
     this.grid = h("div", { class: "cv-grid cv-compare-grid", "aria-busy": "true", "aria-label": "Units compared" });
-    this.el = h("section", { class: "cv-view cv-compare-view" }, this.tabs, this.controls, this.summary, this.notice, this.grid);
+    this.more = h("button", { type: "button", class: "cv-button cv-more", hidden: true, onclick: () => this.loadMore() });
+    // The next page loads when the end of the list comes near (re-observed after each page).
+    this.moreObserver = new IntersectionObserver((entries) => {
+      if (entries.some((e) => e.isIntersecting)) this.loadMore();
+    }, { rootMargin: "600px" });
+    this.el = h("section", { class: "cv-view cv-compare-view" },
+      this.tabs, this.controls, this.summary, this.notice, this.grid, this.more);
   }
 
   destroy() {
     this.feed?.disconnect();
+    this.moreObserver.disconnect();
   }
 
   async update() {
@@ -58,23 +66,60 @@ export class CompareView {
     const layerKey = JSON.stringify([run.run, other.run, layer.name, layer.units, layer.k, effectiveShow(state.show, layer)]);
     if (layerKey !== this.layerKey) this.build(layer, layerKey);
     this.grid.setAttribute("aria-busy", "true");
+    const query = {
+      run: run.run, layer: layer.name, step: state.step, other_run: other.run, other_step: state.b_step,
+      match: match ? 1 : 0, order: state.order,
+    };
     let data;
     try {
-      data = await allUnits("compare", {
-        run: run.run, layer: layer.name, step: state.step, other_run: other.run, other_step: state.b_step,
-        match: match ? 1 : 0,
-      });
+      data = await getJson("compare", { ...query, limit: PAGE_UNITS }, { cached: true });
     } catch (e) {
       if (seq === this.seq) this.showError("Could not compare these checkpoints", e.message);
       return;
     }
     if (seq !== this.seq) return;
     this.data = data;
+    this.query = query;
+    this.pairs = [...data.units];
     fill(this.notice);
     this.grid.hidden = false;
-    this.showUnits(layer, otherLayer, data, state.order);
+    this.showSummary(layer, data);
+    fill(this.grid, this.showPairs(layer, otherLayer, data.units));
+    this.updateMore();
     await this.feed.settle();
     if (seq === this.seq) this.grid.setAttribute("aria-busy", "false");
+  }
+
+  /** The next page of pairs, in the order shown. */
+  async loadMore() {
+    const { data, seq } = this;
+    if (this.loading || !data || this.pairs.length >= data.total_units) return;
+    this.loading = true;
+    this.more.setAttribute("aria-busy", "true");
+    let page;
+    try {
+      page = await getJson("compare", { ...this.query, offset: this.pairs.length, limit: PAGE_UNITS }, { cached: true });
+    } catch (e) {
+      if (seq === this.seq) fill(this.notice, message("error", "Could not load more units", e.message));
+      return;
+    } finally {
+      this.loading = false;
+      this.more.setAttribute("aria-busy", "false");
+    }
+    if (seq !== this.seq || this.data !== data) return;
+    this.pairs.push(...page.units);
+    const { layer } = this.app;
+    const otherLayer = this.app.runs.find((r) => r.run === data.other_run)?.layers.find((l) => l.name === layer.name);
+    this.grid.append(...this.showPairs(layer, otherLayer ?? layer, page.units));
+    this.updateMore();
+  }
+
+  updateMore() {
+    const left = this.data.total_units - this.pairs.length;
+    this.more.hidden = left <= 0;
+    this.more.textContent = `Show more units (${left} of ${this.data.total_units} not shown yet)`;
+    this.moreObserver.unobserve(this.more);
+    if (left > 0) this.moreObserver.observe(this.more);
   }
 
   showError(title, detail) {
@@ -82,6 +127,7 @@ export class CompareView {
     fill(this.summary);
     this.grid.hidden = true;
     this.grid.setAttribute("aria-busy", "false");
+    this.more.hidden = true;
   }
 
   renderControls(run, layer, other, otherLayer, match) {
@@ -126,35 +172,39 @@ export class CompareView {
   build(layer, layerKey) {
     startMosaicGrid(this, layer, layerKey, PATCH_PX);
     // "both": each side's projections beside its patches.
+    this.grid.classList.toggle("cv-grid-both", effectiveShow(this.app.state.show, layer) === "both");
+    fill(this.grid);
+  }
+
+  /** The tile of unit `unit` of A, made the first time a page holds it. */
+  tile(layer, unit) {
+    const made = this.tiles.get(unit);
+    if (made) return made;
     const show = effectiveShow(this.app.state.show, layer);
-    const tiles = [];
-    for (let unit = 0; unit < layer.units; unit++) {
-      const side = (name) => {
-        const figure = new MosaicFigure(layer, PATCH_PX);
-        const projection = show === "both" ? new MosaicFigure(layer, PATCH_PX) : null;
-        projection?.img.classList.add("cv-projection");
-        const label = h("span", { class: "cv-side-label" });
-        const button = h("button", {
-          type: "button", class: "cv-side-image", onclick: () => this.zoom(unit, name),
-        }, [figure, projection].filter(Boolean).map((f) => h("span", { class: "cv-tile-image" }, f.el)));
-        return { figure, projection, label, el: h("span", { class: `cv-side cv-side-${name}` }, label, button), button };
-      };
-      const a = side("A");
-      const b = side("B");
-      const meta = h("span", { class: "cv-tile-meta" });
-      const el = h("div", { class: "cv-tile cv-pair", dataset: { unit: String(unit) } },
-        h("span", { class: "cv-pair-images" }, a.el, b.el), meta);
-      this.tiles.set(unit, { el, a, b, meta });
-      tiles.push(el);
-    }
-    this.grid.classList.toggle("cv-grid-both", show === "both");
-    fill(this.grid, ...tiles);
+    const side = (name) => {
+      const figure = new MosaicFigure(layer, PATCH_PX);
+      const projection = show === "both" ? new MosaicFigure(layer, PATCH_PX) : null;
+      projection?.img.classList.add("cv-projection");
+      const label = h("span", { class: "cv-side-label" });
+      const button = h("button", {
+        type: "button", class: "cv-side-image", onclick: () => this.zoom(unit, name),
+      }, [figure, projection].filter(Boolean).map((f) => h("span", { class: "cv-tile-image" }, f.el)));
+      return { figure, projection, label, el: h("span", { class: `cv-side cv-side-${name}` }, label, button), button };
+    };
+    const a = side("A");
+    const b = side("B");
+    const meta = h("span", { class: "cv-tile-meta" });
+    const el = h("div", { class: "cv-tile cv-pair", dataset: { unit: String(unit) } },
+      h("span", { class: "cv-pair-images" }, a.el, b.el), meta);
+    const tile = { el, a, b, meta };
+    this.tiles.set(unit, tile);
+    return tile;
   }
 
   /** Zoom into one side of unit `unit`'s pair, outlining the images both sides share. */
   zoom(unit, name) {
     const { layer } = this.app;
-    const pair = this.data?.units.find((u) => u.unit === unit);
+    const pair = this.pairs?.find((u) => u.unit === unit);
     if (!pair) return;
     const isA = name === "A";
     const records = (isA ? pair.records : pair.other_records) ?? [];
@@ -164,20 +214,16 @@ export class CompareView {
     });
   }
 
-  /** `otherLayer`: the layer in B's run (its projections may have been logged at other steps). */
-  showUnits(layer, otherLayer, data, order) {
+  /** The tiles of `pairs`, drawn; `otherLayer`: the layer in B's run (its projections may have been logged at other steps). */
+  showPairs(layer, otherLayer, pairs) {
+    const { data } = this;
     const k = layer.k;
     const same = data.run === data.other_run;
-    let changed = 0;
-    let moved = 0;
-    for (const unit of data.units) {
-      const tile = this.tiles.get(unit.unit);
-      if (!tile) continue;
+    return pairs.map((unit) => {
+      const tile = this.tile(layer, unit.unit);
       const isChanged = unit.overlap != null && unit.overlap < CHANGED_BELOW;
       const unique = data.matched && unit.overlap === 0;
       const partner = unit.other_unit;
-      changed += isChanged;
-      moved += partner !== unit.unit;
       this.showSide(tile.a, "A", data.run, layer, data.step, unit.unit, unit.records, unit.ranks);
       this.showSide(tile.b, "B", data.other_run, otherLayer, data.other_step, partner, unit.other_records, unit.other_ranks);
       tile.el.classList.toggle("cv-changed", isChanged && !data.matched);
@@ -197,9 +243,16 @@ export class CompareView {
           onclick: () => this.app.navigate({ view: "unit", unit: unit.unit }),
         }, "›"),
       );
-    }
-    this.grid.append(...sortUnits(data.units, order).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
-    const unique = data.units.filter((u) => u.overlap === 0).length;
+      return tile.el;
+    });
+  }
+
+  /** Counts over every unit, from the per-unit shared counts and partners that each page carries. */
+  showSummary(layer, data) {
+    const k = layer.k;
+    const same = data.run === data.other_run;
+    const changed = data.shared_counts.filter((count) => count / k < CHANGED_BELOW).length;
+    const moved = data.other_units.filter((partner, unit) => partner !== unit).length;
     fill(this.summary,
       `${layerTitle(layer)}: `,
       h("b", {}, "A ", same ? `step ${data.step}` : `${data.run} @ ${data.step}`), " vs ",
@@ -207,10 +260,10 @@ export class CompareView {
       data.matched
         ? [` · units matched one-to-one by top-${k} overlap: mean ${formatPercent(data.mean_overlap)} shared`,
           ` (unit for unit: ${formatPercent(data.unit_for_unit_mean_overlap)}) · `,
-          h("b", { class: "cv-accent" }, `${unique} unique features`), ` (their match in B shares no image)`,
+          h("b", { class: "cv-accent" }, `${data.unique} unique features`), ` (their match in B shares no image)`,
           same ? ` · ${moved} units matched to another index` : null]
         : [` · unit for unit: mean top-${k} overlap ${formatPercent(data.mean_overlap)} · `,
-          h("b", { class: "cv-accent" }, `${changed} of ${data.units.length} units changed`),
+          h("b", { class: "cv-accent" }, `${changed} of ${data.total_units} units changed`),
           ` (fewer than ${formatPercent(CHANGED_BELOW)} of their top-${k} shared)`],
       ". Outlined patches: images in both top-k sets.",
     );

@@ -269,6 +269,36 @@ def test_large_layers_load_mosaics_near_the_viewport_only(watched, server):
     watched.assert_clean()
 
 
+def test_compare_of_a_large_layer_loads_a_page_at_a_time(watched, server):
+    requests: list[str] = []
+    watched.page.on("request", lambda r: requests.append(r.url) if "/compare?" in r.url else None)
+    steps = next(r for r in plugin_json(server, "runs")["runs"] if r["run"] == WIDE_RUN)["layers"][0]["steps"]
+    whole = plugin_json(server, "compare", run=WIDE_RUN, layer="conv1", step=steps[1], other_step=steps[0])
+    expected = [u["unit"] for u in sorted(whole["units"], key=lambda u: (u["overlap"], u["unit"]))]
+    assert expected != sorted(expected)  # least shared first is not the unit order here
+    page = watched.open(server, f"view=compare&run={WIDE_RUN}&step={steps[1]}&b_step={steps[0]}")
+    page.wait_for_selector(f".cv-compare-grid{IDLE}")
+
+    def shown():
+        return [int(u) for u in page.eval_on_selector_all(".cv-pair", "els => els.map(e => e.dataset.unit)")]
+
+    assert shown() == expected[:64]
+    first = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(requests[0]).query))
+    assert (first["limit"], first["order"], first.get("offset", "0")) == ("64", "change", "0")
+    # The summary counts every unit, not only the page shown.
+    changed = sum(u["overlap"] < 0.5 for u in whole["units"])
+    assert f"{changed} of {WIDE_UNITS} units changed" in page.locator(".cv-summary").inner_text()
+    # Scrolling to the end of the list loads the next pages, in the same order.
+    while len(shown()) < WIDE_UNITS:
+        count = len(shown())
+        page.locator(".cv-more").scroll_into_view_if_needed()
+        page.wait_for_function(f"document.querySelectorAll('.cv-pair').length > {count}")
+    assert shown() == expected
+    assert page.locator(".cv-more").is_hidden()
+    assert len(requests) == WIDE_UNITS // 64
+    watched.assert_clean()
+
+
 def test_stability_view_draws_a_line_per_layer(watched, server, written):
     page = watched.open(server, f"view=stability&run={RUN}")
     page.wait_for_selector(f".cv-stability-body{IDLE}")
