@@ -14,7 +14,7 @@ checkpoints), serves it with ``tensorboard``, and prints, for a 1280x900 window:
 (say, ``git worktree add /tmp/before <commit>``), in a second TensorBoard, and measures both
 alternately, so that before and after are side by side in one run.
 
-Usage: python benchmarks/tab_512.py [--switches 6] [--repeats 2] [--baseline DIR]
+Usage: python benchmarks/tab_512.py [--switches 6] [--repeats 2] [--baseline DIR] [--json]
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--switches", type=int, default=6, help="checkpoint switches to time")
     parser.add_argument("--repeats", type=int, default=2, help="loads after the first one")
     parser.add_argument("--baseline", help="a source tree whose tb_convviz to measure beside this one")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as logdir:
@@ -169,6 +170,9 @@ def main() -> None:
             for name, tb in servers.items():
                 results[name]["peak_rss"] = tb.peak_rss_bytes() // 2**20
 
+    if args.json:
+        print(json.dumps({"benchmark": "tab_512", "units": UNITS, "switches": args.switches, "results": results}))
+        return
     print(f"run: {CHECKPOINTS} checkpoints x 5 layers x {UNITS} units, k=9, 1024 probe images 64x64; "
           f"layer {LAYER} in a 1280x900 window; {args.switches} switches after {DWELL_S:.0f} s each")
     rows = [("first deep-layer load, TensorBoard cold", "load_cold", "s"), ("deep-layer load, median", "load", "s"),
