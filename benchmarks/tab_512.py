@@ -73,7 +73,7 @@ def timed_load(browser, url: str, hash_: str, grid: str) -> tuple[float, list[in
     try:
         page = context.new_page()
         page.goto(f"{url}data/plugin_entry.html?name=convviz#{hash_}")
-        page.wait_for_function(READY, arg=[grid, None], polling="raf", timeout=120_000)
+        page.wait_for_function(READY, arg=[grid, None], polling="raf", timeout=300_000)
         return page.evaluate("performance.now()") / 1000, page.evaluate(COMPARE_BYTES)
     finally:
         context.close()
@@ -87,7 +87,7 @@ def switches(browser, urls: dict[str, str], steps: list[int], count: int) -> dic
             contexts.append(browser.new_context(viewport={"width": 1280, "height": 900}))
             pages[name] = contexts[-1].new_page()
             pages[name].goto(f"{url}data/plugin_entry.html?name=convviz#run={RUN}&layer={LAYER}&step={steps[0]}")
-            pages[name].wait_for_function(READY, arg=[".cv-grid", steps[0]], polling="raf", timeout=120_000)
+            pages[name].wait_for_function(READY, arg=[".cv-grid", steps[0]], polling="raf", timeout=300_000)
         times = {name: [] for name in urls}
         for step in steps[1:count + 1]:
             for name, page in pages.items():
