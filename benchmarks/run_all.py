@@ -109,6 +109,17 @@ def page_rows(out: dict | str) -> list[tuple[str, str, str]]:
     return [("page load (headless Chromium, real TensorBoard)", "—", figures)]
 
 
+def tab_rows(t: dict) -> list[tuple[str, str, str]]:
+    r = t["results"]["this tree"]
+    return [
+        (f"checkpoint switch on a {t['units']}-unit layer, tiles in the window decoded (tab_512.py)", "0.5 s",
+         f"{r['switch']:.3f} s median, worst {r['switch_worst']:.3f} s"),
+        ("first load of that layer, TensorBoard cold / warm median", "—", f"{r['load_cold']:.2f} s / {r['load']:.2f} s"),
+        ("matched compare of that layer, first / median; JSON per request", "—",
+         f"{r['compare_cold']:.2f} s / {r['compare']:.2f} s; {r['compare_bytes'] / 1000:.0f} KB"),
+    ]
+
+
 def scale_rows(sc: dict) -> list[tuple[str, str, str]]:
     setup, rows = sc["setup"], []
     counts = sorted({r["checkpoints"] for r in sc["results"]})
@@ -174,8 +185,8 @@ def worst_rows(w: dict) -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["overhead", "construction", "storage", "serve", "matching", "page", "scale", "worst",
-                                 "projections", "streams"])
+                        choices=["overhead", "construction", "storage", "serve", "matching", "page", "tab", "scale",
+                                 "worst", "projections", "streams"])
     parser.add_argument("--serve_requests", type=int, default=200)
     parser.add_argument("--scale_checkpoints", type=int, nargs="+", default=[50, 200])
     args = parser.parse_args()
@@ -188,6 +199,7 @@ def main() -> None:
         ("serve", ["serve.py", "--load_fast", "false", *requests], serve_rows),
         ("matching", ["matching.py"], matching_rows),
         ("page", ["page.py"], page_rows),
+        ("tab", ["tab_512.py"], tab_rows),
         ("worst", ["worst_requests.py"], worst_rows),
         ("projections", ["projections.py", "--page"], projection_rows),
         ("streams", ["streams.py"], streams_rows),

@@ -2,14 +2,23 @@
 // contrast-normalised on its own, with a slider over training and the dominant / near-zero ones named.
 
 import { h, fill, message } from "./dom.js";
-import { getJson, routeUrl } from "./api.js";
-import { StepSlider, fitImage } from "./widgets.js";
+import { getJson, routeUrl, screenSize } from "./api.js";
+import { StepSlider, DEFAULT_PATCH } from "./widgets.js";
 import { NOT_LOGGED } from "./show.js";
+import { zoomDialog } from "./zoom.js";
 
-const TILE_PX = 24;
-const BOX_PX = 420;
+// The filter_mosaic route's largest tile; larger tiles are that one scaled up, pixels kept square.
+const MAX_TILE = 128;
 
-export const filterMosaicUrl = (run, step) => routeUrl("filter_mosaic", { run, step, size: TILE_PX });
+/**
+ * Point `img` at the filter mosaic drawn with `css`-pixel tiles: fetched at the screen's
+ * resolution up to the route's largest tile, and scaled (crisply) to the size asked for.
+ */
+function showFilterMosaic(img, run, step, css) {
+  const size = Math.min(MAX_TILE, screenSize(css));
+  img.onload = () => { img.style.width = `${Math.round((img.naturalWidth * css) / size)}px`; };
+  img.src = routeUrl("filter_mosaic", { run, step, size });
+}
 
 /** The "Filters" toggle of the Layer 1 tab; disabled, saying why, when the run has none. */
 export function filtersToggle(run, on, onChange) {
@@ -26,11 +35,14 @@ export class FiltersPanel {
     this.app = app;
     this.seq = 0;
     this.slider = new StepSlider({ onChange: (step) => app.navigate({ filter_step: step }), label: "Filter checkpoint" });
-    this.img = fitImage(h("img", { class: "cv-filter-mosaic", alt: "" }), BOX_PX);
+    this.img = h("img", { class: "cv-filter-mosaic cv-pixelated", alt: "" });
+    const open = h("button", {
+      type: "button", class: "cv-filter-open", title: "Zoom: the filters large (z)", onclick: () => this.zoom(),
+    }, this.img);
     this.facts = h("div", { class: "cv-filter-facts" });
     this.el = h("div", { class: "cv-card cv-filters", "aria-busy": "true" },
       h("h3", {}, "First-layer filters"), this.slider.el,
-      h("div", { class: "cv-filters-body" }, h("div", { class: "cv-filter-frame" }, this.img), this.facts));
+      h("div", { class: "cv-filters-body" }, h("div", { class: "cv-filter-frame" }, open), this.facts));
   }
 
   async update(run, state) {
@@ -48,8 +60,10 @@ export class FiltersPanel {
       return;
     }
     if (seq !== this.seq) return;
+    this.data = data;
     this.img.alt = `${data.shape[0]} filters of ${data.module} at step ${step}`;
-    this.img.src = filterMosaicUrl(run.run, step);
+    // Tiles as large as the layer grid's patches: the Patch size control sets both.
+    showFilterMosaic(this.img, run.run, step, state.patch ?? DEFAULT_PATCH);
     const list = (units) => (units.length ? units.map((u) => `#${u}`).join(", ") : "none");
     fill(this.facts, h("dl", { class: "cv-facts" },
       h("dt", {}, "Module"), h("dd", {}, `${data.module} · ${data.shape.join("×")}`),
@@ -61,6 +75,17 @@ export class FiltersPanel {
       `(the paper's Fig. 6(b)); near zero: below ${data.near_zero_ratio}×. The counts per checkpoint are in the Scalars dashboard.`));
     await this.img.decode().catch(() => {});
     if (seq === this.seq) this.el.setAttribute("aria-busy", "false");
+  }
+
+  /** The filters shown, large, in the zoom dialog. */
+  zoom() {
+    const { data } = this;
+    if (!data) return;
+    const img = h("img", { class: "cv-filter-mosaic cv-pixelated", alt: this.img.alt });
+    zoomDialog({
+      title: `First-layer filters · ${data.module} · step ${data.step}`, body: img,
+      draw: (size) => showFilterMosaic(img, data.run, data.step, size),
+    });
   }
 
   destroy() {

@@ -2,7 +2,7 @@
 
 import { h, fill, select, message, formatValue, formatPercent } from "./dom.js";
 import { topk, mosaicUrl } from "./api.js";
-import { layerTabs, StepSlider, LAZY_UNITS, startMosaicGrid, MosaicFigure, recordsAlt, PATCH_SIZES, DEFAULT_PATCH } from "./widgets.js";
+import { layerTabs, StepSlider, startMosaicGrid, MosaicFigure, recordsAlt, PATCH_SIZES, DEFAULT_PATCH } from "./widgets.js";
 import { unitJump, filterOptions, filterSelect, passes } from "./finder.js";
 import { showZoom } from "./zoom.js";
 import { assignProjection, effectiveShow, hasProjection, projectionMosaicUrl, showToggle } from "./show.js";
@@ -64,7 +64,7 @@ export class GridView {
       this.tabs,
       h("div", { class: "cv-toolbar" }, this.slider.el,
         h("label", { class: "cv-field" }, "Sort by", this.sort),
-        h("label", { class: "cv-field", title: "Patch size in the tiles; z or the magnifier opens a unit larger" }, "Patches", this.patchSize),
+        h("label", { class: "cv-field", title: "Patch size in the tiles and the layer-1 filters; z or the magnifier opens a unit larger" }, "Patches", this.patchSize),
         this.showSlot),
       h("div", { class: "cv-toolbar cv-finder-bar" }, this.finder),
       this.filtersSlot, this.summary, this.notice, this.grid);
@@ -95,6 +95,7 @@ export class GridView {
     if (event.key === "ArrowLeft") this.slider.move(-1);
     else if (event.key === "ArrowRight") this.slider.move(1);
     else if (event.key === "g") this.finder.querySelector(".cv-unit-jump")?.focus();
+    else if (event.key === "z" && this.filters?.el.matches(":hover")) this.filters.zoom();
     else if (event.key === "z") {
       // The tile under the pointer, else the focused one.
       const tile = this.grid.querySelector(".cv-tile:hover") ?? document.activeElement?.closest(".cv-tile");
@@ -141,24 +142,57 @@ export class GridView {
     await Promise.all([this.feed.settle(), filtersShown]);
     if (seq !== this.seq) return;
     this.grid.setAttribute("aria-busy", "false");
-    this.prefetchNext(run, layer, data.step);
+    this.prefetchNeighbours(run, layer, data.step);
   }
 
-  /** Warm the browser's cache with the next checkpoint's mosaics, so stepping forward and play are quick. */
-  prefetchNext(run, layer, step) {
-    const next = layer.steps[layer.steps.indexOf(step) + 1];
-    if (next === undefined || layer.units >= LAZY_UNITS) return;
+  /**
+   * Warm the caches with the next and the previous checkpoint: their units, and the mosaics of the
+   * tiles near the window (every tile of a small layer), so that stepping and play are quick.
+   */
+  prefetchNeighbours(run, layer, step) {
     const show = effectiveShow(this.app.state.show, layer);
-    const projected = show !== "patch" && hasProjection(layer, next);
-    for (let unit = 0; unit < layer.units; unit++) {
-      const urls = [show !== "projection" && mosaicUrl(run.run, layer.name, next, unit, this.patch),
-        projected && projectionMosaicUrl(run.run, layer.name, next, unit, this.patch)];
-      for (const url of urls.filter(Boolean)) {
-        const img = new Image();
-        img.fetchPriority = "low";
-        img.src = url;
+    const near = [...this.tiles].filter(([, tile]) => !tile.el.hidden && this.feed.isNear(tile.img)).map(([unit]) => unit);
+    const i = layer.steps.indexOf(step);
+    for (const neighbour of [layer.steps[i + 1], layer.steps[i - 1]]) {
+      if (neighbour === undefined) continue;
+      topk(run.run, layer.name, neighbour).catch(() => {});  // a failure is shown if that step is opened
+      const projected = show !== "patch" && hasProjection(layer, neighbour);
+      for (const unit of near) {
+        const urls = [show !== "projection" && mosaicUrl(run.run, layer.name, neighbour, unit, this.patch),
+          projected && projectionMosaicUrl(run.run, layer.name, neighbour, unit, this.patch)];
+        for (const url of urls.filter(Boolean)) {
+          const img = new Image();
+          img.fetchPriority = "low";
+          img.src = url;
+        }
       }
     }
+  }
+
+  drawTile(tile, run, layer, data, unit) {
+    const step = data.step;
+    tile.img.alt = recordsAlt(unit.unit, step, unit.records);
+    const show = effectiveShow(this.app.state.show, layer);
+    const at = { run: run.run, layer, step, unit: unit.unit, records: unit.records, patch: this.patch };
+    if (show === "projection") assignProjection(this.feed, tile.figure, at);
+    else {
+      tile.figure.setRecords(unit.records, { step, unit: unit.unit });
+      this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, step, unit.unit, this.patch));
+    }
+    if (tile.projection) {
+      tile.projection.img.alt = `Unit ${unit.unit} at step ${step}: projections of its top records`;
+      assignProjection(this.feed, tile.projection, at);
+    }
+    tile.el.classList.toggle("cv-unprojected", show !== "patch" && !hasProjection(layer, step));
+    tile.el.classList.toggle("cv-dead", unit.dead);
+    tile.el.classList.toggle("cv-not-finite", Boolean(unit.not_finite));
+    fill(tile.meta,
+      h("span", { class: "cv-unit" }, `#${unit.unit}`),
+      unit.not_finite ? notFiniteChip()
+        : unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
+        : changeChip(unit.overlap, layer.k, data.previous_step),
+      h("span", { class: "cv-peak", title: "peak activation over the probe set" }, formatValue(unit.peak)),
+    );
   }
 
   /** Pixels per patch in the tiles: the same for every layer, so deep layers are not drawn smaller. */
@@ -204,34 +238,16 @@ export class GridView {
     for (const unit of data.units) {
       const tile = this.tiles.get(unit.unit);
       if (!tile) continue;
-      tile.img.alt = recordsAlt(unit.unit, step, unit.records);
-      const show = effectiveShow(this.app.state.show, layer);
-      const at = { run: run.run, layer, step, unit: unit.unit, records: unit.records, patch: this.patch };
-      if (show === "projection") assignProjection(this.feed, tile.figure, at);
-      else {
-        tile.figure.setRecords(unit.records, { step, unit: unit.unit });
-        this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, step, unit.unit, this.patch));
-      }
-      if (tile.projection) {
-        tile.projection.img.alt = `Unit ${unit.unit} at step ${step}: projections of its top records`;
-        assignProjection(this.feed, tile.projection, at);
-      }
-      tile.el.classList.toggle("cv-unprojected", show !== "patch" && !hasProjection(layer, step));
-      tile.el.classList.toggle("cv-dead", unit.dead);
-      tile.el.classList.toggle("cv-not-finite", Boolean(unit.not_finite));
       tile.el.hidden = !passes(unit, filter);
       shown += !tile.el.hidden;
-      fill(tile.meta,
-        h("span", { class: "cv-unit" }, `#${unit.unit}`),
-        unit.not_finite ? notFiniteChip()
-          : unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
-          : changeChip(unit.overlap, layer.k, data.previous_step),
-        h("span", { class: "cv-peak", title: "peak activation over the probe set" }, formatValue(unit.peak)),
-      );
+      // Tiles near the window are drawn now, the others once they come near: a 512-unit layer
+      // switches checkpoints without redrawing hundreds of tiles no one sees.
+      this.feed.whenNear(tile.img, () => this.drawTile(tile, run, layer, data, unit));
     }
     fill(this.notice, filter && !shown
       ? message("info", "No unit of this layer passes the filter", `at step ${step}. Choose "All units" to see every unit.`) : null);
-    this.grid.append(...sortUnits(data.units, sort).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean));
+    const order = sortUnits(data.units, sort).map((u) => this.tiles.get(u.unit)?.el).filter(Boolean);
+    if (order.some((el, i) => this.grid.children[i] !== el)) this.grid.append(...order);
     const dead = data.units.filter((u) => u.dead).length;
     const notFinite = data.units.filter((u) => u.not_finite).length;
     const overlaps = data.units.map((u) => u.overlap).filter((o) => o != null);

@@ -11,7 +11,7 @@ import { UnitView } from "./unit.js";
 import { CompareView, ORDERS, matching } from "./compare.js";
 import { EvolutionGridView, ROW_ORDERS } from "./evolution_grid.js";
 import { SHOWS } from "./show.js";
-import { PATCH_SIZES, DEFAULT_PATCH, nearestStep, openDialog } from "./widgets.js";
+import { PATCH_SIZES, DEFAULT_PATCH, nearestStep, openDialog, closeDialogs } from "./widgets.js";
 import { followTensorBoardTheme } from "./theme.js";
 import { applyField, fieldBar } from "./field.js";
 import { showHelp } from "./help.js";
@@ -24,7 +24,9 @@ const GRID_ROWS = [8, 16, 32];
 
 function emptyState() {
   return message("info", "No ConvViz data in this log directory yet.",
-    h("span", {}, "1. Pick fixed probe images: ", h("code", {}, "probe = ProbeSet.from_dataset(val_set, n=1024)")),
+    h("span", {}, "1. Pick fixed probe images, as fed to the model: ",
+      h("code", {}, "probe = ProbeSet.from_dataset(val_set, n=1024, seed=0, mean=MEAN, std=STD)"),
+      " (MEAN and STD: your Normalize transform's, so that the patches show the images as they look)"),
     h("span", {}, "2. Next to your SummaryWriter: ", h("code", {}, "cv = ConvVizLogger(model, probe, log_dir=writer.log_dir)")),
     h("span", {}, "3. In the training loop call ", h("code", {}, "cv.maybe_log(step)"),
       ", and point TensorBoard at the same directory. To see it work first, run ", h("code", {}, "tb-convviz demo"), "."));
@@ -69,7 +71,11 @@ class App {
   }
 
   async start() {
-    window.addEventListener("hashchange", () => this.navigate(readState(), { replace: true }));
+    // A pasted link, Back/Forward or a new "#": the dialogs of the old view must not stay over the new one.
+    window.addEventListener("hashchange", () => {
+      closeDialogs();
+      this.navigate(readState(), { replace: true });
+    });
     document.addEventListener("keydown", (e) => this.onKey(e));
     fill(this.main, h("p", { class: "cv-dim cv-loading" }, "Loading runs…"));
     await this.refresh();
@@ -117,22 +123,23 @@ class App {
     }
     if (state.view === "compare") {
       if (!ORDERS.some(([key]) => key === state.order)) state.order = "change";
-      const other = this.runs.find((r) => r.run === state.other_run) ?? run;
-      state.other_run = other.run;
+      // A is the run and step the other views show; B is `b_run` at `b_step`.
+      const other = this.runs.find((r) => r.run === state.b_run) ?? run;
+      state.b_run = other.run;
       const otherSteps = other.layers.find((l) => l.name === state.layer)?.steps ?? [];
-      if (!otherSteps.includes(state.other_step)) {
-        // By default: what changed since the previous checkpoint, or since the same step of the other run.
+      if (!otherSteps.includes(state.b_step)) {
+        // By default: the previous checkpoint (what changed to get here), or the same step of the other run.
         const i = steps.indexOf(state.step);
-        const reference = Number.isInteger(state.other_step) ? state.other_step
+        const reference = Number.isInteger(state.b_step) ? state.b_step
           : other === run ? steps[i > 0 ? i - 1 : Math.min(1, steps.length - 1)] : state.step;
-        state.other_step = nearestStep(otherSteps, reference);
+        state.b_step = nearestStep(otherSteps, reference);
       }
       if (state.match !== "0" && state.match !== "1") delete state.match;
       // Only a choice that differs from the default (matched across runs, not within one) is kept.
       if (state.match && matching({ ...state, match: undefined }, layer) === (state.match === "1")) delete state.match;
     } else {
-      delete state.other_run;
-      delete state.other_step;
+      delete state.b_run;
+      delete state.b_step;
       delete state.order;
       delete state.match;
     }

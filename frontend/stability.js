@@ -10,6 +10,7 @@ export const AGAINST = [["final", "Latest checkpoint"], ["previous", "Previous c
 const CURVES = {
   final: {
     key: "final_overlap",
+    with: "the latest checkpoint",
     title: "Top-k overlap with the latest checkpoint",
     caption: "Mean fraction of each unit's top-k probe images that are also in its top-k at the latest checkpoint: " +
       "how far each layer has converged toward its current features (100% at the latest checkpoint by definition). " +
@@ -17,6 +18,7 @@ const CURVES = {
   },
   previous: {
     key: "topk_overlap",
+    with: "the previous checkpoint",
     title: "Top-k overlap with the previous checkpoint",
     caption: "Mean fraction of each unit's top-k probe images that were already in its top-k one checkpoint earlier. " +
       "It depends on the schedule too: the gap between checkpoints grows during training, so later points compare " +
@@ -24,14 +26,18 @@ const CURVES = {
   },
 };
 
-// A layer counts as settled from the first checkpoint after which its overlap stays at or above this.
+// A layer counts as settled from the first checkpoint after which the chart's overlap stays at or above this.
 const SETTLED_OVERLAP = 0.8;
 
-/** The step from which `overlap` stays >= SETTLED_OVERLAP, or null while it still changes. */
+/**
+ * The step from which `overlap` stays >= SETTLED_OVERLAP up to the latest checkpoint, or null while
+ * it still changes. The latest checkpoint alone never counts: against itself its overlap is 100% by
+ * definition, and one value against the previous checkpoint is no trend.
+ */
 function settledSince(steps, overlap) {
-  let since = null;
-  for (let i = steps.length - 1; i >= 0 && overlap[i] != null && overlap[i] >= SETTLED_OVERLAP; i--) since = steps[i];
-  return since;
+  let since = steps.length;
+  while (since > 0 && overlap[since - 1] != null && overlap[since - 1] >= SETTLED_OVERLAP) since--;
+  return since < steps.length - 1 ? steps[since] : null;
 }
 
 const seriesClass = (layer) => `cv-layer-${((layer.index - 1) % 5) + 1}`;
@@ -103,7 +109,10 @@ export class StabilityView {
             title: "Dead-unit fraction per layer", yFormat: formatPercent, xLabel: "step", onPoint,
           }))),
       this.fieldCard(layers, series, onPoint),
-      h("div", { class: "cv-card" }, h("h2", {}, "Per layer, at the latest checkpoint"), this.table(layers, openLayer)),
+      h("div", { class: "cv-card" }, h("h2", {}, "Per layer, at the latest checkpoint"), this.table(layers, openLayer, curve),
+        h("p", { class: "cv-caption cv-settled-note" },
+          `Settled: from that step on, every checkpoint's top-k shares at least ${formatPercent(SETTLED_OVERLAP)} with `,
+          `${curve.with} (the curve above; switch it with "Overlap with"). The latest checkpoint alone does not count.`)),
     ];
   }
 
@@ -123,20 +132,22 @@ export class StabilityView {
       }));
   }
 
-  table(layers, openLayer) {
+  /** `curve`: the chart's, which the Settled column measures too. */
+  table(layers, openLayer, curve) {
+    const settled = `Settled (≥ ${formatPercent(SETTLED_OVERLAP)} with ${curve.with.replace("the ", "")})`;
     return h("table", { class: "cv-table" },
-      h("thead", {}, h("tr", {}, ["Layer", "Units", "Overlap with previous, now", "Dead now", `Settled (≥ ${formatPercent(SETTLED_OVERLAP)})`]
+      h("thead", {}, h("tr", {}, ["Layer", "Units", "Overlap with previous, now", "Dead now", settled]
         .map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, layers.map((layer) => {
         const info = this.app.run.layers.find((l) => l.name === layer.name);
-        const since = settledSince(layer.steps, layer.topk_overlap);
+        const since = settledSince(layer.steps, layer[curve.key]);
         return h("tr", {},
           h("th", { scope: "row" }, h("button", { type: "button", class: `cv-link ${seriesClass(layer)}`, onclick: () => openLayer(layer) },
             h("span", { class: "cv-swatch", "aria-hidden": "true" }), layerTitle(layer), " ", h("span", { class: "cv-dim cv-name" }, layer.name))),
           h("td", {}, String(info?.units ?? "–")),
           h("td", {}, formatPercent(last(layer.topk_overlap))),
           h("td", {}, formatPercent(last(layer.dead_fraction))),
-          h("td", {}, since == null ? "still changing" : `since step ${since}`));
+          h("td", { class: "cv-settled" }, since == null ? "still changing" : `since step ${since}`));
       })));
   }
 }

@@ -2,9 +2,10 @@
 // TensorBoard's own address (`#convviz&cv.run=...`), so a copied address opens the same view.
 // The last state is also remembered for when TensorBoard recreates the iframe bare.
 
-const KEYS = ["view", "run", "layer", "step", "unit", "sort", "order", "other_run", "other_step", "expand",
-  "match", "against", "filter", "patch", "show", "rows", "count", "seed", "units", "cols", "filters", "filter_step", "source", "field"];
-const NUMBERS = new Set(["step", "unit", "other_step", "patch", "count", "seed", "filter_step"]);
+const KEYS = ["view", "run", "layer", "step", "unit", "sort", "order", "b_run", "b_step", "expand",
+  "match", "against", "filter", "patch", "show", "rows", "count", "seed", "units", "cols", "filters", "filter_step",
+  "source", "field"];
+const NUMBERS = new Set(["step", "unit", "b_step", "other_step", "patch", "count", "seed", "filter_step"]);
 const STORAGE_KEY = "convviz.state";
 // TensorBoard's hash is `#<plugin>&key=value&...` (its tf_storage keeps unknown keys); ours are prefixed.
 const PARENT_PREFIX = "cv.";
@@ -12,7 +13,7 @@ const PLUGIN = "convviz";
 
 function parse(params, prefix = "") {
   const state = {};
-  for (const key of KEYS) {
+  for (const key of [...KEYS, ...OLD_COMPARE_KEYS]) {
     const raw = params.get(prefix + key);
     if (raw == null || raw === "") continue;
     if (NUMBERS.has(key)) {
@@ -22,7 +23,24 @@ function parse(params, prefix = "") {
       state[key] = raw;
     }
   }
-  return state;
+  return fromOldCompareLink(state);
+}
+
+// Compare links used to name side A `other_run`/`other_step` and side B `run`/`step`. Now
+// `run`/`step` are A, as a person writing a link expects, and B has keys of its own
+// (`b_run`, `b_step`): a link with `other_*` and no `b_*` is an old one, read the old way.
+const OLD_COMPARE_KEYS = ["other_run", "other_step"];
+
+function fromOldCompareLink(state) {
+  const { other_run: oldRun, other_step: oldStep, ...rest } = state;
+  if ((oldRun == null && oldStep == null) || rest.b_run != null || rest.b_step != null) return rest;
+  // The old B was `run` at `step`; the old A, `other_run` (default: the same run) at `other_step`.
+  if (rest.run != null) rest.b_run = rest.run;
+  if (oldRun != null) rest.run = oldRun;
+  if (oldStep == null) return rest;  // A's step was B's default: the new B's default stands in
+  if (rest.step != null) rest.b_step = rest.step;
+  rest.step = oldStep;
+  return rest;
 }
 
 function serialize(state, prefix = "") {

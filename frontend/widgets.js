@@ -227,22 +227,48 @@ const nextFrame = () => new Promise((resolve) => requestAnimationFrame(resolve))
 export class ImageFeed {
   constructor({ lazy }) {
     this.pending = [];
+    // What to draw for an image once it comes near the viewport (lazy feeds only).
+    this.updates = new Map();
     this.observer = lazy ? new IntersectionObserver((entries) => this.reveal(entries), { rootMargin: "400px" }) : null;
   }
 
   assign(img, src) {
     img.dataset.src = src;
-    if (!this.observer) this.load(img);
-    else if (!img.dataset.observed) {
-      img.dataset.observed = "1";
-      this.observer.observe(img);
-    } else if (img.hasAttribute("data-near")) this.load(img);
+    if (this.isNear(img)) this.load(img);
+    else this.observe(img);
+  }
+
+  /** Run `update` now if `img` is near the viewport (or the feed is not lazy), else once it comes near. */
+  whenNear(img, update) {
+    if (this.isNear(img)) {
+      this.updates.delete(img);
+      update();
+    } else {
+      this.updates.set(img, update);
+      this.observe(img);
+    }
+  }
+
+  /** Whether `img` is near the viewport; every image is when the feed is not lazy. */
+  isNear(img) {
+    return !this.observer || img.hasAttribute("data-near");
+  }
+
+  observe(img) {
+    if (img.dataset.observed) return;
+    img.dataset.observed = "1";
+    this.observer.observe(img);
   }
 
   reveal(entries) {
     for (const entry of entries) {
-      entry.target.toggleAttribute("data-near", entry.isIntersecting);
-      if (entry.isIntersecting) this.load(entry.target);
+      const img = entry.target;
+      img.toggleAttribute("data-near", entry.isIntersecting);
+      if (!entry.isIntersecting) continue;
+      const update = this.updates.get(img);
+      this.updates.delete(img);
+      update?.();
+      if (img.dataset.src) this.load(img);
     }
   }
 
@@ -303,6 +329,11 @@ export function openDialog({ title, label = title, tools = null, className = "" 
   document.body.append(dialog);
   dialog.showModal();
   return dialog;
+}
+
+/** Close every open dialog: they belong to the view an address change replaces. */
+export function closeDialogs() {
+  for (const dialog of document.querySelectorAll("dialog.cv-dialog[open]")) dialog.close();
 }
 
 /** A modal with the whole probe image and the record's receptive-field box. */

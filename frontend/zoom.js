@@ -1,5 +1,5 @@
-// Zoom: a unit's patches (or one patch) large, at a size the user picks; the API resamples
-// each patch to that size, nearest-neighbour when enlarging, so pixels stay crisp.
+// Zoom: a unit's patches (or one patch, or the layer-1 filters) large, at a size the user picks;
+// the API resamples each patch to that size, nearest-neighbour when enlarging, so pixels stay crisp.
 
 import { h, fill, select, formatValue } from "./dom.js";
 import { patchUrl } from "./api.js";
@@ -28,17 +28,45 @@ function saveSize(size) {
 }
 
 /**
+ * A zoom dialog: `draw(size)` fills `body` at a patch size the user picks (remembered across
+ * dialogs). Keys in the dialog: + and - change the size, Escape closes it.
+ */
+export function zoomDialog({ title, body, draw, tools = [] }, ...after) {
+  let size = savedSize();
+  const sizes = select(ZOOM_SIZES.map((s) => [s, `${s} px`]), size, (value) => setSize(Number(value)),
+    { "aria-label": "Patch size", class: "cv-zoom-size" });
+  const setSize = (value) => {
+    size = value;
+    sizes.value = String(value);
+    saveSize(value);
+    draw(size);
+  };
+  draw(size);
+  const dialog = openDialog({
+    title, className: "cv-zoom", tools: [...tools, h("label", { class: "cv-field" }, "Patch size", sizes)],
+  }, h("div", { class: "cv-zoom-body" }, body), ...after);
+  dialog.addEventListener("keydown", (e) => {
+    const i = ZOOM_SIZES.indexOf(size) + ({ "+": 1, "=": 1, "-": -1 }[e.key] ?? 0);
+    if (i >= 0 && i < ZOOM_SIZES.length && ZOOM_SIZES[i] !== size) {
+      setSize(ZOOM_SIZES[i]);
+      e.preventDefault();
+    }
+  });
+  return dialog;
+}
+
+/**
  * Open `records` of `unit` at `step` large. `highlight` ranks are outlined (images shared
  * with the other side of a comparison); `side` names that side ("A", "B") in the title.
- * Keys in the dialog: + and - change the size, Escape closes it.
  */
 export function showZoom({ run, layer, step, unit, records, highlight = [], side = null }) {
-  let size = savedSize();
   let fires = false;
+  let shown = null;  // the size drawn last, for the "Where it fires" toggle to redraw at
   const marked = new Set(highlight);
   const cols = records.length === 1 ? 1 : Math.ceil(Math.sqrt(layer.k));
   const grid = h("div", { class: "cv-zoom-grid", style: { "grid-template-columns": `repeat(${cols}, auto)` } });
-  const draw = () => {
+  const draw = (size) => {
+    shown = size;
     const { pw, ph } = mosaicGeometry(layer, size);
     fill(grid, records.map((r) => h("figure", { class: marked.has(r.rank) ? "cv-zoom-patch cv-shared" : "cv-zoom-patch" },
       h("button", {
@@ -55,29 +83,9 @@ export function showZoom({ run, layer, step, unit, records, highlight = [], side
         labelText(r) != null ? h("span", { class: "cv-zoom-label", title: labelText(r) }, labelText(r)) : null,
         h("span", { class: "cv-zoom-value" }, formatValue(r.value))))));
   };
-  const sizes = select(ZOOM_SIZES.map((s) => [s, `${s} px`]), size, (value) => setSize(Number(value)),
-    { "aria-label": "Patch size", class: "cv-zoom-size" });
-  const setSize = (value) => {
-    size = value;
-    sizes.value = String(value);
-    saveSize(value);
-    draw();
-  };
-  draw();
   const what = records.length === 1 ? `rank ${records[0].rank + 1}` : `top-${layer.k}`;
   const title = `${side ? `${side} · ` : ""}Unit ${unit} · ${layerTitle(layer)} · step ${step} · ${what}`;
-  const dialog = openDialog({
-    title, className: "cv-zoom",
-    tools: [layer.projections?.steps.includes(step) ? firesToggle((on) => { fires = on; draw(); }) : null,
-      h("label", { class: "cv-field" }, "Patch size", sizes)],
-  }, h("div", { class: "cv-zoom-body" }, grid),
-  marked.size ? h("p", { class: "cv-caption" }, "Outlined: probe images in both top-k sets of the comparison.") : null);
-  dialog.addEventListener("keydown", (e) => {
-    const i = ZOOM_SIZES.indexOf(size) + ({ "+": 1, "=": 1, "-": -1 }[e.key] ?? 0);
-    if (i >= 0 && i < ZOOM_SIZES.length && ZOOM_SIZES[i] !== size) {
-      setSize(ZOOM_SIZES[i]);
-      e.preventDefault();
-    }
-  });
-  return dialog;
+  const tools = layer.projections?.steps.includes(step) ? [firesToggle((on) => { fires = on; draw(shown); })] : [];
+  return zoomDialog({ title, body: grid, draw, tools },
+    marked.size ? h("p", { class: "cv-caption" }, "Outlined: probe images in both top-k sets of the comparison.") : null);
 }

@@ -31,10 +31,10 @@ def query(src: str) -> dict[str, str]:
 
 
 def test_two_seeds_are_compared_by_matched_units(watched, seeds_server):
-    page = watched.open(seeds_server, f"view=compare&run=seed1&other_run=seed0&layer={LAYER}")
+    page = watched.open(seeds_server, f"view=compare&run=seed0&b_run=seed1&layer={LAYER}")
     page.wait_for_selector(f".cv-compare-grid{IDLE}")
     step = int(hash_state(page)["step"])
-    assert hash_state(page)["other_step"] == str(step)  # across runs: the same step by default
+    assert hash_state(page)["b_step"] == str(step)  # across runs: the same step by default
     assert page.locator("[aria-label='Match units by top-k overlap']").is_checked()
     expected = plugin_json(seeds_server, "compare", run="seed0", layer=LAYER, step=step, other_run="seed1",
                    other_step=step, match=1)
@@ -67,7 +67,7 @@ def test_two_seeds_are_compared_by_matched_units(watched, seeds_server):
 
 
 def test_within_a_run_matching_is_a_toggle(watched, seeds_server):
-    page = watched.open(seeds_server, f"view=compare&run=seed0&layer={LAYER}&step=8&other_step=0")
+    page = watched.open(seeds_server, f"view=compare&run=seed0&layer={LAYER}&step=0&b_step=8")
     page.wait_for_selector(f".cv-compare-grid{IDLE}")
     toggle = page.locator("[aria-label='Match units by top-k overlap']")
     assert not toggle.is_checked() and "match" not in hash_state(page)
@@ -86,17 +86,41 @@ def test_within_a_run_matching_is_a_toggle(watched, seeds_server):
 
 
 def test_switching_a_run_keeps_the_step_or_takes_the_nearest(watched, seeds_server):
-    page = watched.open(seeds_server, f"view=compare&run=seed0&layer={LAYER}&step=6&other_step=3")
+    page = watched.open(seeds_server, f"view=compare&run=seed0&layer={LAYER}&step=6&b_step=3")
     page.wait_for_selector(f".cv-compare-grid{IDLE}")
-    page.select_option("[aria-label='Run A']", "seed1")
-    page.wait_for_function("location.hash.includes('other_run=seed1')")
-    page.wait_for_selector(f".cv-compare-grid{IDLE}")
-    assert (hash_state(page)["step"], hash_state(page)["other_step"]) == ("6", "3")
     page.select_option("[aria-label='Run B']", "seed1")
+    page.wait_for_function("location.hash.includes('b_run=seed1')")
     page.wait_for_selector(f".cv-compare-grid{IDLE}")
-    assert (hash_state(page)["run"], hash_state(page)["step"], hash_state(page)["other_step"]) == ("seed1", "6", "3")
+    assert (hash_state(page)["step"], hash_state(page)["b_step"]) == ("6", "3")
+    page.select_option("[aria-label='Run A']", "seed1")
+    page.wait_for_function("location.hash.includes('run=seed1&')")
+    page.wait_for_selector(f".cv-compare-grid{IDLE}")
+    assert (hash_state(page)["run"], hash_state(page)["step"], hash_state(page)["b_step"]) == ("seed1", "6", "3")
     # A step the run does not have (a link from a longer run) becomes its nearest step.
-    page = watched.open(seeds_server, f"view=compare&run=seed0&layer={LAYER}&step=11&other_run=seed1&other_step=-3")
+    page = watched.open(seeds_server, f"view=compare&run=seed0&layer={LAYER}&step=-3&b_run=seed1&b_step=11")
     page.wait_for_selector(f".cv-compare-grid{IDLE}")
-    assert (hash_state(page)["step"], hash_state(page)["other_step"]) == ("8", "0")
+    assert (hash_state(page)["step"], hash_state(page)["b_step"]) == ("0", "8")
+    watched.assert_clean()
+
+
+@pytest.mark.parametrize("link, a, b", [
+    # run and step are side A; b_run and b_step side B, as a person writing a link expects.
+    ("run=seed0&step=3&b_run=seed1&b_step=6", ("seed0", 3), ("seed1", 6)),
+    # Links from before named A other_run/other_step and B run/step: they still open the same comparison.
+    ("run=seed1&step=6&other_run=seed0&other_step=3", ("seed0", 3), ("seed1", 6)),
+    ("run=seed0&step=8&other_step=0", ("seed0", 0), ("seed0", 8)),
+])
+def test_links_name_side_a_by_run_and_old_links_keep_working(watched, seeds_server, link, a, b):
+    page = watched.open(seeds_server, f"view=compare&layer={LAYER}&{link}")
+    page.wait_for_selector(f".cv-compare-grid{IDLE}")
+    state = hash_state(page)
+    assert (state["run"], int(state["step"]), state["b_run"], int(state["b_step"])) == (*a, *b)
+    assert "other_run" not in state and "other_step" not in state  # rewritten in today's form
+    assert page.locator("[aria-label='Run A']").input_value() == a[0]
+    assert page.locator("[aria-label='Step A']").input_value() == str(a[1])
+    assert page.locator("[aria-label='Run B']").input_value() == b[0]
+    assert page.locator("[aria-label='Step B']").input_value() == str(b[1])
+    tile = next(iter(tiles(page).values()))
+    sources = [query(src) for src in tile["src"]]
+    assert [(s["run"], int(s["step"])) for s in sources] == [a, b]
     watched.assert_clean()

@@ -8,6 +8,7 @@ Screenshots go to ``tests/artifacts`` (or ``$CONVVIZ_SCREENSHOT_DIR``); with
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from browser_support import IDLE, Watched, hash_state, screenshot
 from tb_convviz import ConvVizLogger, ProbeSet
 from tb_convviz.demo.model import DemoAlexNet
 from tb_convviz.synthetic_run import write_synthetic_run
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import get, plugin_json, tensorboard_server, wait_for
 
 STEPS = [0, 2, 5, 9, 14, 20]
 LAYER1 = "features.relu1"
@@ -151,6 +152,50 @@ def test_layer1_filters_with_slider_and_flags(watched, server):
     page.click(".cv-layer-tab:nth-child(3)")
     page.wait_for_selector(f".cv-grid{IDLE}")
     assert page.locator(".cv-filters-toggle").count() == 0
+    watched.assert_clean()
+
+
+def test_layer1_filters_follow_the_patch_size_and_zoom(watched, server):
+    count = plugin_json(server, "filters", run="new")["shape"][0]
+    cols = math.ceil(math.sqrt(count))
+    page = watched.open(server, f"run=new&layer={LAYER1}&filters=1")
+    page.wait_for_selector(f".cv-filters{IDLE}")
+
+    def shows(selector: str, tile: int, css: int) -> None:
+        """`selector`'s filter mosaic has `tile`-px tiles (1-px separators) and is drawn at `css` px per tile."""
+        natural = cols * (tile + 1) - 1
+        width = round(natural * css / tile)
+        page.wait_for_function(
+            """([selector, tile, natural, width]) => { const i = document.querySelector(selector);
+               return i && i.complete && new URL(i.currentSrc).searchParams.get("size") === String(tile)
+                 && i.naturalWidth === natural && i.getBoundingClientRect().width === width; }""",
+            arg=[selector, tile, natural, width])
+
+    grid = ".cv-filters .cv-filter-mosaic"
+    shows(grid, 48, 48)  # as large as the grid's patches (48 px by default)
+    page.select_option(".cv-toolbar [aria-label='Patch size']", "96")
+    page.wait_for_function("location.hash.includes('patch=96')")
+    shows(grid, 96, 96)
+    # Zoom: a click on the filters opens them large; the dialog's size scales the largest tile (128 px) up.
+    page.click(".cv-filter-open")
+    dialog = page.locator("dialog.cv-zoom")
+    dialog.wait_for()
+    assert "First-layer filters" in dialog.locator(".cv-dialog-head").inner_text()
+    zoomed = "dialog.cv-zoom .cv-filter-mosaic"
+    shows(zoomed, 128, 128)
+    dialog.locator("[aria-label='Patch size']").select_option("256")
+    shows(zoomed, 128, 256)
+    page.keyboard.press("-")
+    shows(zoomed, 128, 192)
+    page.keyboard.press("Escape")
+    dialog.wait_for(state="detached")
+    # z over the filters opens them too, at the size chosen last.
+    page.hover(".cv-filter-open")
+    page.keyboard.press("z")
+    dialog.wait_for()
+    shows(zoomed, 128, 192)
+    screenshot(page, "filters_zoom")
+    page.keyboard.press("Escape")
     watched.assert_clean()
 
 

@@ -212,3 +212,30 @@ def test_typing_a_unit_survives_a_checkpoint_change(watched, seeds_server):
     page.wait_for_selector(f".cv-unit-body{IDLE}")
     assert hash_state(page)["unit"] == "1" and hash_state(page)["step"] == str(steps[1])
     watched.assert_clean(page)
+
+
+def settled_since(steps: list[int], overlap: list[float | None]) -> int | None:
+    """Brute force: the earliest step from which every value up to the latest is >= 0.8, the latest alone not counting."""
+    for i, step in enumerate(steps[:-1]):
+        if all(v is not None and v >= 0.8 for v in overlap[i:]):
+            return step
+    return None
+
+
+@pytest.mark.parametrize("against, key, name", [
+    (None, "final_overlap", "latest checkpoint"), ("previous", "topk_overlap", "previous checkpoint"),
+])
+def test_settled_column_measures_what_the_chart_shows(watched, seeds_server, against, key, name):
+    stats = plugin_json(seeds_server, "stats", run="seed0")
+    page = watched.open(seeds_server, "view=stability&run=seed0" + (f"&against={against}" if against else ""))
+    page.wait_for_selector(f".cv-stability-body{IDLE}")
+    assert f"with the {name}" in page.locator(".cv-card-wide h2").inner_text()
+    header = page.locator(".cv-table thead th").last.inner_text()
+    assert "80%" in header and name.split()[0] in header
+    assert name in page.locator(".cv-settled-note").inner_text()
+    cells = page.locator(".cv-settled").all_inner_texts()
+    expected = [settled_since(layer["steps"], layer[key]) for layer in stats["layers"]]
+    assert cells == ["still changing" if s is None else f"since step {s}" for s in expected]
+    last = stats["layers"][0]["steps"][-1]
+    assert f"since step {last}" not in cells  # never just the latest checkpoint
+    watched.assert_clean()

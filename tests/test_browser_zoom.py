@@ -128,3 +128,29 @@ def test_a_high_density_screen_gets_patches_at_its_own_resolution(browser, seeds
         assert sizes == [[128, 256]] * 9
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("how", ["pasted link", "back", "new hash"])
+def test_an_address_change_closes_the_old_views_dialogs(watched, seeds_server, how):
+    first = f"run=seed0&layer={LAYERS[0]}"
+    page = watched.open(seeds_server, first)
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    page.evaluate(f"location.hash = 'run=seed0&layer={LAYERS[4]}'")  # a history entry to go back from
+    page.wait_for_selector(".cv-layer-tab[aria-selected='true']:has-text('Layer 5')")
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    page.hover(".cv-tile[data-unit='0']")
+    page.keyboard.press("z")
+    page.locator("dialog.cv-zoom").wait_for()
+    assert "Unit 0 · Layer 5" in page.locator("dialog.cv-zoom .cv-dialog-head").inner_text()
+    if how == "pasted link":
+        page.goto(f"{seeds_server}data/plugin_entry.html?name=convviz#view=stability&run=seed0")
+        page.wait_for_selector(f".cv-stability-body{IDLE}")
+    elif how == "back":
+        page.go_back()
+        page.wait_for_selector(".cv-layer-tab[aria-selected='true']:has-text('Layer 1')")
+    else:
+        page.evaluate("location.hash = 'view=unit&run=seed0&layer=features.relu2&unit=1'")
+        page.wait_for_selector(f".cv-unit-body{IDLE}")
+    page.locator("dialog").wait_for(state="detached")
+    assert page.locator("dialog").count() == 0
+    watched.assert_clean()

@@ -9,19 +9,22 @@ real run (``tb-convviz demo``), ``test_screenshots_of_a_real_run`` saves the REA
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import os
+import pathlib
 import urllib.parse
 
 import numpy as np
 import pytest
 
-from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz import ProbeSet, metadata, plugin_data_pb2, summary
 from tb_convviz.metadata import topk_overlap
 from tb_convviz.synthetic_run import write_synthetic_run
 from browser_support import (IDLE, Watched, assert_images_loaded, hash_state, mosaic_sources,
                              screenshot)
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import get, plugin_json, tensorboard_server, wait_for
 
 HOSTILE_RUN = "<img src=x onerror=alert(1)>"
 HOSTILE_LAYER = "<img src=x onerror=alert(2)>\"'" + "-long" * 60
@@ -215,27 +218,84 @@ def test_compare_marks_changed_units(watched, server, written):
     assert_images_loaded(page, ".cv-compare-grid .cv-mosaic", 2 * UNITS)
     assert f"{len(expected)} of {UNITS} units changed" in page.locator(".cv-summary").inner_text()
     screenshot(page, "compare")
-    # Opened from the grid, Compare shows what changed since the previous checkpoint.
+    # Opened from the grid, Compare shows A, the grid's checkpoint, against B, the previous one.
     page.click(".cv-nav-item:text-is('Layers')")
     page.wait_for_selector(f".cv-grid{IDLE}")
     page.click(".cv-nav-item:text-is('Compare')")
     page.wait_for_selector(f".cv-compare-grid{IDLE}")
     state = hash_state(page)
-    assert (state["other_step"], state["step"]) == (str(written.steps[-2]), str(written.steps[-1]))
+    assert (state["step"], state["b_step"]) == (str(written.steps[3]), str(written.steps[2]))
     watched.assert_clean()
 
 
 def test_large_layers_load_mosaics_near_the_viewport_only(watched, server):
-    page = watched.open(server, f"run={WIDE_RUN}")
+    requests: list[str] = []
+    watched.page.on("request", lambda r: requests.append(urllib.parse.unquote(r.url)))
+    steps = next(r for r in plugin_json(server, "runs")["runs"] if r["run"] == WIDE_RUN)["layers"][0]["steps"]
+    page = watched.open(server, f"run={WIDE_RUN}&step={steps[-1]}")
     page.wait_for_selector(f".cv-grid{IDLE}")
     assert page.locator(".cv-tile").count() == WIDE_UNITS
     with_source = "els => els.filter((e) => e.getAttribute('src')).length"
     requested = page.eval_on_selector_all(".cv-grid .cv-mosaic", with_source)
     assert 0 < requested < WIDE_UNITS // 4
-    last = page.locator(f".cv-tile[data-unit='{WIDE_UNITS - 1}'] .cv-mosaic")
+    # Only tiles near the window are drawn: a far one has no tooltips or chips yet.
+    last_tile = page.locator(f".cv-tile[data-unit='{WIDE_UNITS - 1}']")
+    assert last_tile.locator(".cv-cell").count() == 0 and last_tile.locator(".cv-tile-meta").inner_text() == ""
+    assert page.locator(".cv-tile[data-unit='0'] .cv-cell").count() == 4
+    # The previous checkpoint is fetched ahead: its units, and the mosaics of exactly the tiles near the window.
+    near = set(page.eval_on_selector_all(".cv-grid .cv-mosaic[data-near]", "els => els.map((e) => e.closest('.cv-tile').dataset.unit)"))
+    ahead = f"step={steps[0]}&"
+
+    def fetched_ahead():
+        return {dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(u).query))["unit"]
+                for u in requests if "/mosaic?" in u and ahead in u}
+
+    wait_for(lambda: fetched_ahead() == near, timeout=30)
+    assert any("/topk?" in u and u.endswith(f"step={steps[0]}") for u in requests)
+    # Switching to it asks for no JSON again.
+    before = len([u for u in requests if "/topk?" in u])
+    page.locator("body").press("ArrowLeft")
+    page.wait_for_function(f"location.hash.includes('step={steps[0]}')")
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    assert ahead in page.eval_on_selector(".cv-tile[data-unit='0'] .cv-mosaic", "i => i.currentSrc")
+    assert len([u for u in requests if "/topk?" in u]) == before
+    last = last_tile.locator(".cv-mosaic")
     last.scroll_into_view_if_needed()
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=last.element_handle())
+    # Drawn once near: its tooltips and chips are there, for the checkpoint shown.
+    assert last_tile.locator(".cv-cell").count() == 4 and f"#{WIDE_UNITS - 1}" in last_tile.locator(".cv-tile-meta").inner_text()
+    assert ahead in last.evaluate("i => i.currentSrc")
     assert page.eval_on_selector_all(".cv-grid .cv-mosaic", with_source) < WIDE_UNITS // 2
+    watched.assert_clean()
+
+
+def test_compare_of_a_large_layer_loads_a_page_at_a_time(watched, server):
+    requests: list[str] = []
+    watched.page.on("request", lambda r: requests.append(r.url) if "/compare?" in r.url else None)
+    steps = next(r for r in plugin_json(server, "runs")["runs"] if r["run"] == WIDE_RUN)["layers"][0]["steps"]
+    whole = plugin_json(server, "compare", run=WIDE_RUN, layer="conv1", step=steps[1], other_step=steps[0])
+    expected = [u["unit"] for u in sorted(whole["units"], key=lambda u: (u["overlap"], u["unit"]))]
+    assert expected != sorted(expected)  # least shared first is not the unit order here
+    page = watched.open(server, f"view=compare&run={WIDE_RUN}&step={steps[1]}&b_step={steps[0]}")
+    page.wait_for_selector(f".cv-compare-grid{IDLE}")
+
+    def shown():
+        return [int(u) for u in page.eval_on_selector_all(".cv-pair", "els => els.map(e => e.dataset.unit)")]
+
+    assert shown() == expected[:64]
+    first = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(requests[0]).query))
+    assert (first["limit"], first["order"], first.get("offset", "0")) == ("64", "change", "0")
+    # The summary counts every unit, not only the page shown.
+    changed = sum(u["overlap"] < 0.5 for u in whole["units"])
+    assert f"{changed} of {WIDE_UNITS} units changed" in page.locator(".cv-summary").inner_text()
+    # Scrolling to the end of the list loads the next pages, in the same order.
+    while len(shown()) < WIDE_UNITS:
+        count = len(shown())
+        page.locator(".cv-more").scroll_into_view_if_needed()
+        page.wait_for_function(f"document.querySelectorAll('.cv-pair').length > {count}")
+    assert shown() == expected
+    assert page.locator(".cv-more").is_hidden()
+    assert len(requests) == WIDE_UNITS // 64
     watched.assert_clean()
 
 
@@ -327,6 +387,15 @@ def test_empty_log_dir_explains_how_to_log(browser, tmp_path):
             lines = message.locator("p").all_inner_texts()
             assert len(lines) == 3
             assert "ConvVizLogger" in lines[1] and "tensorboard" in lines[2].lower()
+            # The probe call is whole: copied as it stands, it undoes the normalisation for display
+            # (without mean/std, normalised images warn as clipped), and it is the README's call.
+            call = message.locator("p").first.locator("code").inner_text()
+            parsed = ast.parse(call).body[0].value
+            keywords = {k.arg for k in parsed.keywords}
+            assert {"mean", "std", "n"} <= keywords
+            inspect.signature(ProbeSet.from_dataset).bind(*parsed.args, **dict.fromkeys(keywords))
+            readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+            assert call in readme
             screenshot(page, "empty_dark")
             w.assert_clean()
         finally:

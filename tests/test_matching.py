@@ -86,6 +86,26 @@ def test_compare_route_matches_units_one_to_one(served):
     assert app.json("compare?run=a&layer=conv2&other_step=0&match=2", status=400)["error"].startswith("Invalid")
 
 
+@pytest.mark.parametrize("match", [0, 1])
+def test_compare_pages_follow_the_order_shown(served, match):
+    app, run = served
+    query = f"compare?run=a&layer=conv2&step=0&other_step={run.steps[-1]}&match={match}"
+    whole = app.json(query)
+    by_unit = {u["unit"]: u for u in whole["units"]}
+    # Every page carries each unit's shared count and partner, enough to count and sort them all.
+    assert whole["shared_counts"] == [round(by_unit[u]["overlap"] * 4) for u in range(12)]
+    assert whole["other_units"] == [by_unit[u]["other_unit"] for u in range(12)]
+    for order, key in [("unit", lambda u: u["unit"]), ("change", lambda u: (u["overlap"], u["unit"]))]:
+        expected = sorted(whole["units"], key=key)
+        assert len({u["overlap"] for u in expected}) > 1  # the order is not the unit order by accident
+        pages = [app.json(f"{query}&order={order}&offset={offset}&limit=5") for offset in range(0, 12, 5)]
+        assert [len(p["units"]) for p in pages] == [5, 5, 2]
+        assert [u for p in pages for u in p["units"]] == expected
+        assert all(p["order"] == order and p["shared_counts"] == whole["shared_counts"] for p in pages)
+        assert all(p["mean_overlap"] == whole["mean_overlap"] and p["unique"] == whole["unique"] for p in pages)
+    assert "order" in app.json(f"{query}&order=peak", status=400)["error"]
+
+
 def max_total(counts: np.ndarray) -> int:
     """The best total of a one-to-one assignment, by branch and bound (12! permutations are too many)."""
     n = len(counts)

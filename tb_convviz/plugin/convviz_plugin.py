@@ -31,6 +31,8 @@ logger = tb_logging.get_logger()
 MAX_LIMIT = 4096
 # The assignment is O(units³); 1024 units take up to a few seconds on one core.
 MAX_MATCH_UNITS = 1024
+# The orders `compare` pages through: by unit index, or least shared first (ties by unit).
+COMPARE_ORDERS = ("unit", "change")
 # Published in `runs`, so that the frontend never asks for more than a request may do.
 LIMITS = {
     "max_size": render.MAX_SIZE, "min_size": render.MIN_SIZE, "max_output_pixels": render.MAX_OUTPUT_PIXELS,
@@ -289,17 +291,22 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             partner, overlaps = np.arange(layer.info.units), same_unit
         rows, other_rows = layer.records(step), other_layer.records(other_step)
         probe, other_probe = self._data.probe(ctx, eid, listing), self._data.probe(ctx, eid, other_listing)
+        # Pages follow the order the tab shows, so that its first page is the units at the top.
+        order = _compare_order(params)
+        ranked = np.arange(layer.info.units) if order == "unit" else np.lexsort((np.arange(layer.info.units), overlaps))
         units = [
             {**_pair_json(u, int(partner[u]), a[u], b[partner[u]], overlaps[u]),
              "records": _records_json(rows[u], layer, probe),
              "other_records": _records_json(other_rows[partner[u]], other_layer, other_probe)}
-            for u in range(offset, min(offset + limit, layer.info.units))
+            for u in ranked[offset:offset + limit].tolist()
         ]
         return _json(request, {
             "run": listing.name, "step": step, "other_run": other_listing.name, "other_step": other_step,
             "layer": layer.name, "matched": match, "mean_overlap": _number(overlaps.mean()),
             "unit_for_unit_mean_overlap": _number(same_unit.mean()),
-            "unique": int(np.sum(overlaps == 0)), "total_units": layer.info.units, "offset": offset, "units": units,
+            "unique": int(np.sum(overlaps == 0)), "total_units": layer.info.units, "offset": offset, "order": order,
+            "shared_counts": np.rint(overlaps * layer.info.k).astype(int).tolist(), "other_units": partner.tolist(),
+            "units": units,
         })
 
     @_route
@@ -490,6 +497,13 @@ def _record(layer: Layer, step: int, unit: int, rank: int) -> np.void:
             "fewer probe images than k gave it a value"
         )
     return record
+
+
+def _compare_order(params: _Params) -> str:
+    order = params.text("order", required=False) or "unit"
+    if order not in COMPARE_ORDERS:
+        raise errors.InvalidArgumentError(f"parameter 'order' must be one of {', '.join(COMPARE_ORDERS)}, got {_short(order)}")
+    return order
 
 
 def _check_comparable(listing: RunListing, other: RunListing, layer: Layer) -> None:
