@@ -109,6 +109,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._data = ConvVizData(context.data_provider)
         self._render = render.Renderer(self._data)
+        self._matcher = matching.CachedMatcher()
         self._static_dir = os.path.realpath(frontend_dir())
         from tb_convviz.plugin.figure_routes import FigureRoutes  # it builds on this module's helpers
 
@@ -145,7 +146,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             probe = self._data.probe(ctx, eid, listing)
             problems = (list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
                         + list(self._data.problems(eid, listing)))
-            projections, filters = self._figures.describe(ctx, eid, listing, layers)
+            projections, filters, figure_problems = self._figures.describe(ctx, eid, listing, layers)
+            problems += figure_problems
             runs.append({
                 "run": listing.name,
                 "steps": sorted({s for layer in layers for s in layer.steps}),
@@ -267,7 +269,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                     f"layer {layer.name!r} has {layer.info.units} units; matching is limited to "
                     f"{MAX_MATCH_UNITS} units (it takes O(units³)); compare unit for unit (match=0)"
                 )
-            partner, shared_counts = matching.match_units(a, b)
+            partner, shared_counts = self._matcher.match(
+                (eid, listing.name, other_listing.name, layer.name, step, other_step), a, b)
             overlaps = shared_counts / layer.info.k
         else:
             partner, overlaps = np.arange(layer.info.units), same_unit

@@ -12,18 +12,16 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import io
 import math
 import threading
 from typing import Any, Callable, Hashable
 
 import numpy as np
-from PIL import Image
 from tensorboard import errors
 from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.data import provider
 
-from tb_convviz import metadata, plugin_data_pb2
+from tb_convviz import metadata, plugin_data_pb2, stored_image
 from tb_convviz.geometry import ReceptiveField
 
 # `downsample=` that keeps every point: the loaders keep all convviz points (see
@@ -268,7 +266,7 @@ class ConvVizData:
                 except ValueError as e:
                     self._note_damage(eid, listing, f"run {listing.name!r}: {e}")
                     raise errors.NotFoundError(str(e)) from None
-            image = decode_image(blob, f"probe image {index}")
+            image = decode_image(blob, f"probe image {index}", probe.info)
             self.images.put(cache_key, image, image.nbytes)
         return image
 
@@ -351,7 +349,7 @@ class ConvVizData:
             else:
                 chunks.append(datum)
             seen.add(datum.step)
-        indexes = self._map(lambda d: self._chunk_index(ctx, d), chunks)
+        indexes = self.read_concurrently(lambda d: self._chunk_index(ctx, d), chunks)
         blob_keys, labels = {}, {}
         for datum, rows in zip(chunks, indexes):
             if isinstance(rows, str):
@@ -374,7 +372,8 @@ class ConvVizData:
         except (ValueError, errors.PublicError) as e:
             return str(e)
 
-    def _map(self, function, items) -> list:
+    def read_concurrently(self, function, items) -> list:
+        """``[function(item) for item in items]``, on the reader threads where the provider is remote."""
         if self._readers is None or len(items) < 2:
             return [function(item) for item in items]
         return list(self._readers.map(function, items))
@@ -469,14 +468,17 @@ def _invalid_layer(data: plugin_data_pb2.PluginData) -> str | None:
     return None
 
 
-def decode_image(data: bytes, what: str) -> np.ndarray:
-    """Decode PNG/JPEG bytes into uint8 ``[H, W]`` (grey) or ``[H, W, 3]``; NotFoundError if unusable."""
+def decode_image(data: bytes, what: str, info: plugin_data_pb2.ProbeInfo | None) -> np.ndarray:
+    """Decode a probe image into uint8 ``[H, W]`` (grey) or ``[H, W, 3]``; NotFoundError if unusable.
+
+    It must be as large as the probe set (``info``) says, which is checked from its header
+    before any pixel is decoded, so that what a request decodes is what its budget counted.
+    """
+    height, width = (info.height, info.width) if info is not None else (0, 0)
     try:
-        with Image.open(io.BytesIO(data)) as pil:
-            if pil.width * pil.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{pil.width}x{pil.height} pixels is more than {MAX_IMAGE_PIXELS}")
-            pil = pil if pil.mode in ("L", "RGB") else pil.convert("RGB")
-            return np.asarray(pil, dtype=np.uint8)
+        if height * width > MAX_IMAGE_PIXELS:
+            raise ValueError(f"the probe set declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}")
+        return stored_image.decode(data, height, width, what=what)
     except Exception as e:  # Pillow raises many types on corrupt data; all mean "unusable"
         raise errors.NotFoundError(f"{what} is stored but cannot be decoded ({e})") from None
 
