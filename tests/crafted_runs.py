@@ -48,17 +48,19 @@ def write_event(logdir: str, pb, step: int, suffix: str) -> None:
 
 
 def add_projections(logdir: str, written: SyntheticRun, rows: list[tuple[int, int]], images: list[bytes], *,
-                    height: int = FIELD, width: int = FIELD, clipped: bool = False) -> None:
-    """Projections of conv1 at step 0: index rows ``(unit, rank)`` (probe image and position from rank 0)."""
+                    height: int = FIELD, width: int = FIELD, clipped: bool = False, step: int = 0,
+                    checkpoint: int = 0) -> None:
+    """Projections of conv1 at ``step`` (the run's ``checkpoint``-th): index rows ``(unit, rank)``, each with its
+    unit's top-1 probe image and position."""
     info = plugin_data_pb2.ProjectionInfo(layer="conv1", rule="deconvnet", channels=3, height=height, width=width,
                                           encoding="webp", levels=fmt.LEVELS, clipped=clipped,
                                           image_height=BASE["image_size"], image_width=BASE["image_size"])
     index = np.zeros(len(rows), fmt.INDEX_DTYPE)
-    records = written.records["conv1"][0]
+    records = written.records["conv1"][checkpoint]
     for i, (unit, rank) in enumerate(rows):
         record = records[unit % len(records), 0]
         index[i] = (unit, rank, record["image"], record["y"], record["x"], 1.0)
-    write_event(logdir, summary.projections_pb(info, fmt.encode_index(index), images), 0, ".projections")
+    write_event(logdir, summary.projections_pb(info, fmt.encode_index(index), images), step, f".projections{step}")
 
 
 def field_image(height: int = FIELD, width: int = FIELD) -> bytes:
