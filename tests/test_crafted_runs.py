@@ -20,6 +20,7 @@ from tb_convviz import projection_format as fmt
 from tb_convviz import read_run, stored_image
 from tb_convviz.cli import main
 from tb_convviz.plugin import render
+from tb_convviz.synthetic_run import write_synthetic_run
 from tb_server import get, tensorboard_process, wait_for
 from test_plugin_http import API, Served
 
@@ -168,3 +169,29 @@ def test_bombs_cost_a_real_tensorboard_no_memory(crafted, load_fast):
         grown = tb.peak_rss_bytes() - before
     assert statuses == [404, 404, 200, 200, 200, 404, 404]
     assert grown < BOMB_BYTES, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+
+
+def _loop_logdirs(root: str) -> tuple[str, str]:
+    """A log dir of run ``a``, a link to it in ``b``, and ``loop -> .``; and a log dir that is itself a run, with a loop."""
+    runs = os.path.join(root, "runs")
+    write_synthetic_run(os.path.join(runs, "a"), **BASE)
+    os.makedirs(os.path.join(runs, "b"))
+    os.symlink(os.path.join(runs, "a"), os.path.join(runs, "b", "link_to_a"))
+    os.symlink(runs, os.path.join(runs, "loop"))
+    itself = os.path.join(root, "itself")
+    write_synthetic_run(itself, **BASE)
+    os.makedirs(os.path.join(itself, "sub"))
+    os.symlink("..", os.path.join(itself, "sub", "up"))  # back to the run: a loop too
+    return runs, itself
+
+
+def test_runs_reached_through_a_symlink_loop_are_skipped(tmp_path):
+    runs, itself = _loop_logdirs(str(tmp_path))
+    assert [r["run"] for r in Served(runs).json("runs")["runs"]] == ["a", "b/link_to_a"]
+    assert [r["run"] for r in Served(itself).json("runs")["runs"]] == ["."]
+    assert "no convviz data" in Served(runs).json("topk?run=loop/a&layer=conv1", 404)["error"]
+    for load_fast in (True, False):  # the Rust loader skips the loop itself; the plugin makes the Python one agree
+        with tensorboard_process(runs, load_fast=load_fast) as tb:
+            api = tb.url + API.lstrip("/")
+            wait_for(lambda: (lambda r: r[0] == 200 and len(json.loads(r[2])["runs"]) >= 2)(get(api + "runs")))
+            assert [r["run"] for r in json.loads(get(api + "runs")[2])["runs"]] == ["a", "b/link_to_a"]

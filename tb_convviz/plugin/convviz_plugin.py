@@ -107,7 +107,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
     plugin_name = metadata.PLUGIN_NAME
 
     def __init__(self, context: base_plugin.TBContext) -> None:
-        self._data = ConvVizData(context.data_provider)
+        self._data = ConvVizData(context.data_provider, logdir=context.logdir)
         self._render = render.Renderer(self._data)
         self._matcher = matching.CachedMatcher()
         self._static_dir = os.path.realpath(frontend_dir())

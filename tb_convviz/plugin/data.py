@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import math
+import os
 import threading
 from typing import Any, Callable, Hashable
 
@@ -190,8 +191,10 @@ class ConvVizData:
         *,
         series_cache_bytes: int = 512 << 20,
         image_cache_bytes: int = 256 << 20,
+        logdir: str | None = None,
     ) -> None:
         self._provider = data_provider
+        self._logdir = logdir if logdir and os.path.isdir(logdir) else None
         self._series = ByteLRU(series_cache_bytes)
         self.images = ByteLRU(image_cache_bytes)
         self._flight = _SingleFlight()
@@ -213,8 +216,26 @@ class ConvVizData:
         blobs = _unless_vanished(lambda: self._provider.list_blob_sequences(ctx, **kwargs), {})
         return {
             name: _listing(name, tags, blobs.get(name, {}).get(metadata.PROBE_CHUNK_TAG))
-            for name, tags in sorted(tensors.items()) if tags
+            for name, tags in sorted(tensors.items()) if tags and not self._through_loop(name)
         }
+
+    def _through_loop(self, run: str) -> bool:
+        """Whether run ``run`` is reached through a symlink to one of its own parent folders (``logdir/loop -> .``).
+
+        TensorBoard's Python loader follows such links until the path is too long, listing each
+        run dozens of times (loop/a, loop/loop/a, ...); its Rust loader skips them, as this does.
+        """
+        if self._logdir is None:
+            return False
+        path = self._logdir
+        seen = {os.path.realpath(path)}
+        for part in [p for p in os.path.normpath(run).split(os.sep) if p not in ("", ".")]:
+            path = os.path.join(path, part)
+            real = os.path.realpath(path)
+            if real in seen:
+                return True
+            seen.add(real)
+        return False
 
     def listing(self, ctx, eid: str, run: str) -> RunListing:
         """The listing of ``run``; NotFoundError naming the valid runs if it has no convviz data."""
