@@ -22,7 +22,8 @@ from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
 from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward
 from tb_convviz.probe import ProbeSet
-from tb_convviz.projection import LayerProjections, Target, check_options, project_checkpoint
+from tb_convviz.projection import (LayerProjections, Target, check_options, cost_warning, failure_message,
+                                  project_checkpoint)
 from tb_convviz.projection_format import DOMINANT_RATIO, ENCODING, LEVELS, NEAR_ZERO_RATIO, encode_index, filter_flags
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
@@ -118,6 +119,11 @@ class ConvVizLogger:
 
         self.layers = self._pick_layers(layers)
         self._layer_infos = self._describe_layers()
+        costly = projections and cost_warning({n: i.units for n, i in self._layer_infos.items()},
+                                              1 if projections == "top1" and not projections_topk_every else k,
+                                              len(probe))
+        if costly:
+            warnings.warn(f"convviz: {costly}", ConvVizWarning, stacklevel=2)
         self._probe_info = plugin_data_pb2.ProbeInfo(
             n=len(probe), channels=probe.shape[0], height=probe.shape[1], width=probe.shape[2],
             class_names=probe.class_names or [], fingerprint=probe.fingerprint,
@@ -135,7 +141,7 @@ class ConvVizLogger:
         self._due = self.schedule.next_due(self._last_step)
         # Kinds of failure ("probe pass", "write") warned about and not yet recovered from.
         self._failing: set[str] = set()
-        self._warned_order = self._warned_backwards = False
+        self._warned_order = self._warned_backwards = self._warned_moved = False
         # The highest step given to maybe_log, and the model's state version right after that call.
         self._seen_step, self._seen_version = -1, None
         self._state = _state_tensors(self._net)
@@ -286,12 +292,18 @@ class ConvVizLogger:
             return False
         try:
             results, not_finite = self._collect()
-            projections = self._project(step, results)
         except Exception as e:
             self._failed("probe pass", f"the probe pass of the checkpoint at step {step} failed "
                          f"({type(e).__name__}: {e}); checkpoints are skipped until it works again")
             return False
         self._failing.discard("probe pass")
+        try:
+            projections = self._project(step, results)
+        except Exception as e:  # the records are worth keeping without them
+            self._failed("projections", failure_message(step, e))
+            projections = {}
+        else:
+            self._failing.discard("projections")
         self._last_step = step
         if _rank() != 0:
             return True
@@ -463,6 +475,7 @@ class ConvVizLogger:
         return values
 
     def _write(self, step: int, results: dict[str, TopK], projections: dict[str, LayerProjections] | None = None) -> None:
+        self._follow_log_dir(step)
         winners = set()
         for topk in results.values():
             winners.update(topk.image[topk.image >= 0].unique().tolist())
@@ -510,6 +523,28 @@ class ConvVizLogger:
                 overlap = metadata.topk_overlap(image[both], previous[both]).mean().item()
                 out[metadata.scalar_tag(name, "topk_overlap")] = overlap
         return out
+
+    def _follow_log_dir(self, step: int) -> None:
+        """Start anew where the log dir was deleted or moved since its event file and lock were made.
+
+        Otherwise checkpoints would go on into a deleted file, and another logger could take the
+        recreated dir. Raises RuntimeError if another logger has taken it.
+        """
+        gone = self._writer is not None and self._user_writer is None and self._writer.unlinked()
+        if not gone and self._lock is not None and self._lock.held():
+            return
+        if gone:
+            self._drop_writer()
+            self._stored = set()  # the probe images went with the old file
+            if not self._warned_moved:
+                self._warned_moved = True
+                warnings.warn(
+                    f"convviz: the log dir {self.log_dir!r} was deleted or moved during training: checkpoints from "
+                    f"step {step} on go into a new event file there, with the probe images they name; earlier "
+                    "checkpoints are not in it", ConvVizWarning, stacklevel=4,
+                )
+        self._release_lock()
+        self._lock = LogDirLock(self.log_dir)
 
     def _open_writer(self) -> summary.EventWriter:
         if self._user_writer is not None:
