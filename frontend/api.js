@@ -11,10 +11,21 @@ export class ApiError extends Error {}
 /** Absolute URL of a route with its query parameters; `null`/`undefined` values are left out. */
 export function routeUrl(route, params = {}) {
   const url = new URL(route, BASE);
+  if (source !== "probe" && SOURCE_ROUTES.has(route)) url.searchParams.set("source", source);
   for (const [key, value] of Object.entries(params)) {
     if (value != null) url.searchParams.set(key, String(value));
   }
   return url.href;
+}
+
+// Routes that serve records, their images and projections: they take the view's `source`.
+const SOURCE_ROUTES = new Set(["topk", "compare", "patch", "mosaic", "evolution", "probe_image", "stats",
+  "projection", "projection_mosaic", "row", "fig4"]);
+let source = "probe";
+
+/** Ask record routes for `next`'s records ("probe", "train" or "eval") from now on. */
+export function setSource(next) {
+  source = next;
 }
 
 const cache = new Map();

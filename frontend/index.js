@@ -14,6 +14,7 @@ import { SHOWS } from "./show.js";
 import { PATCH_SIZES, DEFAULT_PATCH, nearestStep, openDialog } from "./widgets.js";
 import { followTensorBoardTheme } from "./theme.js";
 import { showHelp } from "./help.js";
+import { sourceSwitch, useSource, validSource } from "./source.js";
 
 const POLL_MS = 12000;
 const VIEWS = { grid: GridView, stability: StabilityView, unit: UnitView, compare: CompareView, evolution: EvolutionGridView };
@@ -38,6 +39,7 @@ class App {
     this.viewName = null;
     this.pollTimer = null;
     this.runSlot = h("div", { class: "cv-run-slot" });
+    this.sourceSlot = h("div", { class: "cv-source-slot" });
     this.nav = h("nav", { class: "cv-nav", "aria-label": "Views" });
     this.live = h("span", { class: "cv-live", "aria-live": "polite" });
     this.copyButton = h("button", {
@@ -52,7 +54,7 @@ class App {
     this.main = h("main", { class: "cv-main" });
     fill(root,
       h("header", { class: "cv-header" },
-        h("span", { class: "cv-brand" }, "ConvViz"), this.runSlot, this.nav, h("span", { class: "cv-spacer" }), this.live,
+        h("span", { class: "cv-brand" }, "ConvViz"), this.runSlot, this.sourceSlot, this.nav, h("span", { class: "cv-spacer" }), this.live,
         this.copyButton, helpButton),
       this.banner, this.main);
   }
@@ -78,6 +80,7 @@ class App {
     const state = { ...wanted };
     const run = this.runs.find((r) => r.run === state.run) ?? this.runs[0];
     state.run = run.run;
+    state.source = validSource(run, state.source);
     const layer = run.layers.find((l) => l.name === state.layer) ?? run.layers[0];
     state.layer = layer?.name;
     const steps = layer?.steps ?? [];
@@ -160,7 +163,10 @@ class App {
   }
 
   show(wanted) {
+    const source = this.state.source;
     this.state = this.normalize(wanted);
+    useSource(this.state);
+    if (source !== this.state.source) this.showView(null);  // a view's data are the old source's
     writeState(this.state);
     this.renderChrome();
     if (!this.layer) {
@@ -201,6 +207,7 @@ class App {
       // First-strong isolates keep a right-to-left name from reordering " (read errors)".
       select(this.runs.map((r) => [r.run, r.error ? `\u2068${r.run}\u2069 (read errors)` : r.run]), run.run,
         (value) => this.navigate({ run: value }), { class: "cv-run-select", "aria-label": "Run" })));
+    fill(this.sourceSlot, sourceSwitch(run, this.state.source, (value) => this.navigate({ source: value })));
     const current = this.state.view === "unit" ? "grid" : this.state.view;
     fill(this.nav, ...NAV.map(([name, label]) => h("button", {
       type: "button", class: "cv-nav-item", "aria-current": name === current ? "page" : null,

@@ -3,7 +3,7 @@
 // The last state is also remembered for when TensorBoard recreates the iframe bare.
 
 const KEYS = ["view", "run", "layer", "step", "unit", "sort", "order", "other_run", "other_step", "expand",
-  "match", "against", "filter", "patch", "show", "rows", "count", "seed", "units", "cols", "filters", "filter_step"];
+  "match", "against", "filter", "patch", "show", "rows", "count", "seed", "units", "cols", "filters", "filter_step", "source"];
 const NUMBERS = new Set(["step", "unit", "other_step", "patch", "count", "seed", "filter_step"]);
 const STORAGE_KEY = "convviz.state";
 // TensorBoard's hash is `#<plugin>&key=value&...` (its tf_storage keeps unknown keys); ours are prefixed.

@@ -17,6 +17,7 @@ from tb_convviz.logger import ConvVizLogger
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import check_options
 from tb_convviz.schedule import Schedule
+from tb_convviz.streams import POOL_BYTES, ImagesAt, check_streams
 
 FALLBACK_NAME = "convviz_logs"
 
@@ -34,6 +35,8 @@ class ConvVizCallback(Callback):
     global step, whatever the schedule. ``projections``, ``projection_rule`` and
     ``projections_topk_every`` are passed to the logger, e.g.
     ``ConvVizCallback(probe, projections_topk_every=4)`` for all k projections at every 4th checkpoint.
+    ``stream``, ``stream_images`` and ``stream_pool_bytes`` rank the training and validation batches
+    as the logger does; a batch ``(images, labels, ...)`` gives the stream images their labels.
     """
 
     def __init__(
@@ -50,12 +53,17 @@ class ConvVizCallback(Callback):
         projections: str | None = "top1",
         projection_rule: str = "deconvnet",
         projections_topk_every: int | str | None = None,
+        stream: str | Sequence[str] | None = None,
+        stream_images: ImagesAt | None = None,
+        stream_pool_bytes: int = POOL_BYTES,
     ) -> None:
         steps = list(steps) if steps is not None else None
         Schedule(every_n_steps=every_n_steps, steps=steps, total_steps=total_steps)  # fail at construction
         check_options(projections, projection_rule, projections_topk_every)
+        check_streams(stream)
         self._projections = {"projections": projections, "projection_rule": projection_rule,
-                             "projections_topk_every": projections_topk_every}
+                             "projections_topk_every": projections_topk_every, "stream": stream,
+                             "stream_images": stream_images, "stream_pool_bytes": stream_pool_bytes}
         self.probe, self.layers, self.k, self.batch_size = probe, layers, k, batch_size
         self._schedule: dict[str, Any] = {"every_n_steps": every_n_steps, "steps": steps, "total_steps": total_steps}
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
@@ -72,7 +80,13 @@ class ConvVizCallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._logger is not None:
-            self._logger.maybe_log(trainer.global_step)
+            self._logger.maybe_log(trainer.global_step, labels=_labels(batch))
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        labels = _labels(batch)
+        if self._logger is not None and labels is not None:
+            self._logger.label(labels)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close(final_checkpoint=True)  # the trained model, at the last global step
@@ -99,3 +113,11 @@ class ConvVizCallback(Callback):
         if self._logger is not None:
             self._logger.close(final_checkpoint=final_checkpoint)
             self._logger = None
+
+
+def _labels(batch: Any) -> torch.Tensor | None:
+    """The labels of an ``(images, labels, ...)`` batch, else None."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor) \
+            and batch[1].dim() == 1 and not batch[1].is_floating_point():
+        return batch[1]
+    return None

@@ -3,43 +3,37 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import operator
 import os
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from tensorboard.compat.proto import summary_pb2
 from torch import nn
 
 from tb_convviz import layers as layer_select
-from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz import plugin_data_pb2
 from tb_convviz.geometry import ReceptiveField
 from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
-from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward
+from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward, probe_dtype
 from tb_convviz.probe import ProbeSet
-from tb_convviz.projection import (LayerProjections, Target, check_options, cost_warning, failure_message,
-                                  project_checkpoint)
-from tb_convviz.projection_format import DOMINANT_RATIO, ENCODING, LEVELS, NEAR_ZERO_RATIO, encode_index, filter_flags
+from tb_convviz.projection import LayerProjections, Target, check_options, cost_warning, failure_message, project_ranks
+from tb_convviz.ranking import merge_ranks, rank, world
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
+from tb_convviz.records import RecordWriter
 from tb_convviz.schedule import Schedule
-from tb_convviz.topk import TopK, TopKAccumulator, emptied, merge, peaks
+from tb_convviz.sources import ProbeSource
+from tb_convviz.streams import POOL_BYTES, ImagesAt, StreamHooks, StreamSource, check_streams, locate_images
+from tb_convviz.topk import TopK
+from tb_convviz.warning import ConvVizWarning
 
 # Records store y and x as int16.
 MAX_FMAP_SIDE = 32767
-
-
-class ConvVizWarning(UserWarning):
-    """A checkpoint that could not be logged; training goes on."""
-
-
-class _StopForward(Exception):
-    """Raised by the last layer's hook: the rest of the forward pass is not needed."""
 
 
 class ConvVizLogger:
@@ -57,6 +51,11 @@ class ConvVizLogger:
     ``projections_topk_every`` (n, or "last") projects all k at every n-th checkpoint, or at
     the last one (the schedule's last, and the final checkpoint ``close()`` logs). The first
     convolution's weights are logged at every checkpoint.
+    ``stream`` ("train", "eval" or both) also ranks the images of the user's own training-mode
+    or eval-mode forwards, re-scored at each checkpoint as probe images are, and records their
+    top-k beside the probe's. The images are the model's first positional argument (or the one
+    ``forward`` passes the probe batch in), else ``stream_images``: an argument position, a
+    keyword, or ``images(args, kwargs)``. Candidates wait on the CPU, ``stream_pool_bytes`` at most.
     """
 
     def __init__(
@@ -77,6 +76,9 @@ class ConvVizLogger:
         projections: str | None = "top1",
         projection_rule: str = "deconvnet",
         projections_topk_every: int | str | None = None,
+        stream: str | Sequence[str] | None = None,
+        stream_images: ImagesAt | None = None,
+        stream_pool_bytes: int = POOL_BYTES,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -105,8 +107,6 @@ class ConvVizLogger:
         self._checkpoints = 0
         self._final = False  # while close() logs the final checkpoint
         self.log_dir = os.fspath(log_dir) if log_dir is not None else _writer_log_dir(writer)
-        self._user_writer = writer
-        self._writer: summary.EventWriter | None = None
         awkward = sorted({c for c in '"\\\t' if c in os.path.abspath(self.log_dir)})
         if awkward:
             # TensorBoard's Rust data server cannot parse its own blob keys for such run names.
@@ -124,14 +124,15 @@ class ConvVizLogger:
                                               len(probe))
         if costly:
             warnings.warn(f"convviz: {costly}", ConvVizWarning, stacklevel=2)
-        self._probe_info = plugin_data_pb2.ProbeInfo(
-            n=len(probe), channels=probe.shape[0], height=probe.shape[1], width=probe.shape[2],
-            class_names=probe.class_names or [], fingerprint=probe.fingerprint,
-        )
-        self._last_step, self._chunk = -1, -1
-        self._stored: set[int] = set()
-        self._previous: dict[str, np.ndarray] = {}
-        self._lock = LogDirLock(self.log_dir) if _rank() == 0 else None
+        # The checkpoint's data flow: sources rank candidates, ranking merges the ranks' shares,
+        # projections and records follow. The logger holds the options and the schedule.
+        self._probe_source = ProbeSource(self._net, probe, self.layers, {n: s[1] for n, s in self._shapes.items()},
+                                         k=k, batch_size=batch_size, call=self._call, device=self.device)
+        self._records = RecordWriter(self.log_dir, writer, net=self._net, probe=probe, layer_infos=self._layer_infos,
+                                     first_conv=self._first_conv, projection_rule=projection_rule)
+        self._streams = self._stream_sources(stream, stream_images, stream_pool_bytes)
+        self._last_step = -1
+        self._lock = LogDirLock(self.log_dir) if rank() == 0 else None
         try:
             self._resume()
         except BaseException:
@@ -145,9 +146,9 @@ class ConvVizLogger:
         # The highest step given to maybe_log, and the model's state version right after that call.
         self._seen_step, self._seen_version = -1, None
         self._state = _state_tensors(self._net)
-        self._distributed = _world() > 1
+        self._distributed = world() > 1
         self._warned_not_finite: set[str] = set()
-        self._inputs_checked = False  # the probe set is fixed: its pixels are checked on the first pass only
+        self._hooks = StreamHooks(self._net, self._streams) if self._streams else None
 
     # -- construction ---------------------------------------------------------------
 
@@ -195,6 +196,16 @@ class ConvVizLogger:
                                  and c.module.in_channels == self.probe.shape[0]), None)
         return names
 
+    def _stream_sources(self, stream, images_at: ImagesAt | None, pool_bytes: int) -> list[StreamSource]:
+        modes = check_streams(stream)
+        if not modes:
+            return []
+        if not isinstance(pool_bytes, int) or pool_bytes < 0:
+            raise ValueError(f"stream_pool_bytes must be a non-negative int, got {pool_bytes!r}")
+        sample = next(self.probe.batches(min(2, len(self.probe))))[1].to(self.device, probe_dtype(self._net))
+        images_at = locate_images(self._net, self._call, sample, images_at)
+        return [StreamSource(mode, self._probe_source, images_at, pool_bytes=pool_bytes) for mode in modes]
+
     def _describe_layers(self) -> dict[str, plugin_data_pb2.LayerInfo]:
         channels, height, width = self.probe.shape
         with autocast_off(self.device.type):
@@ -212,9 +223,9 @@ class ConvVizLogger:
         return infos
 
     def _resume(self) -> None:
-        if _rank() == 0 and os.path.isdir(self.log_dir) and event_files(self.log_dir):
+        if rank() == 0 and os.path.isdir(self.log_dir) and event_files(self.log_dir):
             self._read_existing()
-        if _world() > 1:
+        if world() > 1:
             # Every rank joins each checkpoint's gather, so all must skip what rank 0 skips; only
             # rank 0 writes, and only it is sure to see the log dir (it may be on its node's disk).
             last = torch.tensor([self._last_step], device=self.device)
@@ -236,11 +247,7 @@ class ConvVizLogger:
             )
         if run.steps:
             self._last_step = run.steps[-1]
-            for layer in run.layers:
-                if layer.name in self._layer_infos:
-                    with contextlib.suppress(KeyError):  # a layer missing at that step
-                        self._previous[layer.name] = run.topk(layer.name, self._last_step).image
-        self._stored, self._chunk = run.stored_images, run.last_chunk
+        self._records.resume(run, self._last_step)
 
     # -- logging ------------------------------------------------------------------------
 
@@ -249,13 +256,16 @@ class ConvVizLogger:
         """The last step logged in ``log_dir`` (by this logger or an earlier run), -1 if none."""
         return self._last_step
 
-    def maybe_log(self, step: int) -> bool:
+    def maybe_log(self, step: int, *, labels: torch.Tensor | None = None) -> bool:
         """Log if ``step`` has reached the next scheduled checkpoint; returns whether it logged.
 
         ``step`` must not go back: pass a global step (``epoch * steps_per_epoch + i``), not
-        a counter that restarts every epoch.
+        a counter that restarts every epoch. ``labels``: the classes of the last forward's
+        images, for the streams' class histograms.
         """
         step = _check_step(step)
+        if labels is not None:
+            self.label(labels)
         self._warn_if_backwards(step)
         logged = False
         if step <= self._resumed_at and self._last_step == self._resumed_at:
@@ -291,30 +301,30 @@ class ConvVizLogger:
             self._warn_order(step)
             return False
         try:
-            results, not_finite = self._collect()
+            with self.paused():
+                ranked = merge_ranks(self._probe_source.local, self.k)
+                ranks = self._projection_ranks(step)
+                self._checkpoints += 1
+                # Failed projections are left out; the checkpoint's records are worth keeping without them.
+                projections = self._projected(step, ranks, self.probe, ranked.topk)
+                streams = {s.mode: s.checkpoint(functools.partial(self._projected, step, ranks, alone=True))
+                           for s in self._streams}
         except Exception as e:
             self._failed("probe pass", f"the probe pass of the checkpoint at step {step} failed "
                          f"({type(e).__name__}: {e}); checkpoints are skipped until it works again")
             return False
         self._failing.discard("probe pass")
-        try:
-            projections = self._project(step, results)
-        except Exception as e:  # the records are worth keeping without them
-            self._failed("projections", failure_message(step, e))
-            projections = {}
-        else:
-            self._failing.discard("projections")
         self._last_step = step
-        if _rank() != 0:
+        if rank() != 0:
             return True
-        self._warn_not_finite(step, not_finite)
+        self._warn_not_finite(step, ranked.not_finite)
         try:
-            self._write(step, results, projections)
+            self._follow_log_dir(step)
+            self._records.write(step, ranked.topk, projections, streams)
         except Exception as e:
             self._failed("write", f"could not write the checkpoint at step {step} to {self.log_dir!r} "
                          f"({type(e).__name__}: {e}); training goes on and the next checkpoint tries again")
-            if self._writer is not None and (self._user_writer is not None or self._writer.broken):
-                self._drop_writer()
+            self._records.failed()
             return False
         self._failing.discard("write")
         return True
@@ -345,81 +355,6 @@ class ConvVizLogger:
                     ConvVizWarning, stacklevel=3,
                 )
 
-    def _check_inputs(self, first: int, batch: torch.Tensor) -> None:
-        if self._inputs_checked or not batch.is_floating_point():
-            return
-        bad = (~batch.isfinite()).flatten(1).any(dim=1).nonzero().flatten()
-        if len(bad):
-            warnings.warn(
-                f"convviz: probe image(s) {(bad + first).tolist()[:8]} have NaN or infinite pixels; the units "
-                "whose activations they make non-finite are recorded as not finite", ConvVizWarning, stacklevel=4,
-            )
-
-    def _collect(self) -> tuple[dict[str, TopK], dict[str, torch.Tensor]]:
-        rank, world = _rank(), _world()
-        n = len(self.probe)
-        # Ranks split whole batches of the single-process pass: a kernel's rounding can depend on
-        # the batch an image is in, and each image must get the value one process would give it.
-        batches = -(-n // self.batch_size)
-        begin = min(batches * rank // world * self.batch_size, n)
-        end = min(batches * (rank + 1) // world * self.batch_size, n)
-        # One accumulator over every layer's units side by side: a batch's records are merged
-        # once, not once per layer. Each hook only takes its layer's peaks.
-        spans, start = {}, 0
-        for name in self.layers:
-            spans[name] = (start, start + self._shapes[name][1])
-            start = spans[name][1]
-        accumulator = TopKAccumulator(self.k)
-        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def hook_for(name):
-            def hook(_module, _inputs, output):
-                threshold = accumulator.threshold()
-                found[name] = peaks(output, None if threshold is None else threshold[slice(*spans[name])])
-                if len(found) == len(self.layers):
-                    raise _StopForward
-            return hook
-
-        modules = dict(self._net.named_modules())
-        handles = [modules[name].register_forward_hook(hook_for(name)) for name in self.layers]
-        try:
-            with preserved(self._net), _buffers_of_rank_0(self._net):
-                for first, batch in self.probe.batches(self.batch_size, start=begin, stop=end):
-                    self._check_inputs(first, batch)
-                    found.clear()
-                    try:
-                        self._call(batch)
-                    except _StopForward:
-                        pass
-                    wrong = [name for name in self.layers
-                             if name not in found or found[name][0].shape[1] != spans[name][1] - spans[name][0]]
-                    if wrong:
-                        raise RuntimeError(f"layers {wrong} did not run in the forward pass, or changed their number "
-                                           "of units since the logger was built")
-                    accumulator.add(torch.cat([found[n][0] for n in self.layers], dim=1),
-                                    torch.cat([found[n][1] for n in self.layers], dim=1), first)
-            self._inputs_checked = True
-        finally:
-            for handle in handles:
-                handle.remove()
-        results, not_finite = {}, {}
-        for name, (lo, hi) in spans.items():
-            if accumulator.result is None:
-                topk = TopK.empty(hi - lo, self.k, self.device)
-                bad = torch.zeros(hi - lo, dtype=torch.bool, device=self.device)
-            else:
-                whole = accumulator.result
-                topk = TopK(whole.values[lo:hi], whole.image[lo:hi], whole.position[lo:hi])
-                bad = accumulator.not_finite[lo:hi]
-            if world > 1:
-                topk = _gather(topk, self.k)
-                bad = bad.to(torch.uint8)
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                bad = bad.bool()
-            not_finite[name] = bad.to("cpu")
-            results[name] = emptied(topk, bad).to("cpu")
-        return results, not_finite
-
     def _projection_ranks(self, step: int) -> int:
         if self.projections is None:
             return 0
@@ -430,99 +365,26 @@ class ConvVizLogger:
             return self.k
         return 1
 
-    def _project(self, step: int, results: dict[str, TopK]) -> dict[str, LayerProjections]:
-        """This checkpoint's projections (on rank 0; other ranks compute their share and get {})."""
-        ranks = self._projection_ranks(step)
-        self._checkpoints += 1
+    def _project(self, ranks: int, images: Any, results: dict[str, TopK], *,
+                 alone: bool = False) -> dict[str, LayerProjections]:
+        """Projections of ``results``' top ``ranks`` (on rank 0; other ranks compute their share and get {})."""
         if not ranks:
             return {}
         targets = [Target(name, ReceptiveField.from_proto(info.receptive_field), info.fmap_w)
                    for name, info in self._layer_infos.items()]
-        with preserved(self._net, no_grad=False), _buffers_of_rank_0(self._net):
-            mine = project_checkpoint(
-                self._net, self.probe, targets, {n: t.image.numpy() for n, t in results.items()},
-                {n: t.position.numpy() for n, t in results.items()}, ranks=ranks, rule=self.projection_rule,
-                batch_size=self.batch_size, device=self.device, share=(_rank(), _world()), call=self._call,
-            )
-        if _world() == 1:
-            return mine
-        shares = [None] * _world() if _rank() == 0 else None
-        dist.gather_object(mine, shares, dst=0)
-        return {name: LayerProjections.concat([s[name] for s in shares]) for name in mine} if _rank() == 0 else {}
+        return project_ranks(self._net, images, targets, results, ranks=ranks, rule=self.projection_rule,
+                             batch_size=self.batch_size, device=self.device, call=self._call, alone=alone)
 
-    def _filter_values(self, scalars: dict[str, float]) -> list[summary_pb2.Summary.Value]:
-        if self._first_conv is None:
-            return []
-        weight = dict(self._net.named_modules())[self._first_conv].weight.detach().float().cpu().numpy()
-        dominant, near_zero = filter_flags(weight)
-        scalars[metadata.scalar_tag(self._first_conv, "dominant_filters")] = float(dominant.sum())
-        scalars[metadata.scalar_tag(self._first_conv, "near_zero_filters")] = float(near_zero.sum())
-        info = plugin_data_pb2.FilterInfo(module=self._first_conv, dominant_ratio=DOMINANT_RATIO,
-                                          near_zero_ratio=NEAR_ZERO_RATIO)
-        return list(summary.filters_pb(info, weight).value)
-
-    def _projection_values(self, projections: dict[str, LayerProjections]) -> list[summary_pb2.Summary.Value]:
-        values = []
-        channels, height, width = self.probe.shape
-        for name, layer in projections.items():
-            rf = self._layer_infos[name].receptive_field
-            info = plugin_data_pb2.ProjectionInfo(
-                layer=name, rule=self.projection_rule, channels=channels, height=rf.size_h, width=rf.size_w,
-                uncovered=layer.uncovered, encoding=ENCODING, levels=LEVELS, clipped=True, image_height=height,
-                image_width=width,
-            )
-            values.extend(summary.projections_pb(info, encode_index(layer.index), layer.images).value)
-        return values
-
-    def _write(self, step: int, results: dict[str, TopK], projections: dict[str, LayerProjections] | None = None) -> None:
-        self._follow_log_dir(step)
-        winners = set()
-        for topk in results.values():
-            winners.update(topk.image[topk.image >= 0].unique().tolist())
-        new = sorted(winners - self._stored)
-        encoded = [summary.encode_image(self.probe.display(i)) for i in new]
-        writer = self._writer or self._open_writer()
-        for part in summary.split_chunks([len(b) for b in encoded]):
-            # A chunk step is used once, even by a write that fails: a reader must never meet two
-            # different chunks at one step. Images of a chunk that was written are not written again.
-            self._chunk += 1
-            labels = [self.probe.label(i) for i in new[part]]
-            writer.write(summary.probe_chunk_pb(self._probe_info, new[part], labels, encoded[part]), self._chunk)
-            self._stored.update(new[part])
-        values, scalars, images = [], {}, {}
-        for name, topk in results.items():
-            info = self._layer_infos[name]
-            position = topk.position.numpy()
-            has_position = info.fmap_w > 0
-            y = np.where(position >= 0, position // max(info.fmap_w, 1), -1) if has_position else -1
-            x = np.where(position >= 0, position % max(info.fmap_w, 1), -1) if has_position else -1
-            image = topk.image.numpy()
-            payload = metadata.encode_records(topk.values.numpy(), image, y, x)
-            values.extend(summary.topk_pb(info, payload).value)
-            scalars.update(self._layer_scalars(name, topk.values.numpy(), image))
-            images[name] = image
-        values.extend(self._projection_values(projections or {}))
-        values.extend(self._filter_values(scalars))
-        values.extend(summary.scalars_pb(scalars).value)
-        writer.write(summary_pb2.Summary(value=values), step)
-        writer.flush()
-        self._previous = images
-
-    def _layer_scalars(self, name: str, values: np.ndarray, image: np.ndarray) -> dict[str, float]:
-        # Not-finite units are neither dead nor counted in the means; a layer of only those
-        # gets a NaN mean peak (the Scalars dashboard shows the gap).
-        peak, finite = values[:, 0], ~metadata.not_finite(values, image)
-        out = {
-            metadata.scalar_tag(name, "dead_fraction"): float(np.mean(finite & ~(peak > 0))),
-            metadata.scalar_tag(name, "mean_peak"): float(np.mean(peak[finite])) if finite.any() else float("nan"),
-        }
-        previous = self._previous.get(name)
-        if previous is not None and previous.shape == image.shape:
-            both = finite & (previous >= 0).any(axis=1)
-            if both.any():
-                overlap = metadata.topk_overlap(image[both], previous[both]).mean().item()
-                out[metadata.scalar_tag(name, "topk_overlap")] = overlap
-        return out
+    def _projected(self, step: int, ranks: int, images: Any, results: dict[str, TopK], *,
+                   alone: bool = False) -> dict[str, LayerProjections]:
+        """:meth:`_project`, or {} with one warning (what failed, what to do) when it fails."""
+        try:
+            projections = self._project(ranks, images, results, alone=alone)
+        except Exception as e:
+            self._failed("projections", failure_message(step, e))
+            return {}
+        self._failing.discard("projections")
+        return projections
 
     def _follow_log_dir(self, step: int) -> None:
         """Start anew where the log dir was deleted or moved since its event file and lock were made.
@@ -530,12 +392,11 @@ class ConvVizLogger:
         Otherwise checkpoints would go on into a deleted file, and another logger could take the
         recreated dir. Raises RuntimeError if another logger has taken it.
         """
-        gone = self._writer is not None and self._user_writer is None and self._writer.unlinked()
+        gone = self._records.moved()
         if not gone and self._lock is not None and self._lock.held():
             return
         if gone:
-            self._drop_writer()
-            self._stored = set()  # the probe images went with the old file
+            self._records.restart()
             if not self._warned_moved:
                 self._warned_moved = True
                 warnings.warn(
@@ -546,24 +407,19 @@ class ConvVizLogger:
         self._release_lock()
         self._lock = LogDirLock(self.log_dir)
 
-    def _open_writer(self) -> summary.EventWriter:
-        if self._user_writer is not None:
-            target = getattr(self._user_writer, "_get_file_writer", lambda: self._user_writer)()
-        else:
-            os.makedirs(self.log_dir, exist_ok=True)
-            target = self.log_dir
-        self._writer = summary.EventWriter(target)
-        return self._writer
+    @property
+    def stream_pool_bytes_held(self) -> int:
+        """Bytes of candidate images the streams hold on the CPU now."""
+        return sum(s.pool.bytes for s in self._streams)
 
-    def _drop_writer(self) -> None:
-        # Only when the file could not be cut back to its last record (or a torch writer failed,
-        # whose thread dies on an I/O error): the next checkpoint opens a new file.
-        writer, self._writer = self._writer, None
-        if writer is not None and self._user_writer is None:
-            try:
-                writer.close()
-            except Exception:
-                pass
+    def paused(self) -> contextlib.AbstractContextManager:
+        """A context in which the streams rank no forward: for eval-mode forwards that are not a validation pass."""
+        return self._hooks.paused() if self._hooks is not None else contextlib.nullcontext()
+
+    def label(self, labels: torch.Tensor) -> None:
+        """The classes ``[N]`` of the images of the last forward a stream ranked."""
+        if self._hooks is not None and self._hooks.last is not None:
+            self._hooks.last.label(labels)
 
     def close(self, *, final_checkpoint: bool = True) -> None:
         """Log the model as it is now, unless it is logged already, then flush and close the event file.
@@ -576,10 +432,10 @@ class ConvVizLogger:
         try:
             if final_checkpoint:
                 self._log_final()
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+            self._records.close()
         finally:
+            if self._hooks is not None:
+                self._hooks.remove()
             self._release_lock()
 
     def _release_lock(self) -> None:
@@ -593,7 +449,7 @@ class ConvVizLogger:
         changed = self._seen_version is not None and _state_version(self._state) != self._seen_version
         step = self._seen_step + int(changed)
         if self._distributed:
-            if _world() == 1:
+            if world() == 1:
                 warnings.warn("convviz: close() came after the process group was destroyed, so the final "
                               "checkpoint is skipped: call close() before destroy_process_group()",
                               ConvVizWarning, stacklevel=3)
@@ -628,45 +484,6 @@ def _check_step(step: Any) -> int:
             f"step must be an integer (int, numpy or 0-d torch integer), got {type(step).__name__} {step!r}: "
             "pass the global step counter, e.g. trainer.global_step or your own int"
         ) from None
-
-
-def _gather(topk: TopK, k: int) -> TopK:
-    parts = []
-    for tensor in (topk.values, topk.image, topk.position):
-        gathered = [torch.empty_like(tensor) for _ in range(_world())]
-        dist.all_gather(gathered, tensor.contiguous())
-        parts.append(gathered)
-    merged = TopK(parts[0][0], parts[1][0], parts[2][0])
-    for values, image, position in zip(*(p[1:] for p in parts)):
-        merged = merge(merged, TopK(values, image, position), k)
-    return merged
-
-
-@contextlib.contextmanager
-def _buffers_of_rank_0(model: nn.Module) -> Iterator[None]:
-    """Rank 0's buffers in ``model`` while inside, each rank's own restored after.
-
-    DDP keeps parameters in sync but not buffers: each rank updates its own BatchNorm
-    statistics, and DDP copies rank 0's only at the next forward. The probe pass must
-    rank every share with the model rank 0 writes about.
-    """
-    buffers = list(model.buffers()) if _world() > 1 else []
-    own = [b.clone() for b in buffers] if _rank() != 0 else []
-    for buffer in buffers:
-        dist.broadcast(buffer, src=0)
-    try:
-        yield
-    finally:
-        for buffer, saved in zip(buffers, own):
-            buffer.copy_(saved)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _device_of(model: nn.Module) -> torch.device:

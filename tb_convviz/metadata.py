@@ -36,6 +36,14 @@ With projections on, in the checkpoint's event as well (older readers skip these
   the first convolution, with a ``FilterInfo``; and the SCALARs
   ``convviz/<module>/{dominant_filters,near_zero_filters}``.
 
+With streams on (``"train"``, ``"eval"``; older readers skip these tags), per stream ``<s>``:
+
+* ``convviz/stream/<s>/topk/<layer>``: the stream's records, as ``convviz/topk/<layer>``;
+  an image is named by its number among the stream's stored images.
+* ``convviz/stream/<s>/chunk``: the stream's stored images, as ``convviz/probe/chunk``
+  (numbers for probe indices, label -1 when unlabelled), at the stream's own chunk steps.
+* ``convviz/stream/<s>/projection/<layer>``: projections of the stream's records.
+
 This module imports no torch.
 """
 
@@ -59,6 +67,8 @@ PROBE_INDEX_TAG = "convviz/probe/index"
 PROBE_IMAGES_TAG = "convviz/probe/images"
 PROJECTION_TAG_PREFIX = "convviz/projection/"
 FILTERS_TAG_PREFIX = "convviz/filters/"
+STREAM_TAG_PREFIX = "convviz/stream/"
+SOURCES = ("probe", "train", "eval")
 _INDEX_MAGIC = b"CVZX"
 _IMAGE_MAGIC = b"CVZI"
 SCALAR_NAMES = ("topk_overlap", "dead_fraction", "mean_peak")
@@ -77,6 +87,21 @@ def topk_tag(layer: str) -> str:
 
 def layer_of_tag(tag: str) -> str | None:
     return tag[len(TOPK_TAG_PREFIX):] if tag.startswith(TOPK_TAG_PREFIX) else None
+
+
+def stream_tag(source: str, kind: str, layer: str | None = None) -> str:
+    """The tag of a stream's ``kind`` ("topk", "chunk" or "projection") series."""
+    return f"{STREAM_TAG_PREFIX}{source}/{kind}" + (f"/{layer}" if layer is not None else "")
+
+
+def parse_stream_tag(tag: str) -> tuple[str, str, str | None] | None:
+    """(source, kind, layer or None) of a stream tag; None for any other tag."""
+    if not tag.startswith(STREAM_TAG_PREFIX):
+        return None
+    parts = tag[len(STREAM_TAG_PREFIX):].split("/", 2)
+    if len(parts) < 2 or parts[0] not in SOURCES[1:]:
+        return None
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
 def projection_tag(layer: str) -> str:

@@ -136,7 +136,11 @@ class ProbeSet:
 
     def display(self, index: int) -> np.ndarray:
         """Probe image ``index`` de-normalised for display: uint8 ``[H, W, C]``."""
-        shown = self._unit_range(self.image(index)).nan_to_num(0.0).clamp(0, 1)
+        return self.show(self.image(index))
+
+    def show(self, image: torch.Tensor) -> np.ndarray:
+        """Any ``[C, H, W]`` image fed to the model, de-normalised as probe images are: uint8 ``[H, W, C]``."""
+        shown = self._unit_range(image).nan_to_num(0.0).clamp(0, 1)
         return (shown * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
 
     def _unit_range(self, image: torch.Tensor) -> torch.Tensor:

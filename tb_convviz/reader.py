@@ -87,10 +87,15 @@ class Run:
         self._payloads: dict[str, dict[int, bytes]] = {}
         self._images: dict[int, bytes] = {}
         self._labels: dict[int, int] = {}
-        # layer -> step -> (info, index rows, image blobs): one self-contained record each.
-        self._projections: dict[str, dict[int, tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]]] = {}
+        # source -> layer -> step -> (info, index rows, image blobs): one self-contained record each.
+        self._projections: dict[str, dict[str, dict[int, tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]]]] = {}
         self.filter_module: str | None = None
         self._filters: dict[int, np.ndarray] = {}
+        # Streams ("train", "eval"): per source, like the probe's records, images and labels.
+        self._stream_payloads: dict[str, dict[str, dict[int, bytes]]] = {}
+        self._stream_images: dict[str, dict[int, bytes]] = {}
+        self._stream_labels: dict[str, dict[int, int]] = {}
+        self.stream_chunks: dict[str, int] = {}
 
     @property
     def steps(self) -> list[int]:
@@ -107,16 +112,26 @@ class Run:
                 return layer
         raise KeyError(f"no layer {name!r} in {self.path}; logged layers: {[l.name for l in self.layers]}")
 
-    def topk(self, layer: str, step: int | None = None) -> TopKRecords:
-        """Records of ``layer`` at ``step`` (the latest if None)."""
+    @property
+    def streams(self) -> list[str]:
+        """The streams ("train", "eval") this run logged records of."""
+        return [s for s in metadata.SOURCES[1:] if s in self._stream_payloads]
+
+    def topk(self, layer: str, step: int | None = None, source: str = "probe") -> TopKRecords:
+        """Records of ``layer`` at ``step`` (the latest if None), over the probe set or a stream ("train", "eval")."""
         info = self.layer(layer)
-        per_step = self._payloads[info.name]
+        if source not in metadata.SOURCES:
+            raise ValueError(f"source must be one of {metadata.SOURCES}, got {source!r}")
+        per_step = (self._payloads if source == "probe" else self._stream_payloads.get(source, {})).get(info.name, {})
+        if not per_step:
+            raise KeyError(f"layer {layer!r} has no {source!r} records in {self.path}")
         step = max(per_step) if step is None else step
         if step not in per_step:
-            raise KeyError(f"layer {layer!r} has no checkpoint at step {step}; steps: {sorted(per_step)}")
+            raise KeyError(f"layer {layer!r} has no {source} checkpoint at step {step}; steps: {sorted(per_step)}")
         rec = metadata.decode_records(per_step[step], info.units, info.k)
         image = rec["image"].astype(np.int64)
-        label = np.vectorize(lambda i: self._labels.get(int(i), -1), otypes=[np.int64])(image)
+        labels = self._labels if source == "probe" else self._stream_labels.get(source, {})
+        label = np.vectorize(lambda i: labels.get(int(i), -1), otypes=[np.int64])(image)
         return TopKRecords(rec["value"].copy(), image, rec["y"].astype(np.int64), rec["x"].astype(np.int64), label)
 
     def probe_image(self, index: int) -> np.ndarray:
@@ -132,26 +147,37 @@ class Run:
     def label(self, index: int) -> int:
         return self._labels.get(index, -1)
 
-    def projection_steps(self, layer: str) -> list[int]:
-        """Steps at which ``layer``'s projections were logged, ascending (empty if never)."""
-        return sorted(self._projections.get(self.layer(layer).name, {}))
+    def stream_image(self, source: str, index: int) -> np.ndarray:
+        """Image ``index`` of stream ``source`` as displayed, uint8 ``[H, W, 3]`` (numbered as its records name it)."""
+        blob = self._stream_images.get(source, {}).get(index)
+        if blob is None:
+            raise KeyError(f"{source} image {index} is not stored in {self.path}")
+        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
 
-    def projection_info(self, layer: str) -> plugin_data_pb2.ProjectionInfo | None:
+    def stream_label(self, source: str, index: int) -> int:
+        """The label of stream image ``index``, -1 if unlabelled."""
+        return self._stream_labels.get(source, {}).get(index, -1)
+
+    def projection_steps(self, layer: str, source: str = "probe") -> list[int]:
+        """Steps at which ``layer``'s projections were logged, ascending (empty if never)."""
+        return sorted(self._projections.get(source, {}).get(self.layer(layer).name, {}))
+
+    def projection_info(self, layer: str, source: str = "probe") -> plugin_data_pb2.ProjectionInfo | None:
         """How ``layer``'s projections were made (rule, crop size, uncovered nonlinearities), or None."""
-        per_step = self._projections.get(self.layer(layer).name)
+        per_step = self._projections.get(source, {}).get(self.layer(layer).name)
         return next(iter(per_step.values()))[0] if per_step else None
 
-    def projection(self, layer: str, step: int, unit: int, rank: int = 0) -> np.ndarray:
+    def projection(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe") -> np.ndarray:
         """The stored projection of a record, float32 ``[C, h, w]`` on its receptive-field box (zero-padded).
 
         De-quantised with its normalisation constant; KeyError if that record was not projected.
         """
-        return fmt.dequantize(self.projection_pixels(layer, step, unit, rank),
-                              float(self.projection_record(layer, step, unit, rank)["scale"]))
+        return fmt.dequantize(self.projection_pixels(layer, step, unit, rank, source),
+                              float(self.projection_record(layer, step, unit, rank, source)["scale"]))
 
-    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0) -> np.ndarray:
+    def projection_pixels(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe") -> np.ndarray:
         """The stored uint8 ``[C, h, w]`` of a record's projection, as drawn: 128 is zero, 1 and 255 ∓ its peak."""
-        info, index, blobs = self._projections_at(layer, step)
+        info, index, blobs = self._projections_at(layer, step, source)
         position = self._projection_position(layer, step, index, unit, rank)
         found = self.layer(layer)
         problem = fmt.unusable(info, found.receptive_field.size)
@@ -161,13 +187,14 @@ class Run:
                          int(index[position]["x"]))
         return fmt.decode_projection(blobs[position], info, box)
 
-    def projection_record(self, layer: str, step: int, unit: int, rank: int = 0) -> np.void:
+    def projection_record(self, layer: str, step: int, unit: int, rank: int = 0, source: str = "probe") -> np.void:
         """The index row (unit, rank, image, y, x, scale) of a stored projection."""
-        index = self._projections_at(layer, step)[1]
+        index = self._projections_at(layer, step, source)[1]
         return index[self._projection_position(layer, step, index, unit, rank)]
 
-    def _projections_at(self, layer: str, step: int) -> tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]:
-        per_step = self._projections.get(self.layer(layer).name, {})
+    def _projections_at(self, layer: str, step: int,
+                        source: str) -> tuple[plugin_data_pb2.ProjectionInfo, np.ndarray, list]:
+        per_step = self._projections.get(source, {}).get(self.layer(layer).name, {})
         if step not in per_step:
             raise KeyError(f"layer {layer!r} has no projections at step {step}; "
                            f"steps with projections: {sorted(per_step) or 'none (not logged in this run)'}")
@@ -207,6 +234,10 @@ class Run:
             if value.tag.startswith((metadata.PROJECTION_TAG_PREFIX, metadata.FILTERS_TAG_PREFIX)):
                 self._add_figure_data(value, event.step)
                 continue
+            stream = metadata.parse_stream_tag(value.tag)
+            if stream is not None:
+                self._add_stream(value, event.step, *stream)
+                continue
             layer = metadata.layer_of_tag(value.tag)
             if layer is None and value.tag not in _PROBE_TAGS:
                 continue
@@ -242,7 +273,29 @@ class Run:
                 self._images.setdefault(index, blob)
                 self._labels.setdefault(index, label)
 
-    def _add_figure_data(self, value, step: int) -> None:
+    def _add_stream(self, value, step: int, source: str, kind: str, layer: str | None) -> None:
+        """A stream's records or image chunk; its records' layers are the probe records' layers."""
+        if kind == "projection" and layer is not None:
+            self._add_figure_data(value, step, layer, source)
+        elif kind == "topk" and layer is not None:
+            payload = tensor_util.make_ndarray(value.tensor).item()
+            self._stream_payloads.setdefault(source, {}).setdefault(layer, {})[step] = payload
+        elif kind == "chunk":
+            self.stream_chunks[source] = max(self.stream_chunks.get(source, -1), step)
+            blobs = tensor_util.make_ndarray(value.tensor).reshape(-1).tolist()
+            try:
+                rows = metadata.decode_chunk_index(blobs[0] if blobs else b"")
+                images = [metadata.decode_image_blob(blob, i) for i, blob in zip(rows[:, 0].tolist(), blobs[1:])]
+                if len(rows) != len(images):
+                    raise ValueError(f"{len(rows)} index rows but {len(images)} images")
+            except ValueError as e:
+                self.errors.append(f"{source} chunk at step {step}: {e}; its images are not used")
+                return
+            for (index, label), blob in zip(rows.tolist(), images):
+                self._stream_images.setdefault(source, {}).setdefault(index, blob)
+                self._stream_labels.setdefault(source, {}).setdefault(index, label)
+
+    def _add_figure_data(self, value, step: int, layer: str | None = None, source: str = "probe") -> None:
         """A projections blob sequence or a filters tensor; a series' metadata comes with its first value."""
         content = value.metadata.plugin_data.content if value.HasField("metadata") else None
         data = metadata.parse_plugin_metadata(content) if content else None
@@ -252,8 +305,8 @@ class Run:
             if self.filter_module == value.tag[len(metadata.FILTERS_TAG_PREFIX):]:
                 self._filters[step] = tensor_util.make_ndarray(value.tensor).astype(np.float32)
             return
-        layer = value.tag[len(metadata.PROJECTION_TAG_PREFIX):]
-        per_step = self._projections.setdefault(layer, {})
+        layer = layer or value.tag[len(metadata.PROJECTION_TAG_PREFIX):]
+        per_step = self._projections.setdefault(source, {}).setdefault(layer, {})
         info = data.projection if data is not None else next(iter(per_step.values()))[0] if per_step else None
         if info is None:
             return

@@ -51,17 +51,18 @@ def encode_image(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def topk_pb(info: plugin_data_pb2.LayerInfo, records: bytes) -> summary_pb2.Summary:
-    """One layer's packed top-k records at one checkpoint."""
+def topk_pb(info: plugin_data_pb2.LayerInfo, records: bytes, tag: str | None = None) -> summary_pb2.Summary:
+    """One layer's packed top-k records at one checkpoint (``tag``: a stream's, see ``metadata.stream_tag``)."""
     md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_TENSOR)
     tensor = tensor_util.make_tensor_proto(np.array(records, dtype=object))
     return summary_pb2.Summary(
-        value=[summary_pb2.Summary.Value(tag=metadata.topk_tag(info.name), metadata=md, tensor=tensor)]
+        value=[summary_pb2.Summary.Value(tag=tag or metadata.topk_tag(info.name), metadata=md, tensor=tensor)]
     )
 
 
 def probe_chunk_pb(
-    info: plugin_data_pb2.ProbeInfo, indices: Sequence[int], labels: Sequence[int], images: Sequence[bytes]
+    info: plugin_data_pb2.ProbeInfo, indices: Sequence[int], labels: Sequence[int], images: Sequence[bytes],
+    tag: str = metadata.PROBE_CHUNK_TAG,
 ) -> summary_pb2.Summary:
     """A chunk of stored probe images, self-describing: its index blob, then each image naming itself."""
     if not (len(indices) == len(labels) == len(images)):
@@ -70,14 +71,15 @@ def probe_chunk_pb(
     blobs += [metadata.encode_image_blob(i, image) for i, image in zip(indices, images)]
     md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
     tensor = tensor_util.make_tensor_proto(np.array(blobs, dtype=object), shape=[len(blobs)])
-    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=metadata.PROBE_CHUNK_TAG, metadata=md, tensor=tensor)])
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=md, tensor=tensor)])
 
 
-def projections_pb(info: plugin_data_pb2.ProjectionInfo, index: bytes, images: Sequence[bytes]) -> summary_pb2.Summary:
+def projections_pb(info: plugin_data_pb2.ProjectionInfo, index: bytes, images: Sequence[bytes],
+                   tag: str | None = None) -> summary_pb2.Summary:
     """One layer's projections at one checkpoint: blob 0 the index, then the images (see ``projection_format``)."""
     md = metadata.create_summary_metadata(info, summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
     blobs = tensor_util.make_tensor_proto(np.array([index, *images], dtype=object), shape=[len(images) + 1])
-    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=metadata.projection_tag(info.layer),
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag or metadata.projection_tag(info.layer),
                                                                 metadata=md, tensor=blobs)])
 
 

@@ -82,6 +82,21 @@ def merge(a: TopK, b: TopK, k: int | None = None) -> TopK:
     return _best(both.columns(order_key.argsort(dim=1, stable=True)), a.k if k is None else k)
 
 
+def distinct(records: TopK, k: int) -> TopK:
+    """Each row's ``k`` best records, an image at most once (its best record), ties to the lower image.
+
+    For records that name images by content, where one image may come more than once.
+    """
+    by_image = records.columns(torch.where(records.image < 0, torch.iinfo(torch.int64).max,
+                                           records.image).argsort(dim=1, stable=True))
+    ranked = _best(by_image, by_image.k)
+    image = ranked.image
+    seen = ((image[:, :, None] == image[:, None, :]) & (image[:, None, :] >= 0)).tril(diagonal=-1).any(dim=2)
+    ranked = TopK(ranked.values.masked_fill(seen, float("-inf")), image.masked_fill(seen, -1),
+                  ranked.position.masked_fill(seen, -1))
+    return _best(ranked, k)
+
+
 def _append(a: TopK, b: TopK, k: int) -> TopK:
     """:func:`merge` where ``a`` has no unused slot and ``b``'s images, ascending in each row, all follow ``a``'s.
 
@@ -125,16 +140,18 @@ class TopKAccumulator:
         """Add a batch of activations whose images are ``first_image ..``, after all earlier ones."""
         self.add(*peaks(activations, self.threshold()), first_image)
 
-    def add(self, values: torch.Tensor, positions: torch.Tensor, first_image: int) -> None:
+    def add(self, values: torch.Tensor, positions: torch.Tensor, first_image: int | torch.Tensor) -> None:
         """Add :func:`peaks` ``[B, units]`` of images ``first_image .. first_image + B - 1``, after all earlier ones.
 
+        ``first_image`` may instead be the ``[B]`` image ids, ascending and above all earlier ones.
         Several layers' peaks may come concatenated along units, so one merge serves them all.
         """
         bad = ~values.isfinite().all(dim=0)
         self.not_finite = bad if self.not_finite is None else self.not_finite | bad
         values = values.masked_fill(values.isnan(), float("-inf"))  # NaN ranks lowest, +inf highest
         batch, units = values.shape
-        image = torch.arange(first_image, first_image + batch, device=values.device)
+        image = first_image.to(values.device) if isinstance(first_image, torch.Tensor) else \
+            torch.arange(first_image, first_image + batch, device=values.device)
         candidates = TopK(values.t(), image.unsqueeze(0).expand(units, batch), positions.t())
         if self.result is None:
             self.result = TopK.empty(units, self.k, values.device)

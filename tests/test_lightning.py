@@ -171,3 +171,26 @@ def test_ddp_strategy_with_two_cpu_processes(tmp_path):
     module = TinyModule()
     module.load_state_dict(torch.load(tmp_path / "final.pt"))
     assert_logged_like_a_plain_logger(run, module, 4, tmp_path)
+
+
+class ValidatedModule(TinyModule):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+
+def test_streams_rank_training_and_validation_batches_with_their_labels(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    val = DataLoader(TensorDataset(torch.rand(16, 3, 10, 10, generator=g), torch.full((16,), 2)), batch_size=8)
+    callback = ConvVizCallback(make_probe(), layers=LAYERS, k=3, steps=[0, 2], stream=("train", "eval"),
+                               projections=None)
+    L.Trainer(**{**TRAINER, "val_check_interval": 2, "num_sanity_val_steps": 0}, logger=False,
+              default_root_dir=tmp_path, callbacks=[callback]).fit(ValidatedModule(), train_loader(), val)
+    run = read_run(tmp_path / "convviz_logs" / "version_0")
+    assert run.streams == ["train", "eval"]
+    train = run.topk("net.4", 2, source="train")
+    assert (train.image >= 0).all() and (train.label >= 0).all()
+    # The validation pass at step 2 ran before the step-4 checkpoint: all its winners are labelled 2.
+    evaluation = run.topk("net.4", run.steps[-1], source="eval")
+    assert (evaluation.image >= 0).all() and (evaluation.label == 2).all()

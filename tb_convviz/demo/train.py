@@ -47,7 +47,7 @@ def train(
     )
     writer = SummaryWriter(os.fspath(run_dir))
     logger = ConvVizLogger(model, probe, writer=writer, layers=layers, k=min(k, len(probe)),
-                           total_steps=total_steps)
+                           total_steps=total_steps, stream=("train", "eval"))
     step, test_accuracy = 0, float("nan")
     with writer, logger, tqdm(total=total_steps, unit="step", dynamic_ncols=True) as bar:
         checkpoints = int(logger.maybe_log(step))
@@ -66,10 +66,10 @@ def train(
                 accuracy = (logits.argmax(1) == labels).float().mean().item()
                 writer.add_scalar("loss/train", loss.item(), step)
                 writer.add_scalar("accuracy/train", accuracy, step)
-                checkpoints += logger.maybe_log(step)
+                checkpoints += logger.maybe_log(step, labels=labels)
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.0%}", convviz=checkpoints, refresh=False)
                 bar.update()
-            test_loss, test_accuracy = evaluate(model, data, batch_size=2 * batch_size)
+            test_loss, test_accuracy = evaluate(model, data, batch_size=2 * batch_size, logger=logger)
             writer.add_scalar("loss/test", test_loss, step)
             writer.add_scalar("accuracy/test", test_accuracy, step)
             bar.write(f"epoch {epoch}: test accuracy {test_accuracy:.1%}, test loss {test_loss:.3f}")
@@ -77,8 +77,9 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DemoData, *, batch_size: int = 256) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on the test set."""
+def evaluate(model: nn.Module, data: DemoData, *, batch_size: int = 256,
+             logger: ConvVizLogger | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on the test set (the validation stream of ``logger``)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -86,6 +87,8 @@ def evaluate(model: nn.Module, data: DemoData, *, batch_size: int = 256) -> tupl
     for images, labels in DataLoader(data.test, batch_size=batch_size):
         images, labels = images.to(device), labels.to(device)
         logits = model(images)
+        if logger is not None:
+            logger.label(labels)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
     model.train(was_training)

@@ -154,6 +154,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                 "layers": [{**_layer_json(layer), "projections": projections[layer.name]} for layer in layers],
                 "filters": filters,
                 "probe": _probe_json(probe),
+                "streams": sorted(listing.streams, key=metadata.SOURCES.index),
                 "error": _summarise(problems),
             })
         return _json(request, {"runs": runs, "limits": LIMITS})
@@ -161,10 +162,12 @@ class ConvVizPlugin(base_plugin.TBPlugin):
     @_route
     def _serve_stats(self, request, params):
         ctx, eid = _context(request)
-        listing = self._data.listing(ctx, eid, params.text("run"))
+        listing = self._data.listing(ctx, eid, params.text("run"), _source(params))
         layers = self._layers(ctx, eid, listing)
         tags = [metadata.scalar_tag(layer.name, s) for layer in layers for s in metadata.SCALAR_NAMES]
-        scalars = self._data.scalars(ctx, eid, listing.name, tags)
+        # A stream's records have no scalars of their own: the same figures, from its records.
+        scalars = self._data.scalars(ctx, eid, listing.name, tags) if listing.source == "probe" else \
+            {tag: values for layer in layers for tag, values in _record_scalars(layer).items()}
         out = []
         for layer in layers:
             entry = {"name": layer.name, "index": layer.info.index, "steps": list(layer.steps)}
@@ -248,7 +251,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         listing, layer = self._layer(ctx, eid, params)
         step = _step(listing, layer, params)
         other_name = params.text("other_run", required=False)
-        other_listing = listing if other_name is None else self._data.listing(ctx, eid, other_name)
+        other_listing = listing if other_name is None else self._data.listing(ctx, eid, other_name, listing.source)
         if other_listing.name != listing.name:
             _check_comparable(listing, other_listing, layer)
         other_layer = self._data.layer(ctx, eid, other_listing, layer.name)
@@ -292,7 +295,7 @@ class ConvVizPlugin(base_plugin.TBPlugin):
     @_route
     def _serve_probe_image(self, request, params):
         ctx, eid = _context(request)
-        listing = self._data.listing(ctx, eid, params.text("run"))
+        listing = self._data.listing(ctx, eid, params.text("run"), _source(params))
         index = params.integer("index", required=False)
         box = None
         if any(params.text(name, required=False) is not None for name in ("layer", "unit", "rank", "step")):
@@ -341,8 +344,34 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         return sorted(layers, key=lambda layer: (layer.info.index, layer.name))
 
     def _layer(self, ctx, eid: str, params: _Params) -> tuple[RunListing, Layer]:
-        listing = self._data.listing(ctx, eid, params.text("run"))
+        listing = self._data.listing(ctx, eid, params.text("run"), _source(params))
         return listing, self._data.layer(ctx, eid, listing, params.text("layer"))
+
+
+def _record_scalars(layer: Layer) -> dict[str, dict[int, float]]:
+    """The logger's per-layer scalars, computed from ``layer``'s records: ``{tag: {step: value}}``."""
+    out: dict[str, dict[int, float]] = {metadata.scalar_tag(layer.name, name): {} for name in metadata.SCALAR_NAMES}
+    for step in layer.steps:
+        records = layer.records(step)
+        # Units that saw no image (a stream with nothing since the run began) count nowhere.
+        peak, finite = records["value"][:, 0], records["image"][:, 0] >= 0
+        out[metadata.scalar_tag(layer.name, "dead_fraction")][step] = float(np.mean(finite & ~(peak > 0)))
+        out[metadata.scalar_tag(layer.name, "mean_peak")][step] = float(np.mean(peak[finite])) if finite.any() \
+            else float("nan")
+        previous = layer.previous_step(step)
+        if previous is not None:
+            overlap = metadata.topk_overlap(records["image"], layer.records(previous)["image"])
+            out[metadata.scalar_tag(layer.name, "topk_overlap")][step] = float(overlap[finite].mean()) \
+                if finite.any() else float("nan")
+    return out
+
+
+def _source(params: _Params) -> str:
+    """The ``source`` parameter: whose records to serve, "probe" (the default), "train" or "eval"."""
+    source = params.text("source", required=False) or "probe"
+    if source not in metadata.SOURCES:
+        raise errors.InvalidArgumentError(f"source must be one of {', '.join(metadata.SOURCES)}, got {_short(source)!r}")
+    return source
 
 
 def _method_not_allowed(request):

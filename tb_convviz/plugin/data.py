@@ -180,6 +180,27 @@ class RunListing:
     errors: tuple[str, ...]
     # Format of the probe chunks: 2 (one self-describing blob sequence) or 1 (legacy index + images).
     probe_format: int = metadata.PROTO_VERSION
+    # Whose records and images `layers` and `probe_version` are: the probe set's, or a stream's.
+    source: str = "probe"
+    # Per stream the run logged: its layers (as `layers`) and its image chunks' version (or None).
+    streams: dict[str, tuple[dict, tuple | None]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The run and source: what cached renderings of this listing's records are keyed by."""
+        return self.name, self.source
+
+    def of_source(self, source: str) -> "RunListing":
+        """This listing as seen through ``source`` ("probe", "train" or "eval"); NotFoundError if not logged."""
+        if source == self.source:
+            return self
+        if source not in self.streams:
+            raise errors.NotFoundError(
+                f"run {self.name!r} has no {source!r} stream records; its sources: "
+                + ", ".join(["probe", *sorted(self.streams)]))
+        layers, version = self.streams[source]
+        return dataclasses.replace(self, layers=layers, probe_version=version, source=source,
+                                   probe_format=metadata.PROTO_VERSION)
 
 
 class ConvVizData:
@@ -215,7 +236,7 @@ class ConvVizData:
         tensors = _unless_vanished(lambda: self._provider.list_tensors(ctx, **kwargs), {})
         blobs = _unless_vanished(lambda: self._provider.list_blob_sequences(ctx, **kwargs), {})
         return {
-            name: _listing(name, tags, blobs.get(name, {}).get(metadata.PROBE_CHUNK_TAG))
+            name: _listing(name, tags, blobs.get(name, {}))
             for name, tags in sorted(tensors.items()) if tags and not self._through_loop(name)
         }
 
@@ -237,9 +258,11 @@ class ConvVizData:
             seen.add(real)
         return False
 
-    def listing(self, ctx, eid: str, run: str) -> RunListing:
-        """The listing of ``run``; NotFoundError naming the valid runs if it has no convviz data."""
+    def listing(self, ctx, eid: str, run: str, source: str = "probe") -> RunListing:
+        """The listing of ``run`` through ``source``; NotFoundError naming the valid runs if it has no convviz data."""
         found = self.listings(ctx, eid, run).get(run)
+        if found is not None:
+            return found.of_source(source)
         if found is None:
             raise errors.NotFoundError(
                 f"run {run!r} has no convviz data; runs with convviz data: "
@@ -257,7 +280,8 @@ class ConvVizData:
             )
         info, version = listing.layers[name]
         return self._cached(
-            ("layer", eid, listing.name, name), version, lambda: self._read_layer(ctx, eid, listing.name, name, info)
+            ("layer", eid, listing.key, name), version,
+            lambda: self._read_layer(ctx, eid, listing.name, name, info, listing.source)
         )
 
     def probe(self, ctx, eid: str, listing: RunListing) -> Probe:
@@ -265,7 +289,7 @@ class ConvVizData:
         if listing.probe_version is None:
             return Probe(info=listing.probe, blob_keys={}, labels={})
         return self._cached(
-            ("probe", eid, listing.name), listing.probe_version, lambda: self._read_probe(ctx, eid, listing)
+            ("probe", eid, listing.key), listing.probe_version, lambda: self._read_probe(ctx, eid, listing)
         )
 
     def image(self, ctx, eid: str, listing: RunListing, probe: Probe, index: int) -> np.ndarray:
@@ -326,8 +350,8 @@ class ConvVizData:
     def _cached(self, key: Hashable, version: Hashable, load: Callable[[], Any]) -> Any:
         return cached_version(self._series, self._flight, key, version, load)
 
-    def _read_layer(self, ctx, eid: str, run: str, name: str, info: plugin_data_pb2.LayerInfo):
-        tag = metadata.topk_tag(name)
+    def _read_layer(self, ctx, eid: str, run: str, name: str, info: plugin_data_pb2.LayerInfo, source: str):
+        tag = metadata.topk_tag(name) if source == "probe" else metadata.stream_tag(source, "topk", name)
         read = _unless_vanished(lambda: self._provider.read_tensors(
             ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS,
             run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
@@ -355,14 +379,15 @@ class ConvVizData:
     def _read_probe(self, ctx, eid: str, listing: RunListing):
         if listing.probe_format < 2:
             return self._read_legacy_probe(ctx, eid, listing)
-        rtf = provider.RunTagFilter(runs=[listing.name], tags=[metadata.PROBE_CHUNK_TAG])
+        tag = metadata.PROBE_CHUNK_TAG if listing.source == "probe" else metadata.stream_tag(listing.source, "chunk")
+        rtf = provider.RunTagFilter(runs=[listing.name], tags=[tag])
         read = _unless_vanished(lambda: self._provider.read_blob_sequences(
             ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS, run_tag_filter=rtf,
         ), None)
         if read is None:
             return Probe(info=listing.probe, blob_keys={}, labels={}), None
         chunks, problems, seen = [], [], set()
-        for datum in read.get(listing.name, {}).get(metadata.PROBE_CHUNK_TAG, []):
+        for datum in read.get(listing.name, {}).get(tag, []):
             if datum.step in seen:  # a reader resolves a step to one record; the others are unreachable
                 problems.append(f"probe chunk {datum.step} is stored twice; only the first is used")
             elif not datum.values:
@@ -446,14 +471,25 @@ def _unless_vanished(read: Callable[[], Any], vanished: Any) -> Any:
 
 
 def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
-             chunks: provider.BlobSequenceTimeSeries | None) -> RunListing:
+             blobs: dict[str, provider.BlobSequenceTimeSeries]) -> RunListing:
+    chunks = blobs.get(metadata.PROBE_CHUNK_TAG)
     layers, problems, probe, probe_version, probe_format = {}, [], None, None, metadata.PROTO_VERSION
+    streams: dict[str, tuple[dict, tuple | None]] = {}
     probe_series = [(metadata.PROBE_CHUNK_TAG, chunks)] if chunks is not None else []
     if chunks is None and metadata.PROBE_INDEX_TAG in tags:
         probe_series, probe_format = [(metadata.PROBE_INDEX_TAG, tags[metadata.PROBE_INDEX_TAG])], 1
     for tag, series in sorted(tags.items()) + probe_series:
         version = (series.max_step, series.max_wall_time)
         name = metadata.layer_of_tag(tag)
+        stream = metadata.parse_stream_tag(tag)
+        if stream is not None and stream[1] == "topk" and stream[2]:
+            source, _, name = stream
+            if source not in streams:
+                chunk = blobs.get(metadata.stream_tag(source, "chunk"))
+                streams[source] = ({}, (chunk.max_step, chunk.max_wall_time) if chunk is not None else None)
+            layers_of = streams[source][0]
+        else:
+            layers_of = layers
         if name is None and (tag, series) not in probe_series:
             continue  # a series a newer tb-convviz may add; not an error
         try:
@@ -471,9 +507,9 @@ def _listing(run: str, tags: dict[str, provider.TensorTimeSeries],
         if reason:
             problems.append(f"{tag}: {reason}")
             continue
-        layers[name] = (data.layer, version)
+        layers_of[name] = (data.layer, version)
     return RunListing(name=run, layers=layers, probe=probe, probe_version=probe_version, errors=tuple(problems),
-                      probe_format=probe_format)
+                      probe_format=probe_format, streams=streams)
 
 
 def _invalid_layer(data: plugin_data_pb2.PluginData) -> str | None:

@@ -50,7 +50,7 @@ class FigureRoutes:
     def describe(self, ctx, eid: str, listing, layers) -> tuple[dict, dict | None, list[str]]:
         """For the ``runs`` listing: per layer name its projections (or None), the run's filters (or None), and
         why some layer's projections cannot be drawn."""
-        projections = self.figures.projections(ctx, eid, listing.name)
+        projections = self.figures.projections(ctx, eid, listing.name, listing.source)
         per_layer, problems = {}, []
         for layer in layers:
             found = projections.get(layer.name)
@@ -99,7 +99,7 @@ class FigureRoutes:
             raise errors.NotFoundError(
                 f"unit {unit} rank {rank} of layer {layer.name!r} was not projected at step {step}"
                 + (" (only the top-1 record is projected there)" if rank else ""))
-        key = ("projection", eid, listing.name, layer.name, step, position, size, scale)
+        key = ("projection", eid, listing.key, layer.name, step, position, size, scale)
         return base._png(request, self._cached(key, lambda: render.encode_png(render.resize(
             self._scaled(projections, step, position, scale), size))))
 
@@ -119,7 +119,7 @@ class FigureRoutes:
             tile = render.resize(np.zeros(layer.field.size, np.uint8), size).shape[:2]
             return render.encode_png(render.mosaic(tiles, tile))
 
-        key = ("projection_mosaic", eid, listing.name, layer.name, step, unit, size, scale)
+        key = ("projection_mosaic", eid, listing.key, layer.name, step, unit, size, scale)
         return base._png(request, self._cached(key, draw))
 
     @base._route
@@ -138,7 +138,7 @@ class FigureRoutes:
             raise errors.InvalidArgumentError(
                 f"a row of {len(steps)} cells of {tile[1]}x{tile[0]} px is wider than {MAX_ROW_PIXELS} px or more "
                 f"than {render.MAX_OUTPUT_PIXELS} pixels: ask for fewer steps or a smaller size")
-        key = ("row", eid, listing.name, layer.name, unit, tuple(steps), size, kind, scale,
+        key = ("row", eid, listing.key, layer.name, unit, tuple(steps), size, kind, scale,
                layer.steps[-1] if layer.steps else None)
         if kind == "patch":
             probe = self._data.probe(ctx, eid, listing)

@@ -65,19 +65,23 @@ class FigureData:
         self._flight = _SingleFlight()
         self.read_concurrently = data.read_concurrently
 
-    def projections(self, ctx, eid: str, run: str) -> dict[str, LayerProjections]:
-        """Per layer name, its projections' blob references (empty for a run logged without projections)."""
+    def projections(self, ctx, eid: str, run: str, source: str = "probe") -> dict[str, LayerProjections]:
+        """Per layer name, its projections' blob references (empty for a run logged without projections).
+
+        ``source``: those of the probe's records, or of a stream's ("train", "eval").
+        """
+        prefix = metadata.PROJECTION_TAG_PREFIX if source == "probe" else metadata.stream_tag(source, "projection", "")
         listed = self._provider.list_blob_sequences(
             ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, run_tag_filter=provider.RunTagFilter(runs=[run]),
         ).get(run, {})
-        tags = {tag: series for tag, series in listed.items() if tag.startswith(metadata.PROJECTION_TAG_PREFIX)}
+        tags = {tag: series for tag, series in listed.items() if tag.startswith(prefix)}
         if not tags:
             return {}
         version = tuple(sorted((tag, s.max_step, s.max_wall_time, s.max_length) for tag, s in tags.items()))
-        return cached_version(self._series, self._flight, ("projections", eid, run), version,
-                              lambda: self._read_projections(ctx, eid, run, tags))
+        return cached_version(self._series, self._flight, ("projections", eid, run, source), version,
+                              lambda: self._read_projections(ctx, eid, run, tags, prefix))
 
-    def _read_projections(self, ctx, eid, run, tags) -> tuple[dict[str, LayerProjections], int]:
+    def _read_projections(self, ctx, eid, run, tags, prefix) -> tuple[dict[str, LayerProjections], int]:
         read = self._provider.read_blob_sequences(
             ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, downsample=ALL_POINTS,
             run_tag_filter=provider.RunTagFilter(runs=[run], tags=list(tags)),
@@ -91,14 +95,14 @@ class FigureData:
             if not (0 < info.height <= MAX_CROP_SIDE and 0 < info.width <= MAX_CROP_SIDE and 0 < info.channels <= 4):
                 continue
             blobs = {d.step: tuple(d.values) for d in read.get(tag, []) if len(d.values) > 1}
-            out[tag[len(metadata.PROJECTION_TAG_PREFIX):]] = LayerProjections(info, blobs)
+            out[tag[len(prefix):]] = LayerProjections(info, blobs)
         return out, 256 * sum(len(p.blobs) for p in out.values()) + 1024
 
     def layer_projections(self, ctx, eid: str, listing: RunListing, layer: Layer,
                           *, required: bool = True) -> "ProjectionReader | None":
         """``layer``'s projections, listed once for the request; NotFoundError saying why they cannot be drawn,
         or "not logged in this run" if it has none (None instead, unless ``required``)."""
-        found = self.projections(ctx, eid, listing.name).get(layer.name)
+        found = self.projections(ctx, eid, listing.name, listing.source).get(layer.name)
         if found is None or not found.blobs:
             if not required:
                 return None

@@ -145,14 +145,14 @@ class Renderer:
               record: np.void, size: int | None) -> bytes:
         image, y, x = int(record["image"]), int(record["y"]), int(record["x"])
         size = fit_size(layer.field.size, size)
-        key = ("patch", eid, listing.name, record_box(layer.field, layer.positional, y, x), image, size)
+        key = ("patch", eid, listing.key, record_box(layer.field, layer.positional, y, x), image, size)
         return self._cached(key, lambda: encode_png(self._patch(ctx, eid, listing, probe, layer, image, y, x, size)))
 
     def mosaic(self, ctx, eid: str, listing: RunListing, probe: Probe, layer: Layer,
                records: np.ndarray, size: int | None) -> bytes:
         size = fit_size(layer.field.size, size, len(records))
         content = np.stack([records["image"], records["y"].astype(np.int32), records["x"].astype(np.int32)])
-        key = ("mosaic", eid, listing.name, layer.field, layer.positional, content.tobytes(), size)
+        key = ("mosaic", eid, listing.key, layer.field, layer.positional, content.tobytes(), size)
 
         def render() -> bytes:
             stored = sorted({int(i) for i in records["image"].tolist() if int(i) in probe.blob_keys})
@@ -182,7 +182,7 @@ class Renderer:
                 box_ = box
             return encode_png(image if box_ is None else draw_box(image, box_))
 
-        return self._cached(("probe", eid, listing.name, index, box), render)
+        return self._cached(("probe", eid, listing.key, index, box), render)
 
     def _tile(self, ctx, eid, listing, probe, layer, image, y, x, size) -> np.ndarray | bool:
         """A mosaic tile, or False for a stored image that cannot be shown (drawn as missing)."""

@@ -1,0 +1,231 @@
+"""Training and validation streams: exact against a brute-force top-k over the images fed, and harmless."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tb_convviz import ConvVizLogger, ProbeSet, read_run
+from tb_convviz.streams import content_id
+
+K = 3
+LAYERS = ["conv1", "relu2"]
+
+
+class Net(nn.Module):
+    def __init__(self, bn: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv2 = nn.Conv2d(5, 6, 3, stride=2)
+        self.bn2 = nn.BatchNorm2d(6) if bn else nn.Identity()
+        self.relu2 = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.conv2.bias[:2] = -50.0  # two units that are 0 on every image: all their images tie
+
+    def forward(self, x):
+        x = self.relu2(self.bn2(self.conv2(self.conv1(x))))
+        return self.fc(self.drop(x.mean(dim=(2, 3))))
+
+
+def probe_set():
+    return ProbeSet(torch.rand(12, 3, 10, 10, generator=torch.Generator().manual_seed(7)))
+
+
+def batches(n, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.rand(size, 3, 10, 10, generator=g) for _ in range(n)]
+    out[-1][0] = out[0][1]  # an image fed twice is one image
+    out[-1][1] = out[0][1]
+    return out
+
+
+def brute_force(net, images, layer):
+    """Per unit of ``layer``, the top-K (value, content id) over ``images``, ties to the lower id, each image once."""
+    unique = {content_id(image): image for image in images}
+    keys = sorted(unique)
+    found = {}
+    handle = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: found.update(out=o))
+    net.eval()
+    with torch.no_grad():
+        net(torch.stack([unique[key] for key in keys]))
+    handle.remove()
+    out = found["out"]
+    values = out.amax(dim=(2, 3)) if out.dim() == 4 else out
+    rows = []
+    for unit in range(values.shape[1]):
+        order = sorted(range(len(keys)), key=lambda i: (-float(values[i, unit]), keys[i]))[:K]
+        rows.append([(float(values[i, unit]), keys[i]) for i in order])
+    return rows, unique
+
+
+def assert_stream_equals(run, source, step, net, fed, probe):
+    for layer in LAYERS:
+        expected, unique = brute_force(net, fed, layer)
+        got = run.topk(layer, step, source=source)
+        for unit, row in enumerate(expected):
+            np.testing.assert_allclose(got.values[unit], [v for v, _ in row], rtol=1e-5, atol=1e-6)
+            for slot, (_, key) in enumerate(row):
+                # The stored pixels are the brute-force winner's (lossless at this size).
+                np.testing.assert_array_equal(run.stream_image(source, int(got.image[unit, slot])),
+                                              probe.show(unique[key]))
+
+
+def test_train_stream_equals_brute_force_with_ties_and_repeats(tmp_path):
+    torch.manual_seed(0)
+    net, probe = Net(), probe_set()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    logger = ConvVizLogger(net, probe, tmp_path, layers=LAYERS, k=K, steps=[0, 3], stream="train", projections=None)
+    fed = []
+    for step, x in enumerate(batches(4, 5, seed=1)):
+        net.train()
+        net(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        fed.extend(x)
+        logger.maybe_log(step)
+        if step == 0:
+            assert_stream_equals(read_run(tmp_path), "train", 0, net, fed, probe)
+    logger.close(final_checkpoint=False)
+    run = read_run(tmp_path)
+    # The window: images since step 0, and step 0's winners: the top-k over everything fed.
+    assert_stream_equals(run, "train", 3, net, fed, probe)
+    assert run.streams == ["train"]
+    with pytest.raises(KeyError):
+        run.topk("conv1", 3, source="eval")
+
+
+def test_eval_stream_equals_brute_force_with_batchnorm(tmp_path):
+    torch.manual_seed(0)
+    net, probe = Net(bn=True), probe_set()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    logger = ConvVizLogger(net, probe, tmp_path, layers=LAYERS, k=K, steps=[2], stream="eval", projections=None)
+    validation = batches(3, 4, seed=2)
+    for step, x in enumerate(batches(3, 6, seed=3)):
+        net.train()
+        net(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        net.eval()
+        with torch.no_grad():
+            for v in validation:
+                net(v)
+        logger.maybe_log(step)
+    logger.close(final_checkpoint=False)
+    run = read_run(tmp_path)
+    assert_stream_equals(run, "eval", 2, net, [image for v in validation for image in v], probe)
+    # The probe records are there as before, and the default source.
+    assert np.array_equal(run.topk("conv1", 2).image, run.topk("conv1", 2, source="probe").image)
+
+
+def test_logger_never_ranks_its_own_passes_nor_paused_forwards(tmp_path):
+    net, probe = Net(bn=True), probe_set()
+    logger = ConvVizLogger(net, probe, tmp_path, layers=LAYERS, k=K, steps=[0, 1], stream=("train", "eval"),
+                           projections="topk")
+    with torch.no_grad(), logger.paused():
+        net.eval()
+        net(torch.rand(4, 3, 10, 10))
+        net.train()
+        net(torch.rand(4, 3, 10, 10))
+    logger.maybe_log(0)
+    logger.maybe_log(1)
+    logger.close(final_checkpoint=False)
+    run = read_run(tmp_path)
+    for source in ("train", "eval"):
+        for layer in LAYERS:
+            assert (run.topk(layer, 1, source=source).image == -1).all()
+
+
+def test_labels_and_projections_of_stream_winners(tmp_path):
+    net, probe = Net(), probe_set()
+    logger = ConvVizLogger(net, probe, tmp_path, layers=LAYERS, k=K, steps=[0], stream="train")
+    x = torch.rand(6, 3, 10, 10, generator=torch.Generator().manual_seed(4))
+    net.train()
+    net(x)
+    logger.maybe_log(0, labels=torch.arange(6) + 10)
+    logger.close(final_checkpoint=False)
+    run = read_run(tmp_path)
+    records = run.topk("relu2", 0, source="train")
+    for unit in range(records.image.shape[0]):
+        for slot in range(K):
+            shown = run.stream_image("train", int(records.image[unit, slot]))
+            row = next(i for i, image in enumerate(x) if np.array_equal(probe.show(image), shown))
+            assert records.label[unit, slot] == row + 10
+    # Top-1 projections of stream records, as for the probe's: the record's own image and position.
+    record = run.projection_record("relu2", 0, unit=4, source="train")
+    assert (record["image"], record["y"], record["x"]) == (records.image[4, 0], records.y[4, 0], records.x[4, 0])
+    assert np.abs(run.projection("relu2", 0, unit=4, source="train")).max() > 0
+
+
+def test_images_that_cannot_be_found_fail_at_construction(tmp_path):
+    class DictNet(Net):
+        def forward(self, batch):
+            return super().forward(batch["image"])
+
+    net, probe = DictNet(), probe_set()
+    call = lambda m, x: m({"image": x})  # noqa: E731
+    with pytest.raises(ValueError, match="stream_images="):
+        ConvVizLogger(net, probe, tmp_path, layers=LAYERS, forward=call, stream="train")
+    logger = ConvVizLogger(net, probe, tmp_path, layers=LAYERS, k=K, forward=call, stream="train", steps=[0],
+                           stream_images=lambda args, kwargs: args[0]["image"], projections=None)
+    net.train()
+    net({"image": torch.rand(4, 3, 10, 10)})
+    logger.maybe_log(0)
+    logger.close(final_checkpoint=False)
+    assert (read_run(tmp_path).topk("conv1", 0, source="train").image >= 0).all()
+    with pytest.raises(ValueError, match="stream must be"):
+        ConvVizLogger(Net(), probe, tmp_path / "b", stream="validation")
+
+
+def test_pool_stays_within_its_bound(tmp_path):
+    net, probe = Net(), probe_set()
+    image_bytes = 3 * 10 * 10 * 4
+    logger = ConvVizLogger(net, probe, tmp_path, layers=LAYERS, k=K, steps=[0, 50], stream="train",
+                           stream_pool_bytes=8 * image_bytes, projections=None)
+    net.train()
+    for step, x in enumerate(batches(6, 8, seed=5)):
+        net(x)
+        assert logger.stream_pool_bytes_held <= 8 * image_bytes
+        logger.maybe_log(step)
+    logger.close(final_checkpoint=False)
+    records = read_run(tmp_path).topk("conv1", 0, source="train")
+    assert (records.image >= 0).any()
+
+
+def _train(net, logger, data, seed):
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    grads, states = [], []
+    for step, x in enumerate(data):
+        net.train()
+        net(x).sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+        optimizer.step()
+        optimizer.zero_grad()
+        net.eval()
+        with torch.no_grad():
+            net(x + 1)
+        if logger is not None:
+            logger.maybe_log(step)
+        states.append((copy.deepcopy(net.state_dict()), torch.get_rng_state(),
+                       [m.training for m in net.modules()]))
+    return grads, states
+
+
+def test_streams_do_not_change_training(tmp_path):
+    data = batches(4, 6, seed=6)
+    torch.manual_seed(1)
+    plain = Net(bn=True, dropout=0.3)
+    hooked = copy.deepcopy(plain)
+    logger = ConvVizLogger(hooked, probe_set(), tmp_path, layers=LAYERS, k=K, steps=[0, 2], stream=("train", "eval"))
+    expected = _train(plain, None, data, seed=2)
+    got = _train(hooked, logger, data, seed=2)
+    logger.close(final_checkpoint=False)
+    for a, b in zip(expected[0], got[0]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for (sa, ra, fa), (sb, rb, fb) in zip(expected[1], got[1]):
+        assert all(torch.equal(sa[name], sb[name]) for name in sa)
+        assert torch.equal(ra, rb) and fa == fb
