@@ -11,7 +11,6 @@ import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from tb_convviz import layers as layer_select
@@ -22,7 +21,7 @@ from tb_convviz.logdir_lock import LogDirLock
 from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward, probe_dtype
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import LayerProjections, Target, check_options, cost_warning, failure_message, project_ranks
-from tb_convviz.ranking import merge_ranks, rank, world
+from tb_convviz.ranking import Agreement, agreed, merge_ranks, rank, world
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.records import RecordWriter
@@ -132,6 +131,7 @@ class ConvVizLogger:
                                      first_conv=self._first_conv, projection_rule=projection_rule)
         self._streams = self._stream_sources(stream, stream_images, stream_pool_bytes)
         self._last_step = -1
+        self._agreement = Agreement()  # every rank, together: before any other collective
         self._lock = LogDirLock(self.log_dir) if rank() == 0 else None
         try:
             self._resume()
@@ -223,14 +223,14 @@ class ConvVizLogger:
         return infos
 
     def _resume(self) -> None:
-        if rank() == 0 and os.path.isdir(self.log_dir) and event_files(self.log_dir):
-            self._read_existing()
-        if world() > 1:
-            # Every rank joins each checkpoint's gather, so all must skip what rank 0 skips; only
-            # rank 0 writes, and only it is sure to see the log dir (it may be on its node's disk).
-            last = torch.tensor([self._last_step], device=self.device)
-            dist.broadcast(last, src=0)
-            self._last_step = int(last)
+        def read() -> None:
+            if rank() == 0 and os.path.isdir(self.log_dir) and event_files(self.log_dir):
+                self._read_existing()
+
+        agreed(read, self._agreement, "reading the log dir on rank 0")
+        # Every rank joins each checkpoint's gather, so all must skip what rank 0 skips; only
+        # rank 0 writes, and only it is sure to see the log dir (it may be on its node's disk).
+        self._last_step = self._agreement.rank_0s(self._last_step, "building the logger")
 
     def _read_existing(self) -> None:
         run = read_run(self.log_dir)
@@ -300,15 +300,16 @@ class ConvVizLogger:
         if step <= self._last_step:
             self._warn_order(step)
             return False
+        self._agreement.same_step(step, "log()")  # before any collective: a clear error for a rank that is not here
         try:
             with self.paused():
-                ranked = merge_ranks(self._probe_source.local, self.k)
+                ranked = merge_ranks(self._probe_source.local, self.k, agreement=self._agreement)
                 ranks = self._projection_ranks(step)
                 self._checkpoints += 1
                 # Failed projections are left out; the checkpoint's records are worth keeping without them.
                 projections = self._projected(step, ranks, self.probe, ranked.topk)
-                streams = {s.mode: s.checkpoint(functools.partial(self._projected, step, ranks, alone=True))
-                           for s in self._streams}
+                streams = {s.mode: s.checkpoint(functools.partial(self._projected, step, ranks, alone=True),
+                                                self._agreement) for s in self._streams}
         except Exception as e:
             self._failed("probe pass", f"the probe pass of the checkpoint at step {step} failed "
                          f"({type(e).__name__}: {e}); checkpoints are skipped until it works again")
@@ -373,7 +374,8 @@ class ConvVizLogger:
         targets = [Target(name, ReceptiveField.from_proto(info.receptive_field), info.fmap_w)
                    for name, info in self._layer_infos.items()]
         return project_ranks(self._net, images, targets, results, ranks=ranks, rule=self.projection_rule,
-                             batch_size=self.batch_size, device=self.device, call=self._call, alone=alone)
+                             batch_size=self.batch_size, device=self.device, call=self._call, alone=alone,
+                             agreement=self._agreement)
 
     def _projected(self, step: int, ranks: int, images: Any, results: dict[str, TopK], *,
                    alone: bool = False) -> dict[str, LayerProjections]:
@@ -455,9 +457,7 @@ class ConvVizLogger:
                               ConvVizWarning, stacklevel=3)
                 return
             # Every rank must take the same decision, as every rank joins the checkpoint's gather.
-            decided = torch.tensor([step], device=self.device)
-            dist.broadcast(decided, src=0)
-            step = int(decided)
+            step = self._agreement.rank_0s(step, "close()")
         if step > self._last_step:
             self._final = True
             try:

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from tb_convviz import projection_format as fmt
 from tb_convviz.geometry import ReceptiveField, record_box
 from tb_convviz.isolation import preserved
-from tb_convviz.ranking import buffers_of_rank_0, rank, world
+from tb_convviz.ranking import Agreement, agreed, buffers_of_rank_0, rank, world
 
 RULES = ("deconvnet", "guided", "gradient")
 PROJECTIONS = ("top1", "topk", None)
@@ -364,19 +364,23 @@ def project_checkpoint(net: nn.Module, probe, targets: Sequence[Target], image: 
 
 def project_ranks(net: nn.Module, probe, targets: Sequence[Target], results: dict, *, ranks: int, rule: str,
                   batch_size: int, device: torch.device, call: Callable[[torch.Tensor], object],
-                  alone: bool = False) -> dict[str, LayerProjections]:
+                  alone: bool = False, agreement: Agreement | None = None) -> dict[str, LayerProjections]:
     """A checkpoint's projections of ``results`` (per layer, :class:`~tb_convviz.topk.TopK` on the CPU).
 
     ``probe`` is anything with ``image(index)``. Each rank projects its share; rank 0 gets them
     all, the other ranks {}; ``alone``: this process projects every record, with no collective.
     The model's train flags, RNG, grads and (under DDP) own buffers are as before.
     """
-    with preserved(net, no_grad=False), contextlib.nullcontext() if alone else buffers_of_rank_0(net):
-        mine = project_checkpoint(
-            net, probe, targets, {n: t.image.numpy() for n, t in results.items()},
-            {n: t.position.numpy() for n, t in results.items()}, ranks=ranks, rule=rule,
-            batch_size=batch_size, device=device, share=(0, 1) if alone else (rank(), world()), call=call,
-        )
+    def local() -> dict[str, LayerProjections]:
+        with preserved(net, no_grad=False), contextlib.nullcontext() if alone else buffers_of_rank_0(net):
+            return project_checkpoint(
+                net, probe, targets, {n: t.image.numpy() for n, t in results.items()},
+                {n: t.position.numpy() for n, t in results.items()}, ranks=ranks, rule=rule,
+                batch_size=batch_size, device=device, share=(0, 1) if alone else (rank(), world()), call=call,
+            )
+
+    # Every rank's share must have succeeded before the gather: else all ranks skip them.
+    mine = local() if alone else agreed(local, agreement, "the projections")
     if alone or world() == 1:
         return mine
     shares = [None] * world() if rank() == 0 else None

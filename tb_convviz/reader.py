@@ -138,11 +138,13 @@ class Run:
         """Probe image ``index`` as displayed, uint8 ``[H, W, 3]``; only images some record names are stored."""
         if index not in self._images:
             raise KeyError(f"probe image {index} is not stored: only images named by a top-k record are kept")
+        return self._decode(self._images[index], f"probe image {index}")
+
+    def _decode(self, blob: bytes, what: str) -> np.ndarray:
         if self.probe is None:
-            raise ValueError(f"{self.path} stores probe images without describing the probe set: the run is damaged")
+            raise ValueError(f"{self.path} stores images without describing the probe set: the run is damaged")
         # Checked from the header against the probe set's size, before any pixel is decoded.
-        return stored_image.decode(self._images[index], self.probe.height, self.probe.width, mode="RGB",
-                                   what=f"probe image {index}")
+        return stored_image.decode(blob, self.probe.height, self.probe.width, mode="RGB", what=what)
 
     def label(self, index: int) -> int:
         return self._labels.get(index, -1)
@@ -152,7 +154,7 @@ class Run:
         blob = self._stream_images.get(source, {}).get(index)
         if blob is None:
             raise KeyError(f"{source} image {index} is not stored in {self.path}")
-        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+        return self._decode(blob, f"{source} image {index}")
 
     def stream_label(self, source: str, index: int) -> int:
         """The label of stream image ``index``, -1 if unlabelled."""
