@@ -81,7 +81,7 @@ class Agreement:
             dist.all_reduce(tensor, op=op, group=self.group)
         except RuntimeError as e:  # a timeout, or a rank that left
             raise RankMismatch(
-                f"convviz: rank {rank()} waited in {what} for the other ranks, which did not come ({e}). "
+                f"convviz: rank {rank()} waited in {what} for the other ranks, which did not come ({e}): "
                 f"{RULE}") from None
         return tensor.tolist()
 
