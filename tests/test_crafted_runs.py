@@ -117,6 +117,9 @@ def test_an_unclipped_4096_projection_is_bounded(served):
     assert image.shape[0] * image.shape[1] <= render.MAX_OUTPUT_PIXELS
     row = _png(served.get("row?run=unclipped4096&layer=conv1&unit=0&steps=0&size=64"))
     assert row.shape[:2] == (64, 64) and (row[..., 3] == 255).all()
+    # Five cells of 4096^2 decoded pixels are more than a request may decode.
+    error = _error(served.get("row?run=unclipped4096&layer=conv1&unit=0&steps=0,0,0,0,0&size=8"), 400)
+    assert f"more than the {render.MAX_DECODED_PIXELS}" in error
 
 
 def test_a_zero_size_filter_tensor_is_not_logged_filters(served):
