@@ -52,9 +52,7 @@ class Agreement:
 
     def __init__(self) -> None:
         self.timeout = _default_timeout()
-        # Without gloo (a rare build), the ranks go on without agreeing, as before.
-        usable = world() > 1 and dist.is_gloo_available()
-        self.group = dist.new_group(backend="gloo", timeout=self.timeout) if usable else None
+        self.group = dist.new_group(backend="gloo", timeout=self.timeout) if world() > 1 else None
 
     def same_step(self, step: int, call: str) -> None:
         """Every rank is in ``call`` at ``step``; RankMismatch (naming the rule) if not."""
