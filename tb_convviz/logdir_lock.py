@@ -18,9 +18,15 @@ class LogDirLock:
     _fd: int | None = None
 
     def __init__(self, log_dir: str) -> None:
-        os.makedirs(log_dir, exist_ok=True)
-        path = os.path.join(log_dir, self.NAME)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.path = path = os.path.join(log_dir, self.NAME)
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(e.errno, (
+                f"cannot create {path} ({e.strerror}): tb-convviz keeps this lock file in the log dir, so that two "
+                "loggers never write into one run, and writes its event files there, so the log dir must be "
+                f"writable. Pass a log dir you can write to, or make {log_dir!r} writable")) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -33,6 +39,16 @@ class LogDirLock:
             ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+    def held(self) -> bool:
+        """Whether the lock file at the log dir is still the one locked (not deleted with its log dir)."""
+        if self._fd is None:
+            return False
+        try:
+            here, there = os.fstat(self._fd), os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -11,7 +11,6 @@ import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from tb_convviz import layers as layer_select
@@ -23,8 +22,8 @@ from tb_convviz.isolation import preserved
 from tb_convviz.logdir_lock import LogDirLock
 from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward, check_probe_input, probe_dtype
 from tb_convviz.probe import ProbeSet
-from tb_convviz.projection import LayerProjections, Target, check_options, project_ranks
-from tb_convviz.ranking import merge_ranks, rank, world
+from tb_convviz.projection import LayerProjections, Target, check_options, cost_warning, failure_message, project_ranks
+from tb_convviz.ranking import Agreement, agreed, merge_ranks, rank, world
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.records import RecordWriter
@@ -127,6 +126,11 @@ class ConvVizLogger:
 
         self.layers = self._pick_layers(layers)
         self._layer_infos = self._describe_layers()
+        costly = projections and cost_warning({n: i.units for n, i in self._layer_infos.items()},
+                                              1 if projections == "top1" and not projections_topk_every else k,
+                                              len(probe))
+        if costly:
+            warnings.warn(f"convviz: {costly}", ConvVizWarning, stacklevel=2)
         # The checkpoint's data flow: sources rank candidates, ranking merges the ranks' shares,
         # projections and records follow. The logger holds the options and the schedule.
         self._probe_source = ProbeSource(self._net, probe, self.layers, {n: s[1] for n, s in self._shapes.items()},
@@ -135,6 +139,7 @@ class ConvVizLogger:
                                      first_conv=self._first_conv, projection_rule=projection_rule)
         self._streams = self._stream_sources(stream, stream_images, stream_pool_bytes)
         self._last_step = -1
+        self._agreement = Agreement()  # every rank, together: before any other collective
         self._lock = LogDirLock(self.log_dir) if rank() == 0 else None
         try:
             self._resume()
@@ -145,7 +150,7 @@ class ConvVizLogger:
         self._due = self.schedule.next_due(self._last_step)
         # Kinds of failure ("probe pass", "write") warned about and not yet recovered from.
         self._failing: set[str] = set()
-        self._warned_order = self._warned_backwards = False
+        self._warned_order = self._warned_backwards = self._warned_moved = False
         # The highest step given to maybe_log, and the model's state version right after that call.
         self._seen_step, self._seen_version = -1, None
         self._state = _state_tensors(self._net)
@@ -226,14 +231,14 @@ class ConvVizLogger:
         return infos
 
     def _resume(self) -> None:
-        if rank() == 0 and os.path.isdir(self.log_dir) and event_files(self.log_dir):
-            self._read_existing()
-        if world() > 1:
-            # Every rank joins each checkpoint's gather, so all must skip what rank 0 skips; only
-            # rank 0 writes, and only it is sure to see the log dir (it may be on its node's disk).
-            last = torch.tensor([self._last_step], device=self.device)
-            dist.broadcast(last, src=0)
-            self._last_step = int(last)
+        def read() -> None:
+            if rank() == 0 and os.path.isdir(self.log_dir) and event_files(self.log_dir):
+                self._read_existing()
+
+        agreed(read, self._agreement, "reading the log dir on rank 0")
+        # Every rank joins each checkpoint's gather, so all must skip what rank 0 skips; only
+        # rank 0 writes, and only it is sure to see the log dir (it may be on its node's disk).
+        self._last_step = self._agreement.rank_0s(self._last_step, "building the logger")
 
     def _read_existing(self) -> None:
         run = read_run(self.log_dir)
@@ -311,14 +316,16 @@ class ConvVizLogger:
         if step <= self._last_step:
             self._warn_order(step)
             return False
+        self._agreement.same_step(step, "log()")  # before any collective: a clear error for a rank that is not here
         try:
             with self.paused():
-                ranked = merge_ranks(self._probe_source.local(), self.k)
+                ranked = merge_ranks(self._probe_source.local, self.k, agreement=self._agreement)
                 ranks = self._projection_ranks(step)
                 self._checkpoints += 1
-                projections = self._project(ranks, self.probe, ranked.topk)
-                streams = {s.mode: s.checkpoint(functools.partial(self._project, ranks, alone=True))
-                           for s in self._streams}
+                # Failed projections are left out; the checkpoint's records are worth keeping without them.
+                projections = self._projected(step, ranks, self.probe, ranked.topk)
+                streams = {s.mode: s.checkpoint(functools.partial(self._projected, step, ranks, alone=True),
+                                                self._agreement) for s in self._streams}
         except Exception as e:
             self._failed("probe pass", f"the probe pass of the checkpoint at step {step} failed "
                          f"({type(e).__name__}: {e}); checkpoints are skipped until it works again")
@@ -337,6 +344,7 @@ class ConvVizLogger:
             self._failed("effective field", f"the effective fields at step {step} could not be measured "
                          f"({type(e).__name__}: {e}); the checkpoint is logged without them")
         try:
+            self._follow_log_dir(step)
             self._records.write(step, ranked.topk, projections, streams, fields)
         except Exception as e:
             self._failed("write", f"could not write the checkpoint at step {step} to {self.log_dir!r} "
@@ -390,7 +398,40 @@ class ConvVizLogger:
         targets = [Target(name, ReceptiveField.from_proto(info.receptive_field), info.fmap_w)
                    for name, info in self._layer_infos.items()]
         return project_ranks(self._net, images, targets, results, ranks=ranks, rule=self.projection_rule,
-                             batch_size=self.batch_size, device=self.device, call=self._call, alone=alone)
+                             batch_size=self.batch_size, device=self.device, call=self._call, alone=alone,
+                             agreement=self._agreement)
+
+    def _projected(self, step: int, ranks: int, images: Any, results: dict[str, TopK], *,
+                   alone: bool = False) -> dict[str, LayerProjections]:
+        """:meth:`_project`, or {} with one warning (what failed, what to do) when it fails."""
+        try:
+            projections = self._project(ranks, images, results, alone=alone)
+        except Exception as e:
+            self._failed("projections", failure_message(step, e))
+            return {}
+        self._failing.discard("projections")
+        return projections
+
+    def _follow_log_dir(self, step: int) -> None:
+        """Start anew where the log dir was deleted or moved since its event file and lock were made.
+
+        Otherwise checkpoints would go on into a deleted file, and another logger could take the
+        recreated dir. Raises RuntimeError if another logger has taken it.
+        """
+        gone = self._records.moved()
+        if not gone and self._lock is not None and self._lock.held():
+            return
+        if gone:
+            self._records.restart()
+            if not self._warned_moved:
+                self._warned_moved = True
+                warnings.warn(
+                    f"convviz: the log dir {self.log_dir!r} was deleted or moved during training: checkpoints from "
+                    f"step {step} on go into a new event file there, with the probe images they name; earlier "
+                    "checkpoints are not in it", ConvVizWarning, stacklevel=4,
+                )
+        self._release_lock()
+        self._lock = LogDirLock(self.log_dir)
 
     @property
     def stream_pool_bytes_held(self) -> int:
@@ -441,9 +482,7 @@ class ConvVizLogger:
                               ConvVizWarning, stacklevel=user_stacklevel())
                 return
             # Every rank must take the same decision, as every rank joins the checkpoint's gather.
-            decided = torch.tensor([step], device=self.device)
-            dist.broadcast(decided, src=0)
-            step = int(decided)
+            step = self._agreement.rank_0s(step, "close()")
         if step > self._last_step:
             self._final = True
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from tb_convviz import projection_format as fmt
 from tb_convviz.geometry import ReceptiveField, record_box
 from tb_convviz.isolation import preserved
-from tb_convviz.ranking import buffers_of_rank_0, rank, world
+from tb_convviz.ranking import Agreement, agreed, buffers_of_rank_0, rank, world
 
 RULES = ("deconvnet", "guided", "gradient")
 PROJECTIONS = ("top1", "topk", None)
@@ -105,6 +106,80 @@ class RuleMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_forcing = threading.local()
+_forcing_lock = threading.Lock()
+_forcing_users = 0
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+def _forced_set_grad_enabled(mode: bool) -> None:
+    _set_grad_enabled(True if getattr(_forcing, "on", False) else mode)
+
+
+@contextlib.contextmanager
+def grad_forced() -> Iterator[None]:
+    """Gradients on inside, on this thread, even where the model turns them off in its forward.
+
+    A frozen backbone (``with torch.no_grad(): f = backbone(x)`` in ``forward``) is the usual
+    fine-tuning pattern, and projections take gradients with respect to the input only, which
+    the frozen part must still pass back. ``no_grad``, ``set_grad_enabled`` and ``enable_grad``
+    all switch through ``torch._C._set_grad_enabled``, which is wrapped while any thread is
+    inside; other threads keep their own grad mode. ``torch.inference_mode`` cannot be overridden.
+    """
+    global _forcing_users
+    with _forcing_lock:
+        if _forcing_users == 0:
+            torch._C._set_grad_enabled = _forced_set_grad_enabled
+        _forcing_users += 1
+    try:
+        with torch.enable_grad():
+            _forcing.on = True
+            try:
+                yield
+            finally:
+                _forcing.on = False  # before enable_grad restores the caller's mode
+    finally:
+        with _forcing_lock:
+            _forcing_users -= 1
+            if _forcing_users == 0:
+                torch._C._set_grad_enabled = _set_grad_enabled
+
+
+# Projections are one backward row per record; above this many per probe image (and this many in
+# all), a checkpoint's projections cost over ~100x its probe pass (measured: ResNet-18, 8 rows per
+# image, 21x), and the logger says so when it is built.
+COSTLY_ROWS_PER_IMAGE = 50
+COSTLY_ROWS = 20000
+
+
+def cost_warning(units: dict[str, int], ranks: int, probe_images: int) -> str | None:
+    """What to say when projecting ``ranks`` records of each of ``units`` (per layer) would dwarf the probe pass."""
+    rows = ranks * sum(units.values())
+    if rows <= max(COSTLY_ROWS, COSTLY_ROWS_PER_IMAGE * probe_images):
+        return None
+    widest = sorted(units, key=units.get, reverse=True)[:3]
+    return (f"projections will take {rows} backward rows per checkpoint ({ranks} per unit; "
+            + ", ".join(f"{name!r}: {units[name]} units" for name in widest)
+            + f"), {rows / probe_images:.0f} per image of the {probe_images}-image probe pass, so each checkpoint "
+            "will cost far more than its probe pass. Pass projections=None, or layers=[...] without the widest "
+            "layers" + (", or projections='top1' without projections_topk_every" if ranks > 1 else ""))
+
+
+def failure_message(step: int, error: Exception) -> str:
+    """The warning for a checkpoint whose projections failed (its records are logged without them): why, and what to do."""
+    text = f"{type(error).__name__}: {error}"
+    if "inference" in str(error).lower():
+        hint = ("The model runs part of its forward under torch.inference_mode(), through which no gradient "
+                "can pass: use torch.no_grad() there instead (projections pass through no_grad). ")
+    elif isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+        hint = "Pass a smaller batch_size= (projections run batch_size records at once). "
+    else:
+        hint = ""
+    return (f"the projections of the checkpoint at step {step} failed ({text}); its top-k records and probe "
+            f"images are logged without them. {hint}Pass projections=None to stop projecting; later "
+            "checkpoints do not repeat this warning until projections work again")
+
+
 class _Stop(Exception):
     """Raised by the last needed layer's hook: the rest of the forward pass is not needed."""
 
@@ -150,7 +225,7 @@ def project(net: nn.Module, layers: Sequence[str], images: torch.Tensor, layer_o
     handles = [modules[layers[i]].register_forward_hook(hook_for(i)) for i in wanted]
     x = images.detach().clone().requires_grad_(True)
     try:
-        with torch.enable_grad(), mode:
+        with grad_forced(), mode:
             (net if call is None else call)(x)
     except _Stop:
         pass
@@ -160,6 +235,12 @@ def project(net: nn.Module, layers: Sequence[str], images: torch.Tensor, layer_o
     missing = [layers[i] for i in wanted if i not in outputs]
     if missing:
         raise RuntimeError(f"layers {missing} did not run in the forward pass")
+    cut = [i for i in wanted if not outputs[i].requires_grad]
+    if cut:
+        how = ("computed under torch.inference_mode()" if any(outputs[i].is_inference() for i in cut)
+               else "detached from the input in the forward")
+        raise RuntimeError(f"layers {[layers[i] for i in cut]} give outputs that no gradient connects to the "
+                           f"input: they were {how}")
     rows_t = torch.arange(rows, device=x.device)
     layer_t = torch.as_tensor(list(layer_of_row), device=x.device)
     unit_t = torch.as_tensor(list(unit), device=x.device)
@@ -288,19 +369,23 @@ def project_checkpoint(net: nn.Module, probe, targets: Sequence[Target], image: 
 
 def project_ranks(net: nn.Module, probe, targets: Sequence[Target], results: dict, *, ranks: int, rule: str,
                   batch_size: int, device: torch.device, call: Callable[[torch.Tensor], object],
-                  alone: bool = False) -> dict[str, LayerProjections]:
+                  alone: bool = False, agreement: Agreement | None = None) -> dict[str, LayerProjections]:
     """A checkpoint's projections of ``results`` (per layer, :class:`~tb_convviz.topk.TopK` on the CPU).
 
     ``probe`` is anything with ``image(index)``. Each rank projects its share; rank 0 gets them
     all, the other ranks {}; ``alone``: this process projects every record, with no collective.
     The model's train flags, RNG, grads and (under DDP) own buffers are as before.
     """
-    with preserved(net, no_grad=False), contextlib.nullcontext() if alone else buffers_of_rank_0(net):
-        mine = project_checkpoint(
-            net, probe, targets, {n: t.image.numpy() for n, t in results.items()},
-            {n: t.position.numpy() for n, t in results.items()}, ranks=ranks, rule=rule,
-            batch_size=batch_size, device=device, share=(0, 1) if alone else (rank(), world()), call=call,
-        )
+    def local() -> dict[str, LayerProjections]:
+        with preserved(net, no_grad=False), contextlib.nullcontext() if alone else buffers_of_rank_0(net):
+            return project_checkpoint(
+                net, probe, targets, {n: t.image.numpy() for n, t in results.items()},
+                {n: t.position.numpy() for n, t in results.items()}, ranks=ranks, rule=rule,
+                batch_size=batch_size, device=device, share=(0, 1) if alone else (rank(), world()), call=call,
+            )
+
+    # Every rank's share must have succeeded before the gather: else all ranks skip them.
+    mine = local() if alone else agreed(local, agreement, "the projections")
     if alone or world() == 1:
         return mine
     shares = [None] * world() if rank() == 0 else None

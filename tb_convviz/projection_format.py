@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from tb_convviz import stored_image
 from tb_convviz.geometry import crop
 
 INDEX_DTYPE = np.dtype([("unit", "<i4"), ("rank", "<i4"), ("image", "<i4"), ("y", "<i2"), ("x", "<i2"),
@@ -114,14 +115,15 @@ def encode_many(ones: list[np.ndarray], encoding: str = ENCODING) -> list[bytes]
 
 
 def decode_pixels(data: bytes, channels: int, height: int, width: int) -> np.ndarray:
-    """Decode :func:`encode_pixels` output back to uint8 ``[channels, height, width]``; ValueError if it does not fit."""
-    with Image.open(io.BytesIO(data)) as pil:
-        # WebP has no grey mode: grey projections come back as RGB with equal channels.
-        pil = pil.convert("RGB" if channels == 3 else "L")
-        if pil.width * pil.height * len(pil.getbands()) != channels * height * width:
-            raise ValueError(f"a {pil.width}x{pil.height} projection image does not hold {channels}x{height}x{width}")
-        image = np.asarray(pil, dtype=np.uint8)
-    return image.transpose(2, 0, 1) if channels == 3 else image.reshape(channels, height, width)
+    """Decode :func:`encode_pixels` output back to uint8 ``[channels, height, width]``; ValueError if it does not fit.
+
+    The size is checked from the image's header, before its pixels are decoded.
+    """
+    # WebP has no grey mode: grey projections come back as RGB with equal channels.
+    if channels == 3:
+        return stored_image.decode(data, height, width, mode="RGB", what="the projection").transpose(2, 0, 1)
+    image = stored_image.decode(data, channels * height, width, mode="L", what="the projection")
+    return image.reshape(channels, height, width)
 
 
 def stored_region(box: tuple[int, int, int, int], height: int, width: int) -> tuple[int, int, int, int] | None:
@@ -160,6 +162,15 @@ def on_box(q: np.ndarray, box: tuple[int, int, int, int], target: tuple[int, int
         return q
     shifted = (target[0] - box[0], target[1] - box[1], target[2] - box[0], target[3] - box[1])
     return np.ascontiguousarray(crop(q.transpose(1, 2, 0), shifted, fill=128).transpose(2, 0, 1))
+
+
+def unusable(info, field: tuple[int, int]) -> str | None:
+    """Why projections described by ``info`` (a ``ProjectionInfo``) cannot be drawn on a layer whose receptive
+    field is ``field`` (h, w); None if they can. Unclipped projections are stored on the whole box."""
+    if info.clipped or (info.height, info.width) == tuple(field):
+        return None
+    return (f"they are stored at {info.height}x{info.width} pixels (height x width), but the layer's receptive "
+            f"field is {field[0]}x{field[1]}: the run's projection data is inconsistent")
 
 
 def encode_index(rows: np.ndarray) -> bytes:

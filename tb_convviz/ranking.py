@@ -1,15 +1,20 @@
 """Ranking a checkpoint's candidates into its records, and the exact merge of every rank's share under DDP.
 
 Every collective that a checkpoint's records need is made here, in :func:`merge_ranks`, which
-every rank calls once per checkpoint and source: ranks that must first agree (for example
-that each one's pass succeeded) agree there, before the gathers.
+every rank calls once per checkpoint and source. Before any of them the ranks agree, on a
+small gloo group of their own (:class:`Agreement`): at the start of ``log()`` on the step, so
+that a rank that is not logging (``log()`` on one rank only) is a clear error instead of a
+logger collective paired with a DDP all-reduce (gloo aborts the process then); and in
+``merge_ranks``, and before the projections' gather, on whether every rank's pass succeeded,
+so that a checkpoint that failed on one rank is skipped on all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator
+import datetime
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,13 +31,84 @@ class Ranked:
     not_finite: dict[str, torch.Tensor]
 
 
-def merge_ranks(local: Ranked, k: int, *, by_content: bool = False) -> Ranked:
-    """This rank's share merged with every other rank's into the checkpoint's records, on the CPU.
+class Skipped(RuntimeError):
+    """Another rank's part of the checkpoint failed, so every rank skips it (that rank says why)."""
+
+
+class RankMismatch(RuntimeError):
+    """The ranks did not call the logger together: a rule of the logger under torch.distributed was broken."""
+
+
+RULE = ("under torch.distributed, every rank must build the logger, call maybe_log() (or log()) with the same "
+        "global steps, and call close(), together")
+
+
+class Agreement:
+    """The ranks' agreements before a checkpoint's collectives, on a gloo group of all ranks, made by every rank
+    together (when the logger is built).
+
+    Waits as long as the default group would (its timeout), then raises :class:`RankMismatch`.
+    """
+
+    def __init__(self) -> None:
+        self.timeout = _default_timeout()
+        self.group = dist.new_group(backend="gloo", timeout=self.timeout) if world() > 1 else None
+
+    def same_step(self, step: int, call: str) -> None:
+        """Every rank is in ``call`` at ``step``; RankMismatch (naming the rule) if not."""
+        if self.group is None:
+            return
+        steps = self._reduce([step, -step], dist.ReduceOp.MAX, f"{call} at step {step}")
+        if steps[0] != -steps[1]:
+            raise RankMismatch(f"convviz: {call} was called at different steps on different ranks (from "
+                               f"{-steps[1]} to {steps[0]}): {RULE}. Pass the same global step on every rank")
+
+    def all_ok(self, ok: bool, what: str) -> bool:
+        """Whether ``what`` succeeded on every rank (all-reduce MIN of each rank's ``ok``)."""
+        if self.group is None:
+            return ok
+        return bool(self._reduce([int(ok)], dist.ReduceOp.MIN, what)[0])
+
+    def rank_0s(self, value: int, call: str) -> int:
+        """Rank 0's ``value``, on every rank."""
+        if self.group is None:
+            return value
+        return self._reduce([value if rank() == 0 else -(1 << 62)], dist.ReduceOp.MAX, call)[0]
+
+    def _reduce(self, values: list[int], op, what: str) -> list[int]:
+        tensor = torch.tensor(values, dtype=torch.int64)
+        try:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        except RuntimeError as e:  # a timeout, or a rank that left
+            raise RankMismatch(
+                f"convviz: rank {rank()} waited in {what} for the other ranks, which did not come ({e}): "
+                f"{RULE}") from None
+        return tensor.tolist()
+
+
+def _default_timeout() -> datetime.timedelta:
+    """The timeout of the default process group (what the user allows a collective), else torch's default."""
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        for device in ("cpu", "cuda"):
+            with contextlib.suppress(Exception):
+                return group._get_backend(torch.device(device)).options._timeout
+    except Exception:  # private API: fall back rather than fail
+        pass
+    return dist.default_pg_timeout
+
+
+def merge_ranks(local: Callable[[], Ranked], k: int, *, agreement: Agreement | None = None,
+                by_content: bool = False) -> Ranked:
+    """This rank's share (``local()``) merged with every other rank's into the checkpoint's records, on the CPU.
 
     Every rank calls it once per checkpoint and source, with the same layers in the same
     order: the gathers pair up only then. Units that were not finite on any rank lose their ranks.
     ``by_content``: records name images by content, and two ranks may hold the same image.
+    Under DDP (with the logger's ``agreement``) the ranks first agree that every share succeeded:
+    if one failed, its error is raised there and :class:`Skipped` on every other rank.
     """
+    local = agreed(local, agreement, "the probe pass")
     topk, not_finite = {}, {}
     for name, records in local.topk.items():
         bad = local.not_finite[name]
@@ -44,6 +120,21 @@ def merge_ranks(local: Ranked, k: int, *, by_content: bool = False) -> Ranked:
         not_finite[name] = bad.to("cpu")
         topk[name] = emptied(records, bad).to("cpu")
     return Ranked(topk, not_finite)
+
+
+def agreed(part: Callable[[], Any], agreement: Agreement | None, what: str) -> Any:
+    """``part()``, once every rank's ``part()`` has succeeded; else its error here, :class:`Skipped` elsewhere."""
+    if agreement is None or agreement.group is None:
+        return part()
+    try:
+        result, error = part(), None
+    except Exception as e:
+        result, error = None, e
+    if agreement.all_ok(error is None, what):
+        return result
+    if error is not None:
+        raise error
+    raise Skipped(f"{what} failed on another rank, so every rank skips it (that rank's warning says why)")
 
 
 def _gather(topk: TopK, k: int, by_content: bool) -> TopK:

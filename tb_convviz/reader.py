@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import os
 import struct
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 from tensorboard.compat.proto import event_pb2
 from tensorboard.util import tensor_util
 
-from tb_convviz import metadata, plugin_data_pb2, summary
+from tb_convviz import metadata, plugin_data_pb2, stored_image, summary
 from tb_convviz import projection_format as fmt
 from tb_convviz.geometry import CropField, ReceptiveField, effective_crop, record_box
 
@@ -160,7 +158,13 @@ class Run:
         """Probe image ``index`` as displayed, uint8 ``[H, W, 3]``; only images some record names are stored."""
         if index not in self._images:
             raise KeyError(f"probe image {index} is not stored: only images named by a top-k record are kept")
-        return np.asarray(Image.open(io.BytesIO(self._images[index])).convert("RGB"))
+        return self._decode(self._images[index], f"probe image {index}")
+
+    def _decode(self, blob: bytes, what: str) -> np.ndarray:
+        if self.probe is None:
+            raise ValueError(f"{self.path} stores images without describing the probe set: the run is damaged")
+        # Checked from the header against the probe set's size, before any pixel is decoded.
+        return stored_image.decode(blob, self.probe.height, self.probe.width, mode="RGB", what=what)
 
     def label(self, index: int) -> int:
         return self._labels.get(index, -1)
@@ -170,7 +174,7 @@ class Run:
         blob = self._stream_images.get(source, {}).get(index)
         if blob is None:
             raise KeyError(f"{source} image {index} is not stored in {self.path}")
-        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+        return self._decode(blob, f"{source} image {index}")
 
     def stream_images(self, source: str) -> set[int]:
         """The numbers of the images stored for stream ``source``."""
@@ -206,6 +210,9 @@ class Run:
         info, index, blobs = self._projections_at(layer, step, source)
         position = self._projection_position(layer, step, index, unit, rank)
         found = self.layer(layer)
+        problem = fmt.unusable(info, found.receptive_field.size)
+        if problem:
+            raise ValueError(f"projections of layer {found.name!r} in {self.path}: {problem}")
         y, x = int(index[position]["y"]), int(index[position]["x"])
         box = record_box(found.receptive_field, found.fmap is not None, y, x)
         q = fmt.decode_projection(blobs[position], info, box)

@@ -172,6 +172,17 @@ class RecordWriter:
         self._writer = summary.EventWriter(target)
         return self._writer
 
+    def moved(self) -> bool:
+        """Whether the event file this writes was deleted or moved (with its log dir) since it was opened."""
+        return self._writer is not None and self.user_writer is None and self._writer.unlinked()
+
+    def restart(self) -> None:
+        """Write into a new event file from the next checkpoint on, storing again every probe image it names."""
+        writer, self._writer = self._writer, None
+        self._stored = set()
+        if writer is not None:
+            writer.close()
+
     def failed(self) -> None:
         """After a failed write: drop a writer that cannot go on, so that the next checkpoint opens a new file.
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from tb_convviz.caller import user_stacklevel
 from tb_convviz.isolation import preserved
-from tb_convviz.ranking import Ranked, merge_ranks, rank, world
+from tb_convviz.ranking import Agreement, Ranked, merge_ranks, rank, world
 from tb_convviz.records import StreamRecords
 from tb_convviz.sources import ProbeSource
 from tb_convviz.topk import TopK, distinct
@@ -213,12 +213,13 @@ class StreamSource:
             out[name] = TopK(topk.values, image, topk.position)
         return out, new
 
-    def checkpoint(self, project: Callable[[Any, dict[str, TopK]], dict]) -> StreamRecords | None:
+    def checkpoint(self, project: Callable[[Any, dict[str, TopK]], dict],
+                   agreement: Agreement | None = None) -> StreamRecords | None:
         """Every rank: re-score, merge the ranks exactly, open the next window; rank 0 gets the records.
 
         ``project(images, results)`` projects the records on rank 0 alone (``images.image(number)``).
         """
-        merged = merge_ranks(self.local(), self.probe.k, by_content=True)
+        merged = merge_ranks(self.local, self.probe.k, agreement=agreement, by_content=True)
         results, new = self.numbered(merged.topk)
         self.commit(merged.topk)
         held = {key: (self.pool.images[key], self.pool.labels.get(key, -1)) for key in new if key in self.pool.images}

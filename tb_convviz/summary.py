@@ -195,6 +195,16 @@ class EventWriter:
         except OSError:
             self.broken = True
 
+    def unlinked(self) -> bool:
+        """Whether this writer's own file is no longer at its path (its log dir was deleted or moved)."""
+        if self._fd is None:
+            return False
+        try:
+            here, there = os.fstat(self._fd), os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return here.st_nlink == 0 or (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino)
+
     def write(self, summary: summary_pb2.Summary, step: int) -> None:
         if self._summaries is not None:
             self._summaries.add_summary(summary, step)

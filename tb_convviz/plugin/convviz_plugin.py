@@ -115,8 +115,9 @@ class ConvVizPlugin(base_plugin.TBPlugin):
     plugin_name = metadata.PLUGIN_NAME
 
     def __init__(self, context: base_plugin.TBContext) -> None:
-        self._data = ConvVizData(context.data_provider)
+        self._data = ConvVizData(context.data_provider, logdir=context.logdir)
         self._render = render.Renderer(self._data)
+        self._matcher = matching.CachedMatcher()
         self._static_dir = os.path.realpath(frontend_dir())
         from tb_convviz.plugin.figure_routes import FigureRoutes  # it builds on this module's helpers
 
@@ -153,7 +154,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
             probe = self._data.probe(ctx, eid, listing)
             problems = (list(listing.errors) + [p for layer in layers for p in layer.errors] + list(probe.errors)
                         + list(self._data.problems(eid, listing)))
-            projections, filters = self._figures.describe(ctx, eid, listing, layers)
+            projections, filters, figure_problems = self._figures.describe(ctx, eid, listing, layers)
+            problems += figure_problems
             runs.append({
                 "run": listing.name,
                 "steps": sorted({s for layer in layers for s in layer.steps}),
@@ -285,7 +287,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
                     f"layer {layer.name!r} has {layer.info.units} units; matching is limited to "
                     f"{MAX_MATCH_UNITS} units (it takes O(units³)); compare unit for unit (match=0)"
                 )
-            partner, shared_counts = matching.match_units(a, b)
+            partner, shared_counts = self._matcher.match(
+                (eid, listing.name, other_listing.name, layer.name, step, other_step), a, b)
             overlaps = shared_counts / layer.info.k
         else:
             partner, overlaps = np.arange(layer.info.units), same_unit
@@ -369,14 +372,14 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         """
         if _choice(params, "overlay", OVERLAYS) == "none":
             return None
-        figures = self._figures.figures
-        position = figures.find(ctx, eid, listing, layer, step, unit, rank)
+        projections = self._figures.figures.layer_projections(ctx, eid, listing, layer)
+        position = projections.find(step, unit, rank)
         if position is None:
             raise errors.NotFoundError(f"unit {unit} rank {rank} of layer {layer.name!r} was not projected at step "
                                        f"{step}, so there is no overlay" + (" (only the top-1 record is projected there)"
                                                                             if rank else ""))
         return (("projection", layer.name, step, position, field),
-                lambda: figures.projection(ctx, eid, listing, layer, step, position, field))
+                lambda: projections.projection(step, position, field=field))
 
     def _layers(self, ctx, eid: str, listing: RunListing) -> list[Layer]:
         layers = [self._data.layer(ctx, eid, listing, name) for name in listing.layers]

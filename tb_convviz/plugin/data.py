@@ -12,18 +12,17 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import io
 import math
+import os
 import threading
 from typing import Any, Callable, Hashable
 
 import numpy as np
-from PIL import Image
 from tensorboard import errors
 from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.data import provider
 
-from tb_convviz import metadata, plugin_data_pb2
+from tb_convviz import metadata, plugin_data_pb2, stored_image
 from tb_convviz.geometry import CropField, ReceptiveField, effective_crop
 
 # `downsample=` that keeps every point: the loaders keep all convviz points (see
@@ -225,8 +224,10 @@ class ConvVizData:
         *,
         series_cache_bytes: int = 512 << 20,
         image_cache_bytes: int = 256 << 20,
+        logdir: str | None = None,
     ) -> None:
         self._provider = data_provider
+        self._logdir = logdir if logdir and os.path.isdir(logdir) else None
         self._series = ByteLRU(series_cache_bytes)
         self.images = ByteLRU(image_cache_bytes)
         self._flight = _SingleFlight()
@@ -248,8 +249,26 @@ class ConvVizData:
         blobs = _unless_vanished(lambda: self._provider.list_blob_sequences(ctx, **kwargs), {})
         return {
             name: _listing(name, tags, blobs.get(name, {}))
-            for name, tags in sorted(tensors.items()) if tags
+            for name, tags in sorted(tensors.items()) if tags and not self._through_loop(name)
         }
+
+    def _through_loop(self, run: str) -> bool:
+        """Whether run ``run`` is reached through a symlink to one of its own parent folders (``logdir/loop -> .``).
+
+        TensorBoard's Python loader follows such links until the path is too long, listing each
+        run dozens of times (loop/a, loop/loop/a, ...); its Rust loader skips them, as this does.
+        """
+        if self._logdir is None:
+            return False
+        path = self._logdir
+        seen = {os.path.realpath(path)}
+        for part in [p for p in os.path.normpath(run).split(os.sep) if p not in ("", ".")]:
+            path = os.path.join(path, part)
+            real = os.path.realpath(path)
+            if real in seen:
+                return True
+            seen.add(real)
+        return False
 
     def listing(self, ctx, eid: str, run: str, source: str = "probe") -> RunListing:
         """The listing of ``run`` through ``source``; NotFoundError naming the valid runs if it has no convviz data."""
@@ -305,7 +324,7 @@ class ConvVizData:
                 except ValueError as e:
                     self._note_damage(eid, listing, f"run {listing.name!r}: {e}")
                     raise errors.NotFoundError(str(e)) from None
-            image = decode_image(blob, f"probe image {index}")
+            image = decode_image(blob, f"probe image {index}", probe.info)
             self.images.put(cache_key, image, image.nbytes)
         return image
 
@@ -419,7 +438,7 @@ class ConvVizData:
             else:
                 chunks.append(datum)
             seen.add(datum.step)
-        indexes = self._map(lambda d: self._chunk_index(ctx, d), chunks)
+        indexes = self.read_concurrently(lambda d: self._chunk_index(ctx, d), chunks)
         blob_keys, labels = {}, {}
         for datum, rows in zip(chunks, indexes):
             if isinstance(rows, str):
@@ -442,7 +461,8 @@ class ConvVizData:
         except (ValueError, errors.PublicError) as e:
             return str(e)
 
-    def _map(self, function, items) -> list:
+    def read_concurrently(self, function, items) -> list:
+        """``[function(item) for item in items]``, on the reader threads where the provider is remote."""
         if self._readers is None or len(items) < 2:
             return [function(item) for item in items]
         return list(self._readers.map(function, items))
@@ -566,14 +586,17 @@ def _invalid_layer(data: plugin_data_pb2.PluginData) -> str | None:
     return None
 
 
-def decode_image(data: bytes, what: str) -> np.ndarray:
-    """Decode PNG/JPEG bytes into uint8 ``[H, W]`` (grey) or ``[H, W, 3]``; NotFoundError if unusable."""
+def decode_image(data: bytes, what: str, info: plugin_data_pb2.ProbeInfo | None) -> np.ndarray:
+    """Decode a probe image into uint8 ``[H, W]`` (grey) or ``[H, W, 3]``; NotFoundError if unusable.
+
+    It must be as large as the probe set (``info``) says, which is checked from its header
+    before any pixel is decoded, so that what a request decodes is what its budget counted.
+    """
+    height, width = (info.height, info.width) if info is not None else (0, 0)
     try:
-        with Image.open(io.BytesIO(data)) as pil:
-            if pil.width * pil.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{pil.width}x{pil.height} pixels is more than {MAX_IMAGE_PIXELS}")
-            pil = pil if pil.mode in ("L", "RGB") else pil.convert("RGB")
-            return np.asarray(pil, dtype=np.uint8)
+        if height * width > MAX_IMAGE_PIXELS:
+            raise ValueError(f"the probe set declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}")
+        return stored_image.decode(data, height, width, what=what)
     except Exception as e:  # Pillow raises many types on corrupt data; all mean "unusable"
         raise errors.NotFoundError(f"{what} is stored but cannot be decoded ({e})") from None
 

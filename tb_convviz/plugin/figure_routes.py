@@ -47,64 +47,76 @@ class FigureRoutes:
             "/filter_mosaic": self._serve_filter_mosaic,
         }
 
-    def describe(self, ctx, eid: str, listing, layers) -> tuple[dict, dict | None]:
-        """For the ``runs`` listing: per layer name its projections (or None), and the run's filters (or None)."""
+    def describe(self, ctx, eid: str, listing, layers) -> tuple[dict, dict | None, list[str]]:
+        """For the ``runs`` listing: per layer name its projections (or None), the run's filters (or None), and
+        why some layer's projections cannot be drawn."""
         projections = self.figures.projections(ctx, eid, listing.name, listing.source)
-        per_layer = {layer.name: projections_json(projections.get(layer.name), layer.info.units) for layer in layers}
+        per_layer, problems = {}, []
+        for layer in layers:
+            found = projections.get(layer.name)
+            problem = fmt.unusable(found.info, layer.field.size) if found is not None else None
+            if problem:
+                problems.append(f"projections of layer {layer.name!r}: {problem}")
+            per_layer[layer.name] = None if problem else projections_json(found, layer.info.units)
         try:
             filters = self.figures.filters(ctx, eid, listing.name)
         except errors.NotFoundError:
-            return per_layer, None
+            return per_layer, None, problems
         shape = next(iter(filters.weights.values())).shape if filters.weights else None
-        return per_layer, {"module": filters.info.module, "steps": filters.steps,
-                           "shape": list(shape) if shape is not None else None}
+        if shape is None:
+            return per_layer, None, problems
+        return per_layer, {"module": filters.info.module, "steps": filters.steps, "shape": list(shape)}, problems
 
     # --- projections ------------------------------------------------------------------------
 
-    def _scaled(self, ctx, eid, listing, layer, step, position, scale: str, field) -> np.ndarray:
-        """``[h, w, C]`` uint8 display image of a stored projection on ``field``'s crop, on its own or the layer's common scale."""
-        q = self.figures.projection(ctx, eid, listing, layer, step, position, field)
+    def _scaled(self, projections, step, position, scale: str, field) -> np.ndarray:
+        """``[h, w, C]`` uint8 display image of a stored projection on ``field``'s crop, on its own or the layer's
+        common scale."""
+        q = projections.projection(step, position, field=field)
         if scale == "common":
-            rows = self.figures.index(ctx, eid, listing, layer, step)
+            rows = projections.index(step)
             finite = rows["scale"][np.isfinite(rows["scale"])]
             q = fmt.rescale(q, float(rows["scale"][position]), float(finite.max()) if finite.size else 0.0)
         return fmt.display(q)
 
     def _projection_params(self, request, params):
-        """What both projection routes take: ``(ctx, eid, listing, layer, step, unit, size, scale, field)``."""
+        """What both projection routes take: ``(eid, listing, projections, step, unit, size, scale, field)``."""
         ctx, eid = base._context(request)
         listing, layer = self._plugin._layer(ctx, eid, params)
         step = base._step(listing, layer, params)
         unit = base._unit(layer, params)
         size = params.bounded("size", render.MIN_SIZE, render.MAX_SIZE, default=None)
-        return (ctx, eid, listing, layer, step, unit, size, base._choice(params, "scale", SCALES),
+        scale = base._choice(params, "scale", SCALES)
+        return (eid, listing, self.figures.layer_projections(ctx, eid, listing, layer), step, unit, size, scale,
                 base._crop(layer, step, params))
 
     @base._route
     def _serve_projection(self, request, params):
-        ctx, eid, listing, layer, step, unit, size, scale, field = self._projection_params(request, params)
+        eid, listing, projections, step, unit, size, scale, field = self._projection_params(request, params)
+        layer = projections.layer
         rank = base._rank(layer, params) if params.text("rank", required=False) is not None else 0
         size = render.fit_size(field.size, size)
-        position = self.figures.find(ctx, eid, listing, layer, step, unit, rank)
+        position = projections.find(step, unit, rank)
         if position is None:
             raise errors.NotFoundError(
                 f"unit {unit} rank {rank} of layer {layer.name!r} was not projected at step {step}"
                 + (" (only the top-1 record is projected there)" if rank else ""))
         key = ("projection", eid, listing.key, layer.name, step, position, size, scale, field)
         return base._png(request, self._cached(key, lambda: render.encode_png(render.resize(
-            self._scaled(ctx, eid, listing, layer, step, position, scale, field), size))))
+            self._scaled(projections, step, position, scale, field), size))))
 
     @base._route
     def _serve_projection_mosaic(self, request, params):
-        ctx, eid, listing, layer, step, unit, size, scale, field = self._projection_params(request, params)
-        rows = self.figures.index(ctx, eid, listing, layer, step)
-        mine = np.flatnonzero(rows["unit"] == unit)
-        count = int(rows["rank"][mine].max()) + 1 if mine.size else 1
-        by_rank = {int(rows["rank"][i]): int(i) for i in mine}
+        eid, listing, projections, step, unit, size, scale, field = self._projection_params(request, params)
+        layer = projections.layer
+        by_rank = projections.ranks_of(step, unit)
+        if not by_rank:
+            raise errors.NotFoundError(f"unit {unit} of layer {layer.name!r} was not projected at step {step}")
+        count = max(by_rank) + 1  # at most k
         size = render.fit_size(field.size, size, count)
 
         def draw() -> bytes:
-            tiles = [render.resize(self._scaled(ctx, eid, listing, layer, step, by_rank[r], scale, field), size)
+            tiles = [render.resize(self._scaled(projections, step, by_rank[r], scale, field), size)
                      if r in by_rank else None for r in range(count)]
             tile = render.resize(np.zeros(field.size, np.uint8), size).shape[:2]
             return render.encode_png(render.mosaic(tiles, tile))
@@ -130,46 +142,39 @@ class FigureRoutes:
             raise errors.InvalidArgumentError(
                 f"a row of {len(steps)} cells of {tile[1]}x{tile[0]} px is wider than {MAX_ROW_PIXELS} px or more "
                 f"than {render.MAX_OUTPUT_PIXELS} pixels: ask for fewer steps or a smaller size")
-        probe = self._data.probe(ctx, eid, listing) if kind == "patch" else None
-        if probe is not None:
-            render.check_decoded(probe, len(steps))
-
-        def draw() -> bytes:
-            if kind == "projection" and scale == "common":
-                return render.encode_png(_strip(self._common_row(ctx, eid, listing, layer, steps, unit, size, field),
-                                                tile))
-            cells = []
-            for step in steps:
-                if kind == "patch":
-                    record = layer.records(step)[unit, 0]
-                    ok = int(record["image"]) in probe.blob_keys
-                    cells.append(render.resize(crop(
-                        self._data.image(ctx, eid, listing, probe, int(record["image"])),
-                        field.box(layer.positional, int(record["y"]), int(record["x"]))), size) if ok else None)
-                    continue
-                position = self._find_or_none(ctx, eid, listing, layer, step, unit)
-                cells.append(None if position is None else render.resize(fmt.display(
-                    self.figures.projection(ctx, eid, listing, layer, step, position, field)), size))
-            return render.encode_png(_strip(cells, tile))
-
         key = ("row", eid, listing.key, layer.name, unit, tuple(steps), size, kind, scale, field,
                layer.steps[-1] if layer.steps else None)
-        return base._png(request, self._cached(key, draw))
+        if kind == "patch":
+            probe = self._data.probe(ctx, eid, listing)
+            render.check_decoded(probe, len(steps))
+            return base._png(request, self._cached(key, lambda: render.encode_png(_strip(
+                self._patch_row(ctx, eid, listing, probe, layer, steps, unit, size, field), tile))))
+        projections = self.figures.layer_projections(ctx, eid, listing, layer, required=False)
+        if projections is None:  # not logged: a row of empty cells
+            return base._png(request, self._cached(key, lambda: render.encode_png(_strip([None] * len(steps), tile))))
+        check_projected_pixels(projections, len(steps))
+        # Read before taking a render slot: the data provider's round trips should not hold one.
+        read = projections.prefetch(steps, unit) if not self._is_cached(key) else {}
+        return base._png(request, self._cached(key, lambda: render.encode_png(_strip(
+            self._projection_row(projections, steps, unit, size, scale, field, read), tile))))
 
-    def _find_or_none(self, ctx, eid, listing, layer, step, unit):
-        try:
-            return self.figures.find(ctx, eid, listing, layer, step, unit, 0)
-        except errors.NotFoundError:
-            return None  # no projections at that step: an empty cell
+    def _patch_row(self, ctx, eid, listing, probe, layer, steps, unit, size, field) -> list:
+        records = [layer.records(step)[unit, 0] for step in steps]
+        self._data.prefetch(ctx, eid, listing, probe, {int(r["image"]) for r in records})
+        return [render.resize(crop(
+            self._data.image(ctx, eid, listing, probe, int(r["image"])),
+            field.box(layer.positional, int(r["y"]), int(r["x"]))), size)
+            if int(r["image"]) in probe.blob_keys else None for r in records]
 
-    def _common_row(self, ctx, eid, listing, layer, steps, unit, size, field):
-        found = [(step, self._find_or_none(ctx, eid, listing, layer, step, unit)) for step in steps]
-        scales = [float(self.figures.index(ctx, eid, listing, layer, s)["scale"][p]) if p is not None else 0.0
-                  for s, p in found]
-        common = max([s for s in scales if math.isfinite(s)], default=0.0)
-        return [None if p is None else render.resize(fmt.display(fmt.rescale(
-            self.figures.projection(ctx, eid, listing, layer, s, p, field), scale, common)), size)
-            for (s, p), scale in zip(found, scales)]
+    def _projection_row(self, projections, steps, unit, size, scale, field, read) -> list:
+        """Each step's top-1 projection of ``unit`` (None where it has none), on its own or the row's common scale."""
+        found = [(step, _found_or_none(projections, step, unit)) for step in steps]
+        cells = [None if p is None else projections.projection(s, p, read.get((s, p)), field) for s, p in found]
+        if scale == "common":
+            scales = [float(projections.index(s)["scale"][p]) if p is not None else 0.0 for s, p in found]
+            common = max([v for v in scales if math.isfinite(v)], default=0.0)
+            cells = [None if q is None else fmt.rescale(q, v, common) for q, v in zip(cells, scales)]
+        return [None if q is None else render.resize(fmt.display(q), size) for q in cells]
 
     @base._route
     def _serve_fig4(self, request, params):
@@ -196,7 +201,7 @@ class FigureRoutes:
             units = np.argsort(-changes, kind="stable")[:count].tolist()
         try:
             projected = self.figures.layer_projections(ctx, eid, listing, layer).steps
-        except errors.NotFoundError:
+        except errors.NotFoundError:  # not logged, or unusable
             projected = []
         return base._json(request, {
             "run": listing.name, "layer": layer.name, "rows": order, "steps": steps,
@@ -257,6 +262,28 @@ class FigureRoutes:
         # The renderer's cache and render slots: figure renders share the patch routes' budget.
         return self._plugin._render._cached(("figure", *key), draw)
 
+    def _is_cached(self, key) -> bool:
+        return self._plugin._render.pngs.get(("figure", *key)) is not None
+
+
+def _found_or_none(projections, step: int, unit: int) -> int | None:
+    try:
+        return projections.find(step, unit, 0)
+    except errors.NotFoundError:
+        return None  # no projections at that step: an empty cell
+
+
+def check_projected_pixels(projections, cells: int) -> None:
+    """InvalidArgumentError (400) when ``cells`` stored projections are more pixels than one request may decode."""
+    info, (height, width) = projections.stored.info, projections.layer.field.size
+    if info.clipped:  # only the part inside the probe image is stored
+        height, width = min(height, info.image_height), min(width, info.image_width)
+    pixels = cells * max(height, 1) * max(width, 1)
+    if pixels > render.MAX_DECODED_PIXELS:
+        raise errors.InvalidArgumentError(
+            f"{cells} projections of {height}x{width} pixels are {pixels} pixels to decode, more than the "
+            f"{render.MAX_DECODED_PIXELS} one request may decode: ask for fewer steps")
+
 
 def filter_mosaic(weights: np.ndarray, size: int) -> np.ndarray:
     """All filters as RGB tiles (each contrast-normalised on its own), ``size`` px each, in a near-square RGBA grid."""
@@ -283,6 +310,7 @@ def _strip(cells: list, tile: tuple[int, int]) -> np.ndarray:
         out[:, i * (tw + 1):i * (tw + 1) + tw, :3] = rgb[:, :, :3]
         out[:, i * (tw + 1):i * (tw + 1) + tw, 3] = 255
     return out
+
 
 
 def _int_list(params, name: str, *, required: bool) -> list[int] | None:

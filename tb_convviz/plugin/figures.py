@@ -63,6 +63,7 @@ class FigureData:
         self._series = ByteLRU(cache_bytes // 2)
         self.pixels = ByteLRU(cache_bytes // 2)
         self._flight = _SingleFlight()
+        self.read_concurrently = data.read_concurrently
 
     def projections(self, ctx, eid: str, run: str, source: str = "probe") -> dict[str, LayerProjections]:
         """Per layer name, its projections' blob references (empty for a run logged without projections).
@@ -97,58 +98,19 @@ class FigureData:
             out[tag[len(prefix):]] = LayerProjections(info, blobs)
         return out, 256 * sum(len(p.blobs) for p in out.values()) + 1024
 
-    def layer_projections(self, ctx, eid: str, listing: RunListing, layer: Layer) -> LayerProjections:
-        """``layer``'s projections; NotFoundError saying "not logged in this run" if it has none."""
+    def layer_projections(self, ctx, eid: str, listing: RunListing, layer: Layer,
+                          *, required: bool = True) -> "ProjectionReader | None":
+        """``layer``'s projections, listed once for the request; NotFoundError saying why they cannot be drawn,
+        or "not logged in this run" if it has none (None instead, unless ``required``)."""
         found = self.projections(ctx, eid, listing.name, listing.source).get(layer.name)
         if found is None or not found.blobs:
+            if not required:
+                return None
             raise errors.NotFoundError(f"projections of layer {layer.name!r} were {NOT_LOGGED} ({listing.name!r})")
-        return found
-
-    def index(self, ctx, eid: str, listing: RunListing, layer: Layer, step: int) -> np.ndarray:
-        """The projection index rows of ``layer`` at ``step``."""
-        projections = self.layer_projections(ctx, eid, listing, layer)
-        if step not in projections.blobs:
-            raise errors.NotFoundError(
-                f"layer {layer.name!r} has no projections at step {step}; steps with projections: "
-                f"{_steps_text(projections.steps)}")
-        ref = projections.blobs[step][0]
-        key = ("index", eid, listing.name, ref.blob_key)
-        rows = self.pixels.get(key)
-        if rows is None:
-            try:
-                rows = fmt.decode_index(self._provider.read_blob(ctx, blob_key=ref.blob_key))
-            except ValueError as e:
-                raise errors.NotFoundError(f"projection index of {layer.name!r} at step {step} is unusable: {e}")
-            if len(rows) != len(projections.blobs[step]) - 1:
-                raise errors.NotFoundError(
-                    f"projection index of {layer.name!r} at step {step} has {len(rows)} rows for "
-                    f"{len(projections.blobs[step]) - 1} images")
-            self.pixels.put(key, rows, rows.nbytes + 64)
-        return rows
-
-    def find(self, ctx, eid: str, listing: RunListing, layer: Layer, step: int, unit: int, rank: int) -> int | None:
-        """Position of record (unit, rank) in the step's index, or None if it was not projected."""
-        rows = self.index(ctx, eid, listing, layer, step)
-        hits = np.flatnonzero((rows["unit"] == unit) & (rows["rank"] == rank))
-        return int(hits[-1]) if hits.size else None
-
-    def projection(self, ctx, eid: str, listing: RunListing, layer: Layer, step: int, position: int,
-                   field: CropField | None = None) -> np.ndarray:
-        """The uint8 ``[C, h, w]`` projection at ``position`` of the step's index, on ``field``'s crop (default: the theoretical)."""
-        projections = self.layer_projections(ctx, eid, listing, layer)
-        ref = projections.blobs[step][position + 1]
-        key = ("pixels", eid, listing.name, ref.blob_key)
-        q = self.pixels.get(key)
-        row = self.index(ctx, eid, listing, layer, step)[position]
-        y, x = int(row["y"]), int(row["x"])
-        box = record_box(layer.field, layer.positional, y, x)
-        if q is None:
-            try:
-                q = fmt.decode_projection(self._provider.read_blob(ctx, blob_key=ref.blob_key), projections.info, box)
-            except Exception as e:  # Pillow raises many types on corrupt data; all mean "unusable"
-                raise errors.NotFoundError(f"a projection of {layer.name!r} at step {step} cannot be decoded ({e})")
-            self.pixels.put(key, q, q.nbytes + 64)
-        return q if field is None else fmt.on_box(q, box, field.box(layer.positional, y, x))
+        problem = fmt.unusable(found.info, layer.field.size)
+        if problem:
+            raise errors.NotFoundError(f"projections of layer {layer.name!r} cannot be drawn: {problem}")
+        return ProjectionReader(self, ctx, eid, listing.name, layer, found)
 
     def filters(self, ctx, eid: str, run: str) -> Filters:
         """The first convolution's weights; NotFoundError saying "not logged in this run" without them."""
@@ -177,9 +139,111 @@ class FigureData:
         for datum in data:
             w = np.asarray(datum.numpy)
             if (w.ndim == 4 and w.dtype.kind == "f" and 0 < w.shape[0] <= MAX_FILTERS
-                    and 0 < max(w.shape[2:]) <= MAX_KERNEL_SIDE and 0 < w.shape[1] <= 4096):
+                    and 0 < min(w.shape[2:]) and max(w.shape[2:]) <= MAX_KERNEL_SIDE and 0 < w.shape[1] <= 4096):
                 weights[datum.step] = w.astype(np.float32)
         return Filters(info, weights), sum(w.nbytes for w in weights.values()) + 1024
+
+
+class ProjectionReader:
+    """One request's access to a layer's projections: listed once, each blob read once and cached."""
+
+    def __init__(self, figures: FigureData, ctx, eid: str, run: str, layer: Layer, stored: LayerProjections) -> None:
+        self._figures, self._ctx, self._eid, self._run = figures, ctx, eid, run
+        self.layer, self.stored = layer, stored
+
+    @property
+    def steps(self) -> list[int]:
+        return self.stored.steps
+
+    def index(self, step: int) -> np.ndarray:
+        """The projection index rows at ``step``."""
+        blobs = self._blobs(step)
+        key = ("index", self._eid, self._run, blobs[0].blob_key)
+        rows = self._figures.pixels.get(key)
+        if rows is None:
+            rows = self._decode_index(step, self._read(blobs[0].blob_key))
+            self._figures.pixels.put(key, rows, rows.nbytes + 64)
+        return rows
+
+    def find(self, step: int, unit: int, rank: int) -> int | None:
+        """Position of record (unit, rank) in the step's index, or None if it was not projected."""
+        rows = self.index(step)
+        hits = np.flatnonzero((rows["unit"] == unit) & (rows["rank"] == rank))
+        return int(hits[-1]) if hits.size else None
+
+    def ranks_of(self, step: int, unit: int) -> dict[int, int]:
+        """Per projected rank of ``unit`` at ``step`` (only ranks 0..k-1: the index may be crafted), its position."""
+        rows = self.index(step)
+        mine = np.flatnonzero((rows["unit"] == unit) & (rows["rank"] >= 0) & (rows["rank"] < self.layer.info.k))
+        return {int(rows["rank"][i]): int(i) for i in mine}
+
+    def projection(self, step: int, position: int, data: bytes | None = None,
+                   field: CropField | None = None) -> np.ndarray:
+        """The uint8 ``[C, h, w]`` projection at ``position`` of the step's index (``data``: its bytes, if read),
+        on ``field``'s crop (default: the record's theoretical box)."""
+        ref = self._blobs(step)[position + 1]
+        key = ("pixels", self._eid, self._run, ref.blob_key)
+        q = self._figures.pixels.get(key)
+        row = self.index(step)[position]
+        y, x = int(row["y"]), int(row["x"])
+        box = record_box(self.layer.field, self.layer.positional, y, x)
+        if q is None:
+            try:
+                q = fmt.decode_projection(self._read(ref.blob_key) if data is None else data, self.stored.info, box)
+            except Exception as e:  # Pillow raises many types on corrupt data; all mean "unusable"
+                raise errors.NotFoundError(
+                    f"a projection of {self.layer.name!r} at step {step} cannot be decoded ({e})") from None
+            self._figures.pixels.put(key, q, q.nbytes + 64)
+        return q if field is None else fmt.on_box(q, box, field.box(self.layer.positional, y, x))
+
+    def prefetch(self, steps: list[int], unit: int) -> dict[tuple[int, int], bytes]:
+        """Read, concurrently, the indices of ``steps`` and the bytes of ``unit``'s top-1 projection at each.
+
+        Returns ``{(step, position): bytes}`` for the projections not decoded yet, to pass to
+        :meth:`projection`. Meant to run before a render slot is taken: under the Rust loader
+        each read is a round trip to the data server, and a render slot should not wait on them.
+        """
+        steps = [s for s in steps if s in self.stored.blobs]
+        read = self._figures.read_concurrently
+        read(lambda s: _quietly(lambda: self.index(s)), steps)
+        wanted = {}
+        for step in steps:
+            position = _quietly(lambda: self.find(step, unit, 0))
+            if position is not None:
+                key = self._blobs(step)[position + 1].blob_key
+                if self._figures.pixels.get(("pixels", self._eid, self._run, key)) is None:
+                    wanted[(step, position)] = key
+        data = read(lambda key: _quietly(lambda: self._read(key)), list(wanted.values()))
+        return {where: blob for where, blob in zip(wanted, data) if blob is not None}
+
+    def _blobs(self, step: int) -> tuple:
+        if step not in self.stored.blobs:
+            raise errors.NotFoundError(
+                f"layer {self.layer.name!r} has no projections at step {step}; steps with projections: "
+                f"{_steps_text(self.stored.steps)}")
+        return self.stored.blobs[step]
+
+    def _read(self, blob_key: str) -> bytes:
+        return self._figures._provider.read_blob(self._ctx, blob_key=blob_key)
+
+    def _decode_index(self, step: int, data: bytes) -> np.ndarray:
+        try:
+            rows = fmt.decode_index(data)
+        except ValueError as e:
+            raise errors.NotFoundError(f"projection index of {self.layer.name!r} at step {step} is unusable: {e}")
+        if len(rows) != len(self._blobs(step)) - 1:
+            raise errors.NotFoundError(
+                f"projection index of {self.layer.name!r} at step {step} has {len(rows)} rows for "
+                f"{len(self._blobs(step)) - 1} images")
+        return rows
+
+
+def _quietly(read):
+    """``read()``, or None where it raises NotFoundError (the caller's own read says why, later)."""
+    try:
+        return read()
+    except errors.NotFoundError:
+        return None
 
 
 def projections_json(projections: LayerProjections | None, units: int) -> dict | None:

@@ -13,10 +13,21 @@ Pillow and tensorboard. ``tests/test_matching.py`` checks it against brute force
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from typing import Hashable
+
 import numpy as np
+
+from tb_convviz.plugin.data import ByteLRU, _SingleFlight
+from tb_convviz.plugin.render import Busy
 
 # Rows of A compared against all of B at once: bounds the [rows, units, k, k] temporary.
 _CHUNK_ELEMENTS = 1 << 23
+# A solve of 1024 units takes seconds of CPU: one runs at a time, and a request waits this long
+# for its turn before it is answered 503 (try again).
+CONCURRENT_SOLVES = 1
+SOLVE_WAIT_S = 60.0
 
 
 def overlap_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -87,3 +98,41 @@ def match_units(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     counts = overlap_counts(a, b)
     partner = max_weight_assignment(counts)
     return partner, counts[np.arange(len(partner)), partner]
+
+
+class CachedMatcher:
+    """:func:`match_units` for the plugin: each result cached, concurrent requests for it solved once,
+    and at most ``CONCURRENT_SOLVES`` solves at a time."""
+
+    def __init__(self, cache_bytes: int = 16 << 20) -> None:
+        self._cache = ByteLRU(cache_bytes)
+        self._flight = _SingleFlight()
+        self._slots = threading.BoundedSemaphore(CONCURRENT_SOLVES)
+        self.solves = 0  # how many assignments were computed (the rest came from the cache)
+
+    def match(self, key: Hashable, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`match_units` of ``a`` and ``b``, named by ``key`` (runs, layer, steps) and their content.
+
+        The content is part of the cache key, so a run logged again under the same name is solved again.
+        """
+        digest = hashlib.blake2b(np.ascontiguousarray(a).tobytes() + b"|" + np.ascontiguousarray(b).tobytes(),
+                                 digest_size=16).digest()
+        key = (key, a.shape, b.shape, digest)
+        found = self._cache.get(key)
+        if found is None:
+            with self._flight.lock(key):
+                found = self._cache.get(key)
+                if found is None:
+                    found = self._solve(a, b)
+                    self._cache.put(key, found, sum(x.nbytes for x in found))
+        return found
+
+    def _solve(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self._slots.acquire(timeout=SOLVE_WAIT_S):
+            raise Busy(f"the convviz plugin is busy matching units for other requests (waited {SOLVE_WAIT_S:.0f} s); "
+                       "try again")
+        try:
+            self.solves += 1
+            return match_units(a, b)
+        finally:
+            self._slots.release()
