@@ -336,8 +336,9 @@ class ConvVizLogger:
             return True
         self._warn_not_finite(step, ranked.not_finite)
         try:  # on rank 0 alone, which writes it: no rank waits on it, and all agree on the stored box
-            fields = effective_field.measure(self._net, self.probe, self._layer_infos, call=self._call,
-                                             device=self.device)
+            with self.paused():  # the logger's own pass: never ranked by the streams
+                fields = effective_field.measure(self._net, self.probe, self._layer_infos, call=self._call,
+                                                 device=self.device)
             self._failing.discard("effective field")
         except Exception as e:
             fields = {}
