@@ -300,12 +300,11 @@ class Run:
             blobs = tensor_util.make_ndarray(value.tensor).reshape(-1).tolist()
             try:
                 if value.tag == metadata.PROBE_CHUNK_TAG:
-                    rows = metadata.decode_chunk_index(blobs[0] if blobs else b"")
-                    images = [metadata.decode_image_blob(blob, i) for i, blob in zip(rows[:, 0].tolist(), blobs[1:])]
+                    rows, images = _decode_chunk(blobs)
                 else:
                     rows, images = (legacy_index if legacy_index is not None else np.zeros((0, 2))), blobs
-                if len(rows) != len(images):
-                    raise ValueError(f"{len(rows)} index rows but {len(images)} images")
+                    if len(rows) != len(images):
+                        raise ValueError(f"{len(rows)} index rows but {len(images)} images")
             except ValueError as e:
                 self.errors.append(f"probe chunk at step {event.step}: {e}; its images are not used")
                 continue
@@ -324,10 +323,7 @@ class Run:
             self.stream_chunks[source] = max(self.stream_chunks.get(source, -1), step)
             blobs = tensor_util.make_ndarray(value.tensor).reshape(-1).tolist()
             try:
-                rows = metadata.decode_chunk_index(blobs[0] if blobs else b"")
-                images = [metadata.decode_image_blob(blob, i) for i, blob in zip(rows[:, 0].tolist(), blobs[1:])]
-                if len(rows) != len(images):
-                    raise ValueError(f"{len(rows)} index rows but {len(images)} images")
+                rows, images = _decode_chunk(blobs)
             except ValueError as e:
                 self.errors.append(f"{source} chunk at step {step}: {e}; its images are not used")
                 return
@@ -420,3 +416,12 @@ def read_run(path: str | os.PathLike) -> Run:
                     raise type(e)(f"{file}, step {event.step}: {e}") from None
     run.layers.sort(key=lambda l: l.index)
     return run
+
+
+def _decode_chunk(blobs: list[bytes]) -> tuple[np.ndarray, list[bytes]]:
+    """An image chunk's (index, label) rows and image blobs; ValueError if they do not match."""
+    rows = metadata.decode_chunk_index(blobs[0] if blobs else b"")
+    images = [metadata.decode_image_blob(blob, i) for i, blob in zip(rows[:, 0].tolist(), blobs[1:])]
+    if len(rows) != len(images):
+        raise ValueError(f"{len(rows)} index rows but {len(images)} images")
+    return rows, images
