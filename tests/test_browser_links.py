@@ -181,14 +181,14 @@ def test_stability_shows_overlap_with_the_latest_checkpoint_by_default(watched, 
     steps = len(stats["layers"][0]["steps"])
     # One point per checkpoint and layer, the last at 100%.
     assert chart.locator(".cv-series circle").count() == 5 * steps
-    assert "latest checkpoint" in page.locator(".cv-card-wide .cv-caption").inner_text()
+    assert "latest checkpoint" in page.locator(".cv-cards .cv-card-wide .cv-caption").inner_text()
     tips = chart.locator(".cv-series").first.locator("circle title").evaluate_all("els => els.map(e => e.textContent)")
     expected = [round(100 * v) for v in stats["layers"][0]["final_overlap"]]
     assert [int(t.rsplit(" ", 1)[1].rstrip("%")) for t in tips] == expected
     screenshot(page, "stability_final")
     page.click("[role=radio]:text-is('Previous checkpoint')")
     page.wait_for_function("location.hash.includes('against=previous')")
-    page.wait_for_function("document.querySelector('.cv-card-wide .cv-caption').textContent.includes('schedule')")
+    page.wait_for_function("document.querySelector('.cv-cards .cv-card-wide .cv-caption').textContent.includes('schedule')")
     page.wait_for_selector(f".cv-stability-body{IDLE}")
     # The first checkpoint has no previous one: one point fewer per layer.
     assert page.locator(".cv-chart").first.locator(".cv-series circle").count() == 5 * (steps - 1)
@@ -229,7 +229,7 @@ def test_settled_column_measures_what_the_chart_shows(watched, seeds_server, aga
     stats = plugin_json(seeds_server, "stats", run="seed0")
     page = watched.open(seeds_server, "view=stability&run=seed0" + (f"&against={against}" if against else ""))
     page.wait_for_selector(f".cv-stability-body{IDLE}")
-    assert f"with the {name}" in page.locator(".cv-card-wide h2").inner_text()
+    assert f"with the {name}" in page.locator(".cv-cards .cv-card-wide h2").inner_text()
     header = page.locator(".cv-table thead th").last.inner_text()
     assert "80%" in header and name.split()[0] in header
     assert name in page.locator(".cv-settled-note").inner_text()

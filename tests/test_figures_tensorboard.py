@@ -70,9 +70,14 @@ def test_projections_and_filters_match_read_run(api, logdir):
     for layer in run.layers:
         for step in STEPS:
             for unit, rank in [(0, 0), (layer.units - 1, 0)] + ([(1, 2)] if step != 3 else []):
-                image = _get(api + f"projection?run=new&layer={layer.name}&step={step}&unit={unit}&rank={rank}")
+                query = f"projection?run=new&layer={layer.name}&step={step}&unit={unit}&rank={rank}"
+                whole = _get(api + query + "&field=theoretical")
                 want = fmt.quantize(run.projection(layer.name, step, unit, rank))[0]
-                np.testing.assert_array_equal(image.transpose(2, 0, 1), want)
+                np.testing.assert_array_equal(whole.transpose(2, 0, 1), want)
+                # By default, on the crop the tab shows: the effective field, kept inside the image.
+                image = _get(api + query)
+                np.testing.assert_array_equal(image.transpose(2, 0, 1), run.projection_pixels(
+                    layer.name, step, unit, rank, field=run.crop(layer.name, step)))
     data = _get(api + "filters?run=new&step=3")
     np.testing.assert_allclose(data["rms"], fmt.filter_rms(run.filters(3)), rtol=1e-6)
     assert data["module"] == "features.conv1"

@@ -37,7 +37,12 @@ def expected(logdir):
     tags = {metadata.scalar_tag(layer, name) for layer in LAYERS for name in metadata.SCALAR_NAMES}
     # The first conv ("0") also gets its layer-1 filter counts.
     tags |= {metadata.scalar_tag("0", name) for name in metadata.FILTER_SCALAR_NAMES}
+    # Each logged conv layer's effective receptive field (its larger side), at every checkpoint.
+    tags |= {metadata.scalar_tag(layer, "effective_field") for layer in LAYERS}
     assert tags == set(scalars) and len(run.steps) >= 3
+    for layer in LAYERS:
+        assert scalars[metadata.scalar_tag(layer, "effective_field")] == {
+            step: max(run.effective_field(layer, step)) for step in run.steps}
     # The first checkpoint has no overlap with a previous one.
     assert all(len(scalars[t]) == len(run.steps) - t.endswith("topk_overlap") for t in tags)
     return scalars

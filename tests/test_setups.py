@@ -266,9 +266,10 @@ def test_diverged_model_records_units_as_not_finite(probe, tmp_path):
     mosaic = served.png("mosaic?run=got&layer=features.2&step=0&unit=3")
     assert (mosaic[..., 3] == 0).all()  # no patch drawn
     # The exported figure draws no patches for it either.
-    blank = np.asarray(export._mosaic(run, run.layer("features.2"), first, 3, 4, 16))
+    crop = run.crop("features.2", 0)
+    blank = np.asarray(export._mosaic(run, run.layer("features.2"), crop, first, 3, 4, 16))
     assert (blank == export.BACKGROUND).all()
-    assert not (np.asarray(export._mosaic(run, run.layer("features.2"), first, 0, 4, 16)) == export.BACKGROUND).all()
+    assert not (np.asarray(export._mosaic(run, run.layer("features.2"), crop, first, 0, 4, 16)) == export.BACKGROUND).all()
 
 
 def test_nan_probe_pixel_warns_and_marks_units_instead_of_dropping_the_image(tmp_path):
