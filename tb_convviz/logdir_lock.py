@@ -42,13 +42,7 @@ class LogDirLock:
 
     def held(self) -> bool:
         """Whether the lock file at the log dir is still the one locked (not deleted with its log dir)."""
-        if self._fd is None:
-            return False
-        try:
-            here, there = os.fstat(self._fd), os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+        return self._fd is not None and still_at(self._fd, self.path)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -57,3 +51,12 @@ class LogDirLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def still_at(fd: int, path: str) -> bool:
+    """Whether the file open as ``fd`` is still the one at ``path`` (not deleted, moved or replaced)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return here.st_nlink > 0 and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

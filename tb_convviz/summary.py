@@ -23,6 +23,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.util import tensor_util
 
 from tb_convviz import metadata, plugin_data_pb2
+from tb_convviz.logdir_lock import still_at
 
 # Above this many pixels an image is stored as JPEG: PNG of photos at 224x224 is
 # ~100 KB, JPEG q90 ~20 KB; small synthetic images compress better losslessly. Small colour
@@ -197,13 +198,7 @@ class EventWriter:
 
     def unlinked(self) -> bool:
         """Whether this writer's own file is no longer at its path (its log dir was deleted or moved)."""
-        if self._fd is None:
-            return False
-        try:
-            here, there = os.fstat(self._fd), os.stat(self.path)
-        except FileNotFoundError:
-            return True
-        return here.st_nlink == 0 or (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino)
+        return self._fd is not None and not still_at(self._fd, self.path)
 
     def write(self, summary: summary_pb2.Summary, step: int) -> None:
         if self._summaries is not None:
