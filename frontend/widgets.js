@@ -216,7 +216,7 @@ export const DEFAULT_PATCH = 48;
 export const CHANGED_BELOW = 0.5;
 
 // From this many units on, mosaics load only near the viewport so the page stays responsive.
-export const LAZY_UNITS = 512;
+const LAZY_UNITS = 512;
 
 const nextFrame = () => new Promise((resolve) => requestAnimationFrame(resolve));
 
