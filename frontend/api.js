@@ -114,7 +114,7 @@ export const screenSize = (css) => clampSize(css == null ? css : css * Math.min(
  */
 export const mosaicUrl = (run, layer, step, unit, size) =>
   routeUrl("mosaic", { run, layer, step, unit, size: screenSize(size) });
-// `overlay`: "projection" draws the record's projection over the image as a heatmap (where the unit fires).
+// `overlay`: "projection" spotlights the image by the record's projection (where the unit fires).
 export const patchUrl = (run, layer, step, unit, rank, size, overlay = null) =>
   routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size), overlay });
 export const probeImageUrl = (run, layer, step, unit, rank, index, overlay = null) =>

@@ -354,7 +354,7 @@ export function showProbeImage({ run, layer, step, unit, record }) {
   return openDialog({ title: `Probe image #${record.image}`, tools: overlay },
     h("div", { class: "cv-dialog-body" }, img, failure),
     h("p", { class: "cv-caption" }, "Red: the unit's theoretical receptive field. Blue: the effective field the patch " +
-      "shows (where it differs)." + (overlay ? " Where it fires: the record's projection, red where it is strong." : "")),
+      "shows (where it differs)." + (overlay ? " Where it fires: in colour where the record's projection is strong, dark grey elsewhere." : "")),
     h("dl", { class: "cv-facts" },
       fact("Unit", `${unit} · ${layerTitle(layer)} (${layer.name})`),
       fact("Rank", `${record.rank + 1} of ${layer.k}`),
@@ -364,11 +364,11 @@ export function showProbeImage({ run, layer, step, unit, record }) {
       fact("Step", String(step))));
 }
 
-/** The "Where it fires" checkbox: `onChange(on)` swaps in the image with the projection's heatmap over it. */
+/** The "Where it fires" checkbox: `onChange(on)` swaps in the image spotlit by the record's projection. */
 export function firesToggle(onChange) {
   const box = h("input", { type: "checkbox", class: "cv-fires", onchange: () => onChange(box.checked) });
-  return h("label", { class: "cv-field", title: "The record's projection drawn over the image: red where the unit's " +
-    "activation comes from" }, box, "Where it fires");
+  return h("label", { class: "cv-field", title: "The image in colour where the record's projection is strong (where the " +
+    "unit's activation comes from), dark grey elsewhere" }, box, "Where it fires");
 }
 
 function fact(term, value) {

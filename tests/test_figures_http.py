@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
 from tb_convviz import projection_format as fmt
@@ -277,7 +277,7 @@ def test_last_projects_all_k_at_the_final_checkpoint_of_any_schedule(tmp_path):
 
 
 def test_overlay_draws_the_top1_projection_where_the_unit_fires(served, logged):
-    """overlay=projection on the patch and the whole image: each pixel blends towards red by its share of the peak."""
+    """overlay=projection on the patch and the whole image: in colour where the projection is strong, grey elsewhere."""
     run = read_run(logged[0] / "new")
     layer = run.layers[2]
     records = run.topk(layer.name, 5)
@@ -287,11 +287,18 @@ def test_overlay_draws_the_top1_projection_where_the_unit_fires(served, logged):
     image = crop(run.probe_image(int(records.image[unit, 0])), box).astype(np.float64)
     q = run.projection_pixels(layer.name, 5, unit, field=field).astype(np.float64)
     strength = np.abs(q - 128).sum(axis=0)
-    alpha = (strength / strength.max())[:, :, None] * 0.75
-    want = np.rint(image * (1 - alpha) + np.array([255, 40, 0]) * alpha).astype(np.uint8)
+    level = Image.fromarray(np.rint(strength * 255 / strength.max()).astype(np.uint8))
+    blurred = np.asarray(level.filter(ImageFilter.GaussianBlur(max(strength.shape) / 32)), np.float64)
+    share = (blurred / blurred.max())[:, :, None]
+    grey = (image[:, :, :3] @ np.array([0.299, 0.587, 0.114]))[:, :, None] * 0.3  # luminance, faded
+    want = np.rint(image * share + grey * (1 - share)).astype(np.uint8)
     got = png(served.client.get(API + f"patch?run=new&layer={layer.name}&step=5&unit={unit}&rank=0&overlay=projection"))
     np.testing.assert_array_equal(got[:, :, :3], want)
-    assert (strength == 0).any() and (got[strength == 0][:, :3] == image[strength == 0]).all()  # untouched where it is 0
+    peak = share[:, :, 0] == 1
+    assert peak.any() and (got[peak][:, :3] == image[peak]).all()  # the image itself where the unit fires most
+    faded = share[:, :, 0] == 0
+    if faded.any():  # dark grey where it does not fire at all
+        assert (got[faded][:, 0] == got[faded][:, 1]).all() and (got[faded][:, :3] <= 77).all()
     plain = png(served.client.get(API + f"probe_image?run=new&layer={layer.name}&step=5&unit={unit}&rank=0"))
     heated = png(served.client.get(API + f"probe_image?run=new&layer={layer.name}&step=5&unit={unit}&rank=0"
                                          "&overlay=projection"))

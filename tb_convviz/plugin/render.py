@@ -10,7 +10,7 @@ import threading
 from typing import Callable, Hashable
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from tensorboard import errors
 
 from tb_convviz.geometry import PAD_VALUE, CropField, crop, record_box
@@ -21,9 +21,13 @@ MIN_SIZE, MAX_SIZE = 8, 512
 BOX_COLOR = (255, 40, 40)
 # The effective field's box, drawn inside the theoretical one's on the whole-image view.
 EFFECTIVE_BOX_COLOR = (40, 200, 255)
-# "Where the unit fires": the top-1 projection's magnitude, drawn over the image in this colour, at most this opaque.
-HEAT_COLOR = (255, 40, 0)
-HEAT_OPACITY = 0.75
+# "Where the unit fires": the image keeps its colours where the top-1 projection is strong and fades to
+# grey at this brightness where it is not. No overlay colour, so nothing in the image can be mistaken
+# for it (a red heatmap over a red object was).
+SPOTLIGHT_FADE = 0.3
+# The projection's magnitude is blurred by this share of the patch's side first: deconvnet projections
+# are sparse edges, and the question is where the unit fires, not which pixel.
+SPOTLIGHT_BLUR = 1 / 32
 MISSING_COLOR = (200, 60, 60)
 # The work one request may ask for: pixels of the PNG it gets (larger requests are
 # downscaled to fit) and pixels of probe images decoded for it (more answers 400).
@@ -131,15 +135,21 @@ def draw_boxes(image: np.ndarray, boxes: list[tuple[tuple[int, int, int, int], t
 
 
 def heatmap(image: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """RGB ``image`` ([h, w] or [h, w, C]) with the magnitude of projection ``q`` (uint8 ``[C, h, w]``, 128 is zero) over it.
+    """RGB ``image`` ([h, w] or [h, w, C]) spotlit by the magnitude of projection ``q`` (uint8 ``[C, h, w]``, 128 is zero).
 
-    Each pixel takes HEAT_COLOR in proportion to its share of the projection's peak |value|, summed over channels.
+    With ``s`` the blurred magnitude (summed over channels) as a share of its peak, each pixel
+    is ``s * image + (1 - s) * SPOTLIGHT_FADE * luminance``: in colour where the unit fires, dark grey elsewhere.
     """
     strength = np.abs(q.astype(np.float64) - 128).sum(axis=0)
+    radius = SPOTLIGHT_BLUR * max(strength.shape)
+    if radius >= 0.5 and strength.max() > 0:
+        level = Image.fromarray(np.rint(strength * (255 / strength.max())).astype(np.uint8), "L")
+        strength = np.asarray(level.filter(ImageFilter.GaussianBlur(radius)), np.float64)
     peak = float(strength.max())
-    alpha = (strength / peak if peak > 0 else strength)[:, :, None] * HEAT_OPACITY
-    out = _rgb(image).astype(np.float64) * (1 - alpha) + np.asarray(HEAT_COLOR, np.float64) * alpha
-    return np.rint(out).astype(np.uint8)
+    share = (strength / peak if peak > 0 else strength)[:, :, None]
+    rgb = _rgb(image).astype(np.float64)
+    grey = (rgb @ np.array([0.299, 0.587, 0.114]))[:, :, None] * SPOTLIGHT_FADE
+    return np.rint(rgb * share + grey * (1 - share)).astype(np.uint8)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
