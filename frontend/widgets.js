@@ -336,15 +336,15 @@ export function closeDialogs() {
   for (const dialog of document.querySelectorAll("dialog.cv-dialog[open]")) dialog.close();
 }
 
-/** A modal with the whole probe image and the record's receptive-field box. */
-export function showProbeImage({ run, layer, step, unit, record }) {
+/** A modal with the whole probe image and the record's receptive-field box (`source`: as for showZoom). */
+export function showProbeImage({ run, layer, step, unit, record, source = undefined }) {
   const img = fitImage(h("img", {
     class: "cv-probe-image",
-    src: probeImageUrl(run, layer.name, step, unit, record.rank, record.image),
+    src: probeImageUrl(run, layer.name, step, unit, record.rank, record.image, null, source),
     alt: `Probe image ${record.image} with the receptive fields of ${recordAlt(unit, step, record)}`,
   }), 320);
   const overlay = hasProjection(layer, step, record.rank) ? firesToggle((on) => {
-    img.src = probeImageUrl(run, layer.name, step, unit, record.rank, record.image, on ? "projection" : null);
+    img.src = probeImageUrl(run, layer.name, step, unit, record.rank, record.image, on ? "projection" : null, source);
   }) : null;
   const failure = h("p", { class: "cv-dim", hidden: true });
   img.addEventListener("error", () => {
