@@ -68,7 +68,8 @@ def stored_bytes(run) -> dict:
     stored = records = units = 0
     checkpoints = set()
     for layer in run.layers:
-        for step, (info, index, blobs) in run._projections.get(layer.name, {}).items():
+        for step in run.projection_steps(layer.name):
+            _, index, blobs = run._projections_at(layer.name, step, "probe")
             checkpoints.add(step)
             units += layer.units
             records += len(blobs)

@@ -8,10 +8,15 @@ const CACHE_LIMIT = 64;
 /** An answer from the backend that the UI shows as a message. */
 export class ApiError extends Error {}
 
-/** Absolute URL of a route with its query parameters; `null`/`undefined` values are left out. */
-export function routeUrl(route, params = {}) {
+/**
+ * Absolute URL of a route with its query parameters; `null`/`undefined` values are left out.
+ * `params.source` asks a record route for that source's records instead of the view's.
+ */
+export function routeUrl(route, { source: wanted, ...params } = {}) {
   const url = new URL(route, BASE);
-  if (source !== "probe" && SOURCE_ROUTES.has(route)) url.searchParams.set("source", source);
+  const from = wanted ?? source;
+  // The probe set is the server's default: its URLs stay the same whoever asks for them.
+  if (from !== "probe" && SOURCE_ROUTES.has(route)) url.searchParams.set("source", from);
   for (const [key, value] of Object.entries(params)) {
     if (value != null) url.searchParams.set(key, String(value));
   }
@@ -112,10 +117,11 @@ export const screenSize = (css) => clampSize(css == null ? css : css * Math.min(
  * `size`: the CSS pixels a patch's longer side is drawn at. The API resamples each patch to
  * that size (times the screen's pixel ratio), so every layer is drawn alike and sharp.
  */
-export const mosaicUrl = (run, layer, step, unit, size) =>
-  routeUrl("mosaic", { run, layer, step, unit, size: screenSize(size) });
+// `source`, here and below: whose records ("probe", "train", "eval"); by default the view's.
+export const mosaicUrl = (run, layer, step, unit, size, source = undefined) =>
+  routeUrl("mosaic", { run, layer, step, unit, size: screenSize(size), source });
 // `overlay`: "projection" spotlights the image by the record's projection (where the unit fires).
-export const patchUrl = (run, layer, step, unit, rank, size, overlay = null) =>
-  routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size), overlay });
-export const probeImageUrl = (run, layer, step, unit, rank, index, overlay = null) =>
-  routeUrl("probe_image", { run, index, layer, step, unit, rank, overlay });
+export const patchUrl = (run, layer, step, unit, rank, size, overlay = null, source = undefined) =>
+  routeUrl("patch", { run, layer, step, unit, rank, size: screenSize(size), overlay, source });
+export const probeImageUrl = (run, layer, step, unit, rank, index, overlay = null, source = undefined) =>
+  routeUrl("probe_image", { run, index, layer, step, unit, rank, overlay, source });

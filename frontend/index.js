@@ -15,7 +15,7 @@ import { PATCH_SIZES, DEFAULT_PATCH, nearestStep, openDialog, closeDialogs } fro
 import { followTensorBoardTheme } from "./theme.js";
 import { applyField, fieldBar } from "./field.js";
 import { showHelp } from "./help.js";
-import { sourceSwitch, useSource, validSource } from "./source.js";
+import { sourceSwitch, useSource, validBeside, validSource } from "./source.js";
 
 const POLL_MS = 12000;
 const VIEWS = { grid: GridView, stability: StabilityView, unit: UnitView, compare: CompareView, evolution: EvolutionGridView };
@@ -102,6 +102,7 @@ class App {
       state.view = "grid";
     }
     if (state.view !== "unit") delete state.unit;
+    if (state.view !== "unit" || !validBeside(run, state.source, state.beside)) delete state.beside;
     // Patches are the default, left out of the URL like the other defaults.
     if (state.show === "patch" || !SHOWS.some(([key]) => key === state.show)) delete state.show;
     if (state.view === "evolution") {

@@ -7,8 +7,8 @@ export const SHOWS = [["patch", "Patches"], ["projection", "Projections"], ["bot
 export const NOT_LOGGED = "not logged in this run";
 
 // `size`: CSS pixels per projection, as for `mosaicUrl`, so projections are drawn as large as the patches beside them.
-export const projectionMosaicUrl = (run, layer, step, unit, size) =>
-  routeUrl("projection_mosaic", { run, layer, step, unit, size: screenSize(size) });
+export const projectionMosaicUrl = (run, layer, step, unit, size, source = undefined) =>
+  routeUrl("projection_mosaic", { run, layer, step, unit, size: screenSize(size), source });
 export const projectionUrl = (run, layer, step, unit, rank, size) =>
   routeUrl("projection", { run, layer, step, unit, rank, size: screenSize(size) });
 export const rowUrl = (run, layer, unit, steps, kind, size) =>
@@ -47,12 +47,12 @@ export function showToggle(layer, show, onChange) {
  * Point `figure` (a MosaicFigure of `patch`-pixel cells) at a unit's projections at `step`: all k
  * in the patches' layout where all were projected, else the top-1 alone, as large as the whole mosaic.
  */
-export function assignProjection(feed, figure, { run, layer, step, unit, records, patch, highlight = [] }) {
+export function assignProjection(feed, figure, { run, layer, step, unit, records, patch, highlight = [], source }) {
   const all = hasProjection(layer, step, 1);
   const { width, height } = figure.geometry;
   figure.img.style.width = all ? "" : `${width}px`;
   figure.img.style.height = all ? "" : `${height}px`;
   figure.setRecords(all ? records : records.filter((r) => r.rank === 0),
     { highlight: all ? highlight : highlight.filter((rank) => rank === 0), step, unit });
-  feed.assign(figure.img, projectionMosaicUrl(run, layer.name, step, unit, all ? patch : Math.max(width, height)));
+  feed.assign(figure.img, projectionMosaicUrl(run, layer.name, step, unit, all ? patch : Math.max(width, height), source));
 }

@@ -4,7 +4,7 @@
 
 const KEYS = ["view", "run", "layer", "step", "unit", "sort", "order", "b_run", "b_step", "expand",
   "match", "against", "filter", "patch", "show", "rows", "count", "seed", "units", "cols", "filters", "filter_step",
-  "source", "field"];
+  "source", "field", "beside"];
 const NUMBERS = new Set(["step", "unit", "b_step", "other_step", "patch", "count", "seed", "filter_step"]);
 const STORAGE_KEY = "convviz.state";
 // TensorBoard's hash is `#<plugin>&key=value&...` (its tf_storage keeps unknown keys); ours are prefixed.

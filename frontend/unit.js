@@ -7,6 +7,7 @@ import { unitJump, passes } from "./finder.js";
 import { sortUnits, notFiniteChip } from "./grid.js";
 import { showZoom } from "./zoom.js";
 import { assignProjection, effectiveShow, hasProjection, projectionUrl, showToggle } from "./show.js";
+import { besideSwitch, sourceName } from "./source.js";
 
 const PATCH_PX = 64;
 // The current checkpoint's mosaic is drawn to fill this square exactly, whatever the layer.
@@ -33,7 +34,7 @@ export class UnitView {
     this.app = app;
     this.seq = 0;
     this.evolutionKey = null;
-    this.evolution = null;
+    this.evolutions = new Map();  // source -> its pending `evolution` answer for `evolutionKey`
     this.feed = null;
     this.head = h("div", { class: "cv-unit-head" });
     this.body = h("div", { class: "cv-unit-body", "aria-busy": "true" });
@@ -70,26 +71,39 @@ export class UnitView {
     return true;
   }
 
+  /** The unit's checkpoints from `source` ("probe", "train", "eval"), fetched once per unit and step count. */
+  evolutionOf(run, layer, unit, source) {
+    // The step count is part of the key so that a live run's new checkpoints are fetched.
+    const key = JSON.stringify([run.run, layer.name, unit, layer.steps.length]);
+    if (key !== this.evolutionKey) {
+      this.evolutionKey = key;
+      this.evolutions.clear();
+    }
+    if (!this.evolutions.has(source)) {
+      const pending = getJson("evolution", { run: run.run, layer: layer.name, unit, source });
+      pending.catch(() => this.evolutions.get(source) === pending && this.evolutions.delete(source));
+      this.evolutions.set(source, pending);
+    }
+    return this.evolutions.get(source);
+  }
+
   async update() {
     const { run, layer, state } = this.app;
     const unit = state.unit;
     this.renderHead(run, layer, unit);
     const seq = ++this.seq;
     this.body.setAttribute("aria-busy", "true");
-    // The step count is part of the key so that a live run's new checkpoints are fetched.
-    const key = JSON.stringify([run.run, layer.name, unit, layer.steps.length]);
-    if (key !== this.evolutionKey) {
-      this.evolutionKey = key;
-      this.evolution = getJson("evolution", { run: run.run, layer: layer.name, unit });
-    }
+    const source = state.source ?? "probe";
+    // A failure of the source beside is shown in its panel; the view's own source still shows.
+    const beside = state.beside && this.evolutionOf(run, layer, unit, state.beside).catch((e) => e);
     let evolution;
     try {
-      evolution = await this.evolution;
+      evolution = await this.evolutionOf(run, layer, unit, source);
     } catch (e) {
-      this.evolutionKey = null;
       if (seq === this.seq) fill(this.body, message("error", `Could not load unit ${unit}`, e.message));
       return;
     }
+    const other = await beside;
     if (seq !== this.seq) return;
     const current = evolution.checkpoints.find((c) => c.step === state.step) ?? evolution.checkpoints.at(-1);
     this.current = current;
@@ -97,8 +111,9 @@ export class UnitView {
     // Expanded, a long run has thousands of patches: then they load as they scroll into view.
     const expanded = state.expand === "1";
     this.feed = new ImageFeed({ lazy: evolution.checkpoints.length * (expanded ? layer.k : 1) > LAZY_PATCHES });
+    const besidePanel = other && { source: state.beside, evolution: other };
     fill(this.body,
-      h("div", { class: "cv-cards" }, this.renderCurrent(run, layer, unit, current), this.renderLabels(layer, current)),
+      h("div", { class: "cv-cards" }, this.renderCurrent(run, layer, unit, current, besidePanel), this.renderLabels(layer, current)),
       this.renderStrip(run, layer, unit, evolution.checkpoints, current, expanded),
     );
     centerSelected(this.body.querySelector(".cv-evo-strip"));
@@ -113,10 +128,10 @@ export class UnitView {
     return img;
   }
 
-  /** Open a checkpoint's top-k large. */
-  zoom(checkpoint) {
+  /** Open a checkpoint's top-k large (`source`: whose records, when not the view's). */
+  zoom(checkpoint, source = undefined) {
     const { run, layer, state } = this.app;
-    if (checkpoint) showZoom({ run: run.run, layer, step: checkpoint.step, unit: state.unit, records: checkpoint.records });
+    if (checkpoint) showZoom({ run: run.run, layer, step: checkpoint.step, unit: state.unit, records: checkpoint.records, source });
   }
 
   /** Go `delta` units on in the grid's order: its sort, and only the units its filter shows. */
@@ -154,20 +169,24 @@ export class UnitView {
       unitJump(layer, (next) => this.app.navigate({ unit: next }), unit),
       fieldNote(layer, this.app.state.field),
       showToggle(layer, this.app.state.show, (show) => this.app.navigate({ show })),
+      besideSwitch(run, state.source, state.beside, (beside) => this.app.navigate({ beside })),
     );
   }
 
-  renderCurrent(run, layer, unit, checkpoint) {
+  /**
+   * The top-k at `checkpoint` with its facts; `beside` (`{source, evolution}`, the evolution
+   * possibly an Error) puts that source's top-k at the same step next to it.
+   */
+  renderCurrent(run, layer, unit, checkpoint, beside) {
     const records = checkpoint.records;
     const peak = records[0]?.value;
-    const patch = patchSizeFor(layer, MOSAIC_PX);
-    const figure = new MosaicFigure(layer, patch, { alt: recordsAlt(unit, checkpoint.step, records) });
-    figure.setRecords(records, { step: checkpoint.step, unit });
+    const own = this.mosaics(run, layer, unit, checkpoint);
     return h("div", { class: "cv-card cv-unit-current" },
       h("h3", {}, `Top-${layer.k} at step ${checkpoint.step}`),
       h("div", { class: "cv-unit-current-body" },
-        checkpoint.not_finite ? h("div", { class: "cv-mosaic-frame" }, notFiniteChip())
-          : this.mosaics(run, layer, unit, checkpoint, figure, patch),
+        beside ? h("div", { class: "cv-side-by-side" },
+          sourcePanel(this.app.state.source ?? "probe", checkpoint, own),
+          this.besidePanel(run, layer, unit, checkpoint.step, beside)) : own,
         h("dl", { class: "cv-facts" },
           h("dt", {}, "Peak activation"), h("dd", {}, formatValue(peak)),
           h("dt", {}, "Kept since previous"), h("dd", {}, checkpoint.overlap == null ? "first checkpoint" : formatPercent(checkpoint.overlap)),
@@ -176,15 +195,31 @@ export class UnitView {
             : peak != null && peak > 0 ? "active" : "dead (no positive activation)"))));
   }
 
-  /** The patches' mosaic (`figure`), the projections' mosaic at the same patch size, or both side by side (Fig. 2). */
-  mosaics(run, layer, unit, checkpoint, figure, patch) {
+  /** `beside.source`'s top-k at `step` in a panel naming it, or why it has none. */
+  besidePanel(run, layer, unit, step, { source, evolution }) {
+    const name = sourceName(source);
+    if (evolution instanceof Error) return sourcePanel(source, null, message("error", `Could not load the ${name.toLowerCase()}`, evolution.message));
+    const checkpoint = evolution.checkpoints.find((c) => c.step === step);
+    return sourcePanel(source, checkpoint, checkpoint ? this.mosaics(run, layer, unit, checkpoint, source)
+      : h("p", { class: "cv-dim" }, `No records from the ${name.toLowerCase()} at step ${step}.`));
+  }
+
+  /**
+   * The patches' mosaic, the projections' mosaic at the same patch size, or both side by side
+   * (Fig. 2). `source`: whose records `checkpoint` holds, when not the view's.
+   */
+  mosaics(run, layer, unit, checkpoint, source = undefined) {
+    if (checkpoint.not_finite) return h("div", { class: "cv-mosaic-frame" }, notFiniteChip());
     const show = effectiveShow(this.app.state.show, layer);
+    const patch = patchSizeFor(layer, MOSAIC_PX);
     const frames = [];
     if (show !== "projection") {
-      this.feed.assign(figure.img, mosaicUrl(run.run, layer.name, checkpoint.step, unit, patch));
+      const figure = new MosaicFigure(layer, patch, { alt: recordsAlt(unit, checkpoint.step, checkpoint.records) });
+      figure.setRecords(checkpoint.records, { step: checkpoint.step, unit });
+      this.feed.assign(figure.img, mosaicUrl(run.run, layer.name, checkpoint.step, unit, patch, source));
       frames.push(h("button", {
         type: "button", class: "cv-mosaic-frame", title: "Zoom: the patches large, at a size you pick (z)",
-        onclick: () => this.zoom(checkpoint),
+        onclick: () => this.zoom(checkpoint, source),
       }, figure.el));
     }
     if (show !== "patch") {
@@ -193,7 +228,7 @@ export class UnitView {
         const projection = new MosaicFigure(layer, patch,
           { alt: `Unit ${unit} at step ${step}: ${layer.projections.rule} projections of its top records` });
         projection.img.classList.add("cv-projection");
-        assignProjection(this.feed, projection, { run: run.run, layer, step, unit, records: checkpoint.records, patch });
+        assignProjection(this.feed, projection, { run: run.run, layer, step, unit, records: checkpoint.records, patch, source });
         frames.push(h("div", { class: "cv-mosaic-frame" }, projection.el));
       } else frames.push(h("p", { class: "cv-dim cv-no-projection" }, `No projections at step ${step}`));
     }
@@ -265,6 +300,14 @@ export class UnitView {
         String(layer.k), ". Keys: ← → checkpoints, ↑ ↓ units, z zoom."),
       h("ol", { class: "cv-evo-strip", "aria-label": `Unit ${unit} over training` }, columns));
   }
+}
+
+/** `source`'s top-k (`body`) under its name and peak activation, for the side-by-side view. */
+function sourcePanel(source, checkpoint, body) {
+  const peak = checkpoint?.records[0]?.value;
+  return h("figure", { class: "cv-source-panel", dataset: { source } },
+    h("figcaption", {}, h("strong", {}, sourceName(source)), peak == null ? null : ` · peak ${formatValue(peak)}`),
+    h("div", { class: "cv-source-panel-body" }, body));
 }
 
 /** Says when a patch cannot localise anything: the unit sees the whole probe image, or more. */

@@ -65,15 +65,19 @@ export class StepSlider {
     const index = Math.max(0, steps.indexOf(step));
     const last = Math.max(1, steps.length - 1);
     fill(this.marks, ...restarts.filter((s) => steps.includes(s)).map((s) => h("span", {
-      class: "cv-restart-mark", style: `left: ${(100 * steps.indexOf(s)) / last}%`,
+      class: "cv-restart-mark", style: { left: `${(100 * steps.indexOf(s)) / last}%` },
       title: `Training restarted: step ${s} is the first checkpoint of a new session`,
+      // The mark lies over the track: a click on it goes where a click on the track there would.
+      onclick: () => this.onChange(s),
     })));
     this.input.max = String(Math.max(0, steps.length - 1));
     this.input.value = String(index);
     this.input.disabled = steps.length < 2;
     this.playButton.disabled = steps.length < 2;
-    const restart = restarts.includes(step) ? " · restart" : "";
-    this.readout.textContent = steps.length ? `step ${step}${restart}` : "no checkpoints";
+    const label = (s) => `step ${s}${restarts.includes(s) ? " · restart" : ""}`;
+    this.readout.textContent = steps.length ? label(step) : "no checkpoints";
+    // As wide as its longest label, so that the track keeps its width (and the marks their place) as the thumb moves.
+    this.readout.style.minWidth = `${Math.max(9, ...steps.map((s) => label(s).length))}ch`;
     this.readout.title = `checkpoint ${index + 1} of ${steps.length}`;
     this.range.textContent = steps.length ? `${index + 1} / ${steps.length}` : "";
   }
@@ -336,15 +340,15 @@ export function closeDialogs() {
   for (const dialog of document.querySelectorAll("dialog.cv-dialog[open]")) dialog.close();
 }
 
-/** A modal with the whole probe image and the record's receptive-field box. */
-export function showProbeImage({ run, layer, step, unit, record }) {
+/** A modal with the whole probe image and the record's receptive-field box (`source`: as for showZoom). */
+export function showProbeImage({ run, layer, step, unit, record, source = undefined }) {
   const img = fitImage(h("img", {
     class: "cv-probe-image",
-    src: probeImageUrl(run, layer.name, step, unit, record.rank, record.image),
+    src: probeImageUrl(run, layer.name, step, unit, record.rank, record.image, null, source),
     alt: `Probe image ${record.image} with the receptive fields of ${recordAlt(unit, step, record)}`,
   }), 320);
   const overlay = hasProjection(layer, step, record.rank) ? firesToggle((on) => {
-    img.src = probeImageUrl(run, layer.name, step, unit, record.rank, record.image, on ? "projection" : null);
+    img.src = probeImageUrl(run, layer.name, step, unit, record.rank, record.image, on ? "projection" : null, source);
   }) : null;
   const failure = h("p", { class: "cv-dim", hidden: true });
   img.addEventListener("error", () => {

@@ -58,8 +58,9 @@ export function zoomDialog({ title, body, draw, tools = [] }, ...after) {
 /**
  * Open `records` of `unit` at `step` large. `highlight` ranks are outlined (images shared
  * with the other side of a comparison); `side` names that side ("A", "B") in the title.
+ * `source`: whose records they are, when not the view's (see api.js).
  */
-export function showZoom({ run, layer, step, unit, records, highlight = [], side = null }) {
+export function showZoom({ run, layer, step, unit, records, highlight = [], side = null, source = undefined }) {
   let fires = false;
   let shown = null;  // the size drawn last, for the "Where it fires" toggle to redraw at
   const marked = new Set(highlight);
@@ -71,10 +72,10 @@ export function showZoom({ run, layer, step, unit, records, highlight = [], side
     fill(grid, records.map((r) => h("figure", { class: marked.has(r.rank) ? "cv-zoom-patch cv-shared" : "cv-zoom-patch" },
       h("button", {
         type: "button", class: "cv-zoom-open", title: `${recordTip(r, step, unit)}\nClick: the whole probe image`,
-        onclick: () => showProbeImage({ run, layer, step, unit, record: r }),
+        onclick: () => showProbeImage({ run, layer, step, unit, record: r, source }),
       }, h("img", {
         class: "cv-pixelated", alt: recordAlt(unit, step, r),
-        src: patchUrl(run, layer.name, step, unit, r.rank, size, fires && hasProjection(layer, step, r.rank) ? "projection" : null),
+        src: patchUrl(run, layer.name, step, unit, r.rank, size, fires && hasProjection(layer, step, r.rank) ? "projection" : null, source),
         width: pw, height: ph,
       })),
       h("figcaption", {},

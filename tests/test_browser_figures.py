@@ -2,7 +2,8 @@
 
 Screenshots go to ``tests/artifacts`` (or ``$CONVVIZ_SCREENSHOT_DIR``); with
 ``CONVVIZ_SCREENSHOT_LOGDIR`` set to a ``tb-convviz demo`` log dir,
-``test_screenshots_of_a_real_run`` saves the README's pictures of these views from it.
+``test_screenshots_of_a_real_run`` saves the README's pictures of these views from it (and of a
+stream view, when the run logged streams).
 """
 
 from __future__ import annotations
@@ -235,6 +236,11 @@ def test_screenshots_of_a_real_run(browser):
             page = w.open(url, f"run={run['run']}&layer={layers[0]}&view=grid&filters=1")
             page.wait_for_selector(f".cv-filters{IDLE}", timeout=120000)
             screenshot(page, "real_filters")
+            if run["streams"]:
+                # A unit's top-9 over the training images beside the probe set's (the README's Streams).
+                page = w.open(url, f"run={run['run']}&layer={layers[1]}&view=unit&unit=3&source=train&beside=probe")
+                page.wait_for_selector(f".cv-unit-body{IDLE}", timeout=120000)
+                screenshot(page, "real_unit_streams")
             w.assert_clean()
         finally:
             w.context.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -72,33 +74,101 @@ def test_routes_serve_a_streams_records_and_images(logdir):
     assert "source must be one of" in served.json("topk?run=streams&layer=x&source=bogus", status=400)["error"]
 
 
-def test_the_images_switch_in_every_view_and_in_the_url(watched, logdir):
-    with tensorboard_server(str(logdir), load_fast=True) as server:
-        page = watched.open(server, f"run=streams&layer={LAYER}")
-        page.wait_for_selector(f".cv-grid{IDLE}")
-        switch = page.locator(".cv-source-select")
-        assert switch.is_enabled() and switch.input_value() == "probe"
-        requests = []
-        page.on("request", lambda r: requests.append(r.url))
-        switch.select_option("train")
-        page.wait_for_selector(f".cv-grid{IDLE}")
-        assert hash_state(page)["source"] == "train"
-        assert any("topk?" in u and "source=train" in u for u in requests)
-        for view in ("evolution", "stability", "compare"):
-            requests.clear()
-            page.locator(".cv-nav-item", has_text={"evolution": "Fig. 4 grid", "stability": "Stability",
-                                                   "compare": "Compare"}[view]).click()
-            page.wait_for_function("() => !document.querySelector(\"[aria-busy='true']\")")
-            assert hash_state(page)["source"] == "train", view
-            sent = [u for u in requests if "/data/plugin/convviz/" in u and "runs" not in u and "static" not in u]
-            assert sent and all("source=train" in u for u in sent if "filters" not in u), (view, sent)
-        # A reload keeps the source; a run without streams shows the switch disabled, with the reason.
-        page.reload()
-        page.wait_for_selector(".cv-source-select")
-        assert page.locator(".cv-source-select").input_value() == "train"
-        page.locator(".cv-run-select").select_option("plain")
-        page.wait_for_function("() => document.querySelector('.cv-source-select').disabled")
-        plain = page.locator(".cv-source-select")
-        assert plain.is_disabled() and "no training or validation stream" in plain.get_attribute("title")
-        assert "source" not in hash_state(page)
-        watched.assert_clean()
+@pytest.fixture(scope="module")
+def server(logdir):
+    with tensorboard_server(str(logdir), load_fast=True) as url:
+        yield url
+
+
+def test_the_images_switch_in_every_view_and_in_the_url(watched, server):
+    page = watched.open(server, f"run=streams&layer={LAYER}")
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    switch = page.locator(".cv-source-select")
+    assert switch.is_enabled() and switch.input_value() == "probe"
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    switch.select_option("train")
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    assert hash_state(page)["source"] == "train"
+    assert any("topk?" in u and "source=train" in u for u in requests)
+    for view in ("evolution", "stability", "compare"):
+        requests.clear()
+        page.locator(".cv-nav-item", has_text={"evolution": "Fig. 4 grid", "stability": "Stability",
+                                               "compare": "Compare"}[view]).click()
+        page.wait_for_function("() => !document.querySelector(\"[aria-busy='true']\")")
+        assert hash_state(page)["source"] == "train", view
+        sent = [u for u in requests if "/data/plugin/convviz/" in u and "runs" not in u and "static" not in u]
+        assert sent and all("source=train" in u for u in sent if "filters" not in u), (view, sent)
+    # A reload keeps the source; a run without streams shows the switch disabled, with the reason.
+    page.reload()
+    page.wait_for_selector(".cv-source-select")
+    assert page.locator(".cv-source-select").input_value() == "train"
+    page.locator(".cv-run-select").select_option("plain")
+    page.wait_for_function("() => document.querySelector('.cv-source-select').disabled")
+    plain = page.locator(".cv-source-select")
+    assert plain.is_disabled() and "no training or validation stream" in plain.get_attribute("title")
+    assert "source" not in hash_state(page)
+    watched.assert_clean()
+
+
+def _source_of(url: str) -> str:
+    return urllib.parse.parse_qs(urllib.parse.urlparse(url).query).get("source", ["probe"])[0]
+
+
+def test_the_unit_view_shows_the_probe_set_and_a_stream_side_by_side(watched, logdir, server):
+    run = read_run(logdir / "streams")
+    mosaics = []
+    watched.page.on("request", lambda r: mosaics.append(r.url) if "/mosaic?" in r.url else None)
+    page = watched.open(server, f"run=streams&layer={LAYER}&view=unit&unit=1&step=2")
+    page.wait_for_selector(f".cv-unit-body{IDLE}")
+    assert page.locator(".cv-source-panel").count() == 0
+    beside = page.locator(".cv-beside-select")
+    assert beside.is_enabled() and beside.input_value() == ""
+    assert page.locator(".cv-beside-select option[value='probe']").is_disabled()  # the view shows it already
+    beside.select_option("train")
+    page.wait_for_selector(f".cv-unit-body{IDLE} .cv-source-panel[data-source='train']")
+    assert hash_state(page)["beside"] == "train"
+
+    def panels():
+        names = page.eval_on_selector_all(".cv-source-panel figcaption strong", "els => els.map(e => e.textContent)")
+        assert names == ["Probe set", "Training images"]
+        shown = {}
+        for source in ("probe", "train"):
+            panel = f".cv-source-panel[data-source='{source}']"
+            img = page.locator(f"{panel} img.cv-mosaic")
+            assert img.evaluate("e => e.complete && e.naturalWidth > 0")
+            # The panel's image was asked of its own source, and its records are that source's at step 2.
+            assert _source_of(img.get_attribute("src")) == source and img.get_attribute("src") in mosaics
+            tips = page.eval_on_selector_all(f"{panel} .cv-cell", "els => els.map(e => e.title)")
+            shown[source] = [int(re.search(r"#(\d+)", tip).group(1)) for tip in tips if tip]
+            assert shown[source] == [i for i in run.topk(LAYER, 2, source=source).image[1].tolist() if i >= 0]
+        assert shown["probe"] != shown["train"]
+
+    panels()
+    assert {_source_of(u) for u in mosaics} == {"probe", "train"}
+    # The stream's mosaic zooms into the stream's patches.
+    page.locator(".cv-source-panel[data-source='train'] .cv-mosaic-frame").click()
+    zoomed = page.eval_on_selector_all(".cv-zoom img", "els => els.map(e => e.getAttribute('src'))")
+    assert zoomed and all(_source_of(u) == "train" for u in zoomed)
+    page.keyboard.press("Escape")
+    # The URL round-trips: a reload shows the same two panels.
+    page.reload()
+    page.wait_for_selector(f".cv-unit-body{IDLE} .cv-source-panel[data-source='train']")
+    assert page.locator(".cv-beside-select").input_value() == "train"
+    panels()
+    # Values the run cannot show are dropped: a source it did not log, or the one the view shows already.
+    for wanted in ("bogus", "toString", "eval&source=eval"):
+        page = watched.open(server, f"run=streams&layer={LAYER}&view=unit&unit=1&step=2&beside={wanted}")
+        page.wait_for_selector(f".cv-unit-body{IDLE}")
+        assert "beside" not in hash_state(page) and page.locator(".cv-source-panel").count() == 0, wanted
+    # Only the unit view keeps it; a run without streams disables it, saying why.
+    page = watched.open(server, f"run=streams&layer={LAYER}&view=unit&unit=1&beside=eval")
+    page.wait_for_selector(f".cv-unit-body{IDLE} .cv-source-panel[data-source='eval']")
+    page.locator(".cv-back").click()
+    page.wait_for_selector(f".cv-grid{IDLE}")
+    assert "beside" not in hash_state(page)
+    page = watched.open(server, "run=plain&view=unit&unit=0")
+    page.wait_for_selector(f".cv-unit-body{IDLE}")
+    plain = page.locator(".cv-beside-select")
+    assert plain.is_disabled() and "no training or validation stream" in plain.get_attribute("title")
+    watched.assert_clean()
