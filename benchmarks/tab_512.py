@@ -42,7 +42,8 @@ RUN, LAYER, UNITS, CHECKPOINTS = "bench", "conv5", 512, 16
 SWITCH_TARGET_S = 0.5
 DWELL_S = 2.0
 
-# True once `grid` is idle and every mosaic in the window is decoded (at `step`, when given).
+# The page's clock (ms since navigation) once `grid` is idle and every mosaic in the window is decoded
+# (at `step`, when given), else false: loads are timed in the page, not when Playwright's polling notices.
 READY = """([grid, step]) => {
   const el = document.querySelector(grid);
   if (el?.getAttribute("aria-busy") !== "false") return false;
@@ -51,16 +52,17 @@ READY = """([grid, step]) => {
     return r.bottom > 0 && r.top < innerHeight && r.width > 0;
   });
   return inWindow.length > 0 && inWindow.every((i) => i.complete && i.naturalWidth > 0
-    && (step == null || i.currentSrc.includes(`step=${step}&`)));
+    && (step == null || i.currentSrc.includes(`step=${step}&`))) && performance.now();
 }"""
 
 # Press ArrowRight and resolve with the milliseconds until READY holds for `step`.
 SWITCH = """async (step) => {
-  const ready = %s;
+  const isReady = %s;
   const start = performance.now();
   document.dispatchEvent(new KeyboardEvent("keydown", { key: "ArrowRight", bubbles: true }));
-  while (!ready([".cv-grid", step])) await new Promise(requestAnimationFrame);
-  return performance.now() - start;
+  let ready;
+  while (!(ready = isReady([".cv-grid", step]))) await new Promise(requestAnimationFrame);
+  return ready - start;
 }""" % READY
 
 COMPARE_BYTES = """() => performance.getEntriesByType("resource").filter((e) => e.name.includes("/compare?"))
@@ -73,8 +75,8 @@ def timed_load(browser, url: str, hash_: str, grid: str) -> tuple[float, list[in
     try:
         page = context.new_page()
         page.goto(f"{url}data/plugin_entry.html?name=convviz#{hash_}")
-        page.wait_for_function(READY, arg=[grid, None], polling="raf", timeout=300_000)
-        return page.evaluate("performance.now()") / 1000, page.evaluate(COMPARE_BYTES)
+        ready = page.wait_for_function(READY, arg=[grid, None], polling="raf", timeout=300_000).json_value()
+        return ready / 1000, page.evaluate(COMPARE_BYTES)
     finally:
         context.close()
 
