@@ -133,8 +133,15 @@ export class GridView {
     // Asked for before the tiles are built, which takes a while on a large layer.
     const units = topk(run.run, layer.name, state.step);
     units.catch(() => {});  // handled below, once the tiles are built
-    const layerKey = JSON.stringify([run.run, layer.name, layer.units, layer.k, this.patch, effectiveShow(state.show, layer)]);
-    if (layerKey !== this.layerKey) this.build(layer, layerKey);
+    const show = effectiveShow(state.show, layer);
+    const layerKey = JSON.stringify([run.run, layer.name, layer.units, layer.k, this.patch, show]);
+    if (layerKey !== this.layerKey) {
+      this.build(layer, layerKey);
+      // A new grid is in unit order, so its mosaics, which need no records, load beside the units.
+      if (state.sort === "unit" && !state.filter && show !== "projection") {
+        for (const [unit, tile] of this.tiles) this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, state.step, unit, this.patch));
+      }
+    }
     const seq = ++this.seq;
     this.grid.setAttribute("aria-busy", "true");
     let data;
