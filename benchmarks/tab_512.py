@@ -4,7 +4,8 @@ Writes a synthetic run of 5 layers of 512 units (k=9, 1024 probe images 64x64, 1
 checkpoints), serves it with ``tensorboard``, and prints, for a 1280x900 window:
 
 * first deep-layer load: navigation to layer 5's grid with every tile in the window
-  decoded, on a TensorBoard that never served that layer (then the median of repeats);
+  decoded (timed in the page), on a TensorBoard that never served that layer (then the
+  median of repeats), each load after a pause;
 * checkpoint switch: an arrow key to the next checkpoint, until every tile in the window
   shows it decoded (target < 0.5 s), after a pause as a user looks at the grid;
 * matched compare: two checkpoints of layer 5 matched one-to-one, until every pair in the
@@ -73,6 +74,7 @@ COMPARE_BYTES = """() => performance.getEntriesByType("resource").filter((e) => 
 
 def timed_load(browser, url: str, hash_: str, grid: str) -> tuple[float, list[int]]:
     """Seconds from navigation to READY in a fresh context, and the compare responses' JSON bytes."""
+    time.sleep(DWELL_S)  # the last page's fetch ahead, on either server, is done: loads alternate between them
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     try:
         page = context.new_page()
