@@ -36,6 +36,15 @@ export function notFiniteChip() {
   return h("span", { class: "cv-chip cv-chip-dead", title: "NaN or infinite activations at this checkpoint: no ranks" }, "not finite");
 }
 
+/** An image of `url`, loaded at low priority and decoded, not shown: a tile given that URL then draws at once. */
+function decodedAhead(url) {
+  const img = new Image();
+  img.fetchPriority = "low";
+  img.src = url;
+  img.decode().catch(() => {});  // a failure shows on the tile, if it is opened
+  return img;
+}
+
 export class GridView {
   constructor(app) {
     this.app = app;
@@ -43,6 +52,8 @@ export class GridView {
     this.layerKey = null;
     this.tiles = new Map();
     this.feed = null;
+    // Mosaics of the neighbouring checkpoints, fetched and decoded ahead (URL -> image).
+    this.ahead = new Map();
     this.slider = new StepSlider({ onChange: (step) => app.navigate({ step }) });
     this.tabs = h("div", { class: "cv-tabs-slot" });
     this.sort = select(SORTS, "unit", (sort) => app.navigate({ sort }), { "aria-label": "Sort units by" });
@@ -119,13 +130,23 @@ export class GridView {
     this.patchSize.value = String(this.patch);
     fill(this.showSlot, showToggle(layer, state.show, (show) => this.app.navigate({ show })));
     const filtersShown = this.updateFilters(run, layer, state);
-    const layerKey = JSON.stringify([run.run, layer.name, layer.units, layer.k, this.patch, effectiveShow(state.show, layer)]);
-    if (layerKey !== this.layerKey) this.build(layer, layerKey);
+    // Asked for before the tiles are built, which takes a while on a large layer.
+    const units = topk(run.run, layer.name, state.step);
+    units.catch(() => {});  // handled below, once the tiles are built
+    const show = effectiveShow(state.show, layer);
+    const layerKey = JSON.stringify([run.run, layer.name, layer.units, layer.k, this.patch, show]);
+    if (layerKey !== this.layerKey) {
+      this.build(layer, layerKey);
+      // A new grid is in unit order, so its mosaics, which need no records, load beside the units.
+      if (state.sort === "unit" && !state.filter && show !== "projection") {
+        for (const [unit, tile] of this.tiles) this.feed.assign(tile.img, mosaicUrl(run.run, layer.name, state.step, unit, this.patch));
+      }
+    }
     const seq = ++this.seq;
     this.grid.setAttribute("aria-busy", "true");
     let data;
     try {
-      data = await topk(run.run, layer.name, state.step);
+      data = await units;
     } catch (e) {
       if (seq === this.seq) {
         fill(this.notice, message("error", "Could not load this layer", e.message));
@@ -146,13 +167,15 @@ export class GridView {
   }
 
   /**
-   * Warm the caches with the next and the previous checkpoint: their units, and the mosaics of the
-   * tiles near the window (every tile of a small layer), so that stepping and play are quick.
+   * Warm the caches with the next and then the previous checkpoint: their units, and the mosaics of
+   * the tiles near the window (every tile of a small layer), decoded and held until the next call,
+   * so that stepping and play swap in images that are ready.
    */
   prefetchNeighbours(run, layer, step) {
     const show = effectiveShow(this.app.state.show, layer);
     const near = [...this.tiles].filter(([, tile]) => !tile.el.hidden && this.feed.isNear(tile.img)).map(([unit]) => unit);
     const i = layer.steps.indexOf(step);
+    const held = new Map();
     for (const neighbour of [layer.steps[i + 1], layer.steps[i - 1]]) {
       if (neighbour === undefined) continue;
       topk(run.run, layer.name, neighbour).catch(() => {});  // a failure is shown if that step is opened
@@ -160,13 +183,10 @@ export class GridView {
       for (const unit of near) {
         const urls = [show !== "projection" && mosaicUrl(run.run, layer.name, neighbour, unit, this.patch),
           projected && projectionMosaicUrl(run.run, layer.name, neighbour, unit, this.patch)];
-        for (const url of urls.filter(Boolean)) {
-          const img = new Image();
-          img.fetchPriority = "low";
-          img.src = url;
-        }
+        for (const url of urls.filter(Boolean)) held.set(url, this.ahead.get(url) ?? decodedAhead(url));
       }
     }
+    this.ahead = held;
   }
 
   drawTile(tile, run, layer, data, unit) {
@@ -230,6 +250,8 @@ export class GridView {
       tiles.push(el);
     }
     fill(this.grid, ...tiles);
+    // Which tiles are near the window is known by the time their units come.
+    this.feed.watch([...this.tiles.values()].map((tile) => tile.img));
   }
 
   showUnits(run, layer, data, sort, filter) {

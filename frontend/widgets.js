@@ -258,6 +258,11 @@ export class ImageFeed {
     return !this.observer || img.hasAttribute("data-near");
   }
 
+  /** Watch `imgs` for the viewport from now on (lazy feeds), before anything is assigned to them. */
+  watch(imgs) {
+    if (this.observer) imgs.forEach((img) => this.observe(img));
+  }
+
   observe(img) {
     if (img.dataset.observed) return;
     img.dataset.observed = "1";

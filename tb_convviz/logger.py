@@ -23,7 +23,7 @@ from tb_convviz.logdir_lock import LogDirLock
 from tb_convviz.model_call import Forward, ProbeCall, autocast_off, check_forward, check_probe_input, probe_dtype
 from tb_convviz.probe import ProbeSet
 from tb_convviz.projection import LayerProjections, Target, check_options, cost_warning, failure_message, project_ranks
-from tb_convviz.ranking import Agreement, agreed, merge_ranks, rank, world
+from tb_convviz.ranking import Agreement, merge_ranks, on_rank_0, rank, world
 from tb_convviz.reader import event_files, read_run
 from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.records import RecordWriter
@@ -140,7 +140,7 @@ class ConvVizLogger:
         self._streams = self._stream_sources(stream, stream_images, stream_pool_bytes)
         self._last_step = -1
         self._agreement = Agreement()  # every rank, together: before any other collective
-        self._lock = LogDirLock(self.log_dir) if rank() == 0 else None
+        self._lock: LogDirLock | None = None
         try:
             self._resume()
         except BaseException:
@@ -231,11 +231,13 @@ class ConvVizLogger:
         return infos
 
     def _resume(self) -> None:
-        def read() -> None:
-            if rank() == 0 and os.path.isdir(self.log_dir) and event_files(self.log_dir):
+        def take_and_read() -> None:
+            self._lock = LogDirLock(self.log_dir)
+            if event_files(self.log_dir):
                 self._read_existing()
 
-        agreed(read, self._agreement, "reading the log dir on rank 0")
+        # A refused log dir (locked, or holding another model) is the same error on every rank.
+        on_rank_0(take_and_read, self._agreement, "taking the log dir on rank 0")
         # Every rank joins each checkpoint's gather, so all must skip what rank 0 skips; only
         # rank 0 writes, and only it is sure to see the log dir (it may be on its node's disk).
         self._last_step = self._agreement.rank_0s(self._last_step, "building the logger")

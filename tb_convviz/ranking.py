@@ -6,7 +6,9 @@ small gloo group of their own (:class:`Agreement`): at the start of ``log()`` on
 that a rank that is not logging (``log()`` on one rank only) is a clear error instead of a
 logger collective paired with a DDP all-reduce (gloo aborts the process then); and in
 ``merge_ranks``, and before the projections' gather, on whether every rank's pass succeeded,
-so that a checkpoint that failed on one rank is skipped on all of them.
+so that a checkpoint that failed on one rank is skipped on all of them. What rank 0 alone does
+(taking and reading the log dir, when the logger is built) is :func:`on_rank_0`: every rank raises
+its error.
 """
 
 from __future__ import annotations
@@ -75,15 +77,41 @@ class Agreement:
             return value
         return self._reduce([value if rank() == 0 else -(1 << 62)], dist.ReduceOp.MAX, call)[0]
 
+    def rank_0s_error(self, error: Exception | None, what: str) -> Exception | None:
+        """Rank 0's ``error`` (None if it had none), on every rank: the same class where it is a builtin one,
+        with the same message."""
+        if self.group is None:
+            return error
+        sent = [None if error is None else (type(error).__name__, str(error))]
+        with _waiting(what):
+            dist.broadcast_object_list(sent, src=0, group=self.group)
+        if rank() == 0 or sent[0] is None:
+            return error
+        kind, message = sent[0]
+        if kind in _REBUILT:
+            return _REBUILT[kind](message)
+        return RuntimeError(f"{what} failed on rank 0 ({kind}: {message})")
+
     def _reduce(self, values: list[int], op, what: str) -> list[int]:
         tensor = torch.tensor(values, dtype=torch.int64)
-        try:
+        with _waiting(what):
             dist.all_reduce(tensor, op=op, group=self.group)
-        except RuntimeError as e:  # a timeout, or a rank that left
-            raise RankMismatch(
-                f"convviz: rank {rank()} waited in {what} for the other ranks, which did not come ({e}): "
-                f"{RULE}") from None
         return tensor.tolist()
+
+
+@contextlib.contextmanager
+def _waiting(what: str) -> Iterator[None]:
+    """A collective of the agreement: RankMismatch where it ends without the other ranks."""
+    try:
+        yield
+    except RuntimeError as e:  # a timeout, or a rank that left
+        raise RankMismatch(
+            f"convviz: rank {rank()} waited in {what} for the other ranks, which did not come ({e}): "
+            f"{RULE}") from None
+
+
+# The errors of rank 0 that other ranks raise as they are (any other becomes a RuntimeError that names it).
+_REBUILT = {kind.__name__: kind for kind in (ValueError, TypeError, RuntimeError, OSError)}
 
 
 def _default_timeout() -> datetime.timedelta:
@@ -135,6 +163,19 @@ def agreed(part: Callable[[], Any], agreement: Agreement | None, what: str) -> A
     if error is not None:
         raise error
     raise Skipped(f"{what} failed on another rank, so every rank skips it (that rank's warning says why)")
+
+
+def on_rank_0(part: Callable[[], None], agreement: Agreement | None, what: str) -> None:
+    """``part()`` on rank 0 alone; if it fails, every rank raises its error (the same message), none waits on."""
+    error = None
+    if rank() == 0:
+        try:
+            part()
+        except Exception as e:
+            error = e
+    shared = agreement.rank_0s_error(error, what) if agreement is not None else error
+    if shared is not None:  # rank 0's own error there
+        raise shared
 
 
 def _gather(topk: TopK, k: int, by_content: bool) -> TopK:

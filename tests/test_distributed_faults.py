@@ -1,6 +1,7 @@
 """DDP faults with 2 gloo ranks (issue 19): one rank's failure skips the checkpoint on every rank and
 training goes on; misuse (log or close on one rank, different steps per rank) is a clear error, never
-a C++ abort or a hang past the process group's timeout."""
+a C++ abort or a hang past the process group's timeout; a log dir that rank 0 refuses is the same error on
+every rank."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tb_convviz import ConvVizLogger, read_run
+from tb_convviz.logdir_lock import LogDirLock
 from tb_convviz.ranking import RULE, RankMismatch
 from test_distributed import BATCH, K, LAYERS, Net, make_probe
 
@@ -56,6 +58,12 @@ def _faults_worker(rank: int, root: str) -> None:
             raise RuntimeError("injected fault on rank 1")
         return net(images)
 
+    # Rank 0 alone takes and reads a log dir: "other" holds _Wider's checkpoints, the test holds "locked".
+    for log_dir in ("other", "locked"):
+        try:
+            ConvVizLogger(model, make_probe(), os.path.join(root, log_dir), layers=LAYERS, k=K, batch_size=BATCH)
+        except Exception as e:
+            out[log_dir] = f"{type(e).__name__}: {e}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         logger = ConvVizLogger(model, make_probe(), os.path.join(root, "run"), layers=LAYERS, k=K,
@@ -95,6 +103,15 @@ def _log_on_rank_0_only_worker(rank: int, root: str) -> None:
         time.sleep(0.1)  # neither leaves while the other may still be in a collective
 
 
+class _Wider(Net):
+    """Net with 10 units in conv1: another model for the same layer names."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 10, 3, padding=1)
+        self.conv2 = nn.Conv2d(10, 8, 3, padding=1)
+
+
 # Only a hang runs into these (each rank's own waits end after the process group's timeout):
 # generous, since starting torch on a busy machine can take minutes.
 HANG_S = 600
@@ -119,7 +136,13 @@ def _spawn(worker, root: pathlib.Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_faults")
-    return root, _spawn(_faults_worker, root)
+    with ConvVizLogger(_Wider(), make_probe(), root / "other", layers=LAYERS, k=K, batch_size=BATCH) as logger:
+        logger.log(0)
+    lock = LogDirLock(str(root / "locked"))
+    try:
+        return root, _spawn(_faults_worker, root)
+    finally:
+        lock.release()
 
 
 def test_a_probe_pass_failing_on_one_rank_skips_the_checkpoint_everywhere(faults):
@@ -163,3 +186,14 @@ def test_log_on_rank_0_only_is_a_clear_error_not_an_abort(tmp_path):
     assert zero["error"].startswith("RankMismatch: convviz: rank 0 waited in log() at step 0")
     assert RULE in zero["error"]
     assert "error" in one  # DDP's own wait for rank 0 ended with an error of its own, not an abort
+
+
+def test_a_log_dir_refused_on_rank_0_is_the_same_error_on_every_rank(faults):
+    # Neither rank waits on: both went on to log into "run" together.
+    root, (zero, one) = faults
+    assert zero["other"].startswith("ValueError: ")
+    assert "already holds convviz checkpoints of another model" in zero["other"]
+    assert "conv1: 10 units, 12×12 maps, k=6, 12×12 input there, 6 units" in zero["other"]
+    assert zero["locked"].startswith("RuntimeError: another ConvVizLogger (pid")
+    assert (one["other"], one["locked"]) == (zero["other"], zero["locked"])
+    assert read_run(root / "other").steps == [0]

@@ -47,7 +47,7 @@ def written(tmp_path_factory):
     write_synthetic_run(str(logdir / NEWER_RUN), checkpoints=2, layers=1, units=4, k=4,
                         probe_size=16, image_size=16, seed=3)
     write_layer_from_a_newer_version(str(logdir / NEWER_RUN))
-    write_synthetic_run(str(logdir / WIDE_RUN), checkpoints=2, layers=1, units=WIDE_UNITS, k=4,
+    write_synthetic_run(str(logdir / WIDE_RUN), checkpoints=3, layers=1, units=WIDE_UNITS, k=4,
                         probe_size=64, image_size=16, seed=4)
     return run
 
@@ -84,7 +84,7 @@ def server(written):
         def loaded():
             status, _, body = get(url + "data/plugin/convviz/runs")
             runs = json.loads(body)["runs"] if status == 200 else []
-            expected = {RUN: CHECKPOINTS, HOSTILE_RUN: 1}
+            expected = {RUN: CHECKPOINTS, HOSTILE_RUN: 1, WIDE_RUN: 3}
             return len(runs) == 4 and all(
                 len(layer["steps"]) == expected.get(r["run"], 2) for r in runs for layer in r["layers"])
 
@@ -232,7 +232,7 @@ def test_large_layers_load_mosaics_near_the_viewport_only(watched, server):
     requests: list[str] = []
     watched.page.on("request", lambda r: requests.append(urllib.parse.unquote(r.url)))
     steps = next(r for r in plugin_json(server, "runs")["runs"] if r["run"] == WIDE_RUN)["layers"][0]["steps"]
-    page = watched.open(server, f"run={WIDE_RUN}&step={steps[-1]}")
+    page = watched.open(server, f"run={WIDE_RUN}&step={steps[1]}")
     page.wait_for_selector(f".cv-grid{IDLE}")
     assert page.locator(".cv-tile").count() == WIDE_UNITS
     with_source = "els => els.filter((e) => e.getAttribute('src')).length"
@@ -242,29 +242,32 @@ def test_large_layers_load_mosaics_near_the_viewport_only(watched, server):
     last_tile = page.locator(f".cv-tile[data-unit='{WIDE_UNITS - 1}']")
     assert last_tile.locator(".cv-cell").count() == 0 and last_tile.locator(".cv-tile-meta").inner_text() == ""
     assert page.locator(".cv-tile[data-unit='0'] .cv-cell").count() == 4
-    # The previous checkpoint is fetched ahead: its units, and the mosaics of exactly the tiles near the window.
+    # Both neighbouring checkpoints are fetched ahead, the next one first: their units, and the mosaics of
+    # exactly the tiles near the window.
     near = set(page.eval_on_selector_all(".cv-grid .cv-mosaic[data-near]", "els => els.map((e) => e.closest('.cv-tile').dataset.unit)"))
-    ahead = f"step={steps[0]}&"
 
-    def fetched_ahead():
-        return {dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(u).query))["unit"]
-                for u in requests if "/mosaic?" in u and ahead in u}
+    def mosaics(step):
+        return [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(u).query))["unit"]
+                for u in requests if "/mosaic?" in u and f"step={step}&" in u]
 
-    wait_for(lambda: fetched_ahead() == near, timeout=30)
-    assert any("/topk?" in u and u.endswith(f"step={steps[0]}") for u in requests)
-    # Switching to it asks for no JSON again.
+    wait_for(lambda: set(mosaics(steps[0])) == set(mosaics(steps[2])) == near, timeout=30)
+    assert all(any("/topk?" in u and u.endswith(f"step={s}") for u in requests) for s in (steps[0], steps[2]))
+    ahead = [u for u in requests if "/mosaic?" in u and f"step={steps[1]}&" not in u]
+    assert f"step={steps[2]}&" in ahead[0]
+    # Switching to one asks for no JSON again, and shows the images fetched ahead without asking again.
     before = len([u for u in requests if "/topk?" in u])
     page.locator("body").press("ArrowLeft")
     page.wait_for_function(f"location.hash.includes('step={steps[0]}')")
     page.wait_for_selector(f".cv-grid{IDLE}")
-    assert ahead in page.eval_on_selector(".cv-tile[data-unit='0'] .cv-mosaic", "i => i.currentSrc")
+    assert f"step={steps[0]}&" in page.eval_on_selector(".cv-tile[data-unit='0'] .cv-mosaic", "i => i.currentSrc")
     assert len([u for u in requests if "/topk?" in u]) == before
+    assert sorted(mosaics(steps[0])) == sorted(near)
     last = last_tile.locator(".cv-mosaic")
     last.scroll_into_view_if_needed()
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=last.element_handle())
     # Drawn once near: its tooltips and chips are there, for the checkpoint shown.
     assert last_tile.locator(".cv-cell").count() == 4 and f"#{WIDE_UNITS - 1}" in last_tile.locator(".cv-tile-meta").inner_text()
-    assert ahead in last.evaluate("i => i.currentSrc")
+    assert f"step={steps[0]}&" in last.evaluate("i => i.currentSrc")
     assert page.eval_on_selector_all(".cv-grid .cv-mosaic", with_source) < WIDE_UNITS // 2
     watched.assert_clean()
 

@@ -20,8 +20,10 @@ from werkzeug import test as werkzeug_test
 
 from tb_convviz import metadata, plugin_data_pb2, summary
 from tb_convviz.plugin import loader, render
+from tb_convviz.plugin.convviz_plugin import WARM_UNITS
 from tb_convviz.plugin.data import ByteLRU
 from tb_convviz.synthetic_run import write_synthetic_run
+from tb_server import wait_for
 
 API = "/data/plugin/convviz/"
 CHECKPOINTS = 12  # more than the 10 points the Python loader keeps per series by default
@@ -33,6 +35,7 @@ class CountingProvider:
     def __init__(self, inner) -> None:
         self._inner = inner
         self.tensor_reads: list[tuple[str, str]] = []
+        self.blob_reads: list[str] = []
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -41,6 +44,10 @@ class CountingProvider:
         result = self._inner.read_tensors(ctx, **kwargs)
         self.tensor_reads += [(run, tag) for run, tags in result.items() for tag in tags]
         return result
+
+    def read_blob(self, ctx=None, *, blob_key):
+        self.blob_reads.append(blob_key)
+        return self._inner.read_blob(ctx, blob_key=blob_key)
 
 
 class Served:
@@ -446,3 +453,19 @@ def test_images_of_an_explicit_step_may_be_cached_latest_may_not(served, logs):
     assert "max-age" not in latest.headers.get("Cache-Control", "") or "max-age=0" in latest.headers["Cache-Control"]
     boxed_latest = served.get("probe_image?run=a&layer=conv1&unit=0&rank=0")
     assert "max-age=600" not in boxed_latest.headers.get("Cache-Control", "")
+
+
+def test_topk_reads_the_images_of_its_first_tiles_ahead_of_their_mosaics(tmp_path):
+    run = write_synthetic_run(str(tmp_path / "r"), checkpoints=1, layers=1, units=2 * WARM_UNITS, k=3,
+                              probe_size=400, image_size=8, seed=5)
+    served = Served(tmp_path)
+    served.json("runs")  # reads the probe chunks' index
+    reads = served.provider.blob_reads
+    listed = len(reads)
+    served.json(f"topk?run=r&layer=conv1&step={run.steps[0]}")
+    first = set(run.records["conv1"][0, :WARM_UNITS]["image"].ravel().tolist()) & set(run.stored)
+    assert len(first) < len(set(run.records["conv1"][0]["image"].ravel().tolist()) & set(run.stored))
+    wait_for(lambda: len(reads) - listed >= len(first), timeout=30)
+    for unit in range(WARM_UNITS):  # the first tiles' mosaics read no image again
+        served.png(f"mosaic?run=r&layer=conv1&step={run.steps[0]}&unit={unit}")
+    assert len(reads) - listed == len(set(reads[listed:])) == len(first)

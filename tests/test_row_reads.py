@@ -74,7 +74,7 @@ def _png(resp) -> np.ndarray:
 @pytest.mark.parametrize("scale", ["own", "common"])
 def test_a_row_lists_once_and_reads_each_blob_once(app, scale):
     provider, client = app
-    client.get(API + "topk?run=run&layer=conv1")  # the layer's records are read; the row then costs its own reads
+    client.get(API + "evolution?run=run&layer=conv1&unit=0")  # the layer's records are read (no image); the row then costs its own reads
     provider.calls.clear()
     row = _png(client.get(API + f"row?run=run&layer=conv1&unit=1&steps={STEPS}&scale={scale}"))
     assert row.shape == (FIELD, CHECKPOINTS * (FIELD + 1) - 1, 4) and (row[..., 3] == 255).sum() == \
@@ -85,7 +85,7 @@ def test_a_row_lists_once_and_reads_each_blob_once(app, scale):
 
 def test_a_row_reads_before_it_takes_a_render_slot(app):
     provider, client = app
-    client.get(API + "topk?run=run&layer=conv1")
+    client.get(API + "evolution?run=run&layer=conv1&unit=0")  # the records, without the images topk reads ahead
     for _ in range(render.CONCURRENT_RENDERS):  # every slot taken by other renders
         assert render._renders.acquire(timeout=5)
     answer = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import json
 import math
 import os
 import re
@@ -29,6 +30,8 @@ from tb_convviz.plugin.data import ConvVizData, Layer, Probe, RunListing
 logger = tb_logging.get_logger()
 
 MAX_LIMIT = 4096
+# Units of a `topk` answer whose probe images are read ahead: about the tiles of a window.
+WARM_UNITS = 64
 # The assignment is O(units³); 1024 units take up to a few seconds on one core.
 MAX_MATCH_UNITS = 1024
 # The orders `compare` pages through: by unit index, or least shared first (ties by unit).
@@ -200,6 +203,8 @@ class ConvVizPlugin(base_plugin.TBPlugin):
         probe = self._data.probe(ctx, eid, listing)
         units = slice(offset, min(offset + limit, layer.info.units))
         records = layer.records(step)[units]
+        # The first tiles' mosaics are asked for next: their images are read while this answer travels.
+        self._data.prefetch(ctx, eid, listing, probe, set(records[:WARM_UNITS]["image"].ravel().tolist()), wait=False)
         previous = layer.previous_step(step)
         overlaps = (
             metadata.topk_overlap(records["image"], layer.records(previous)[units]["image"])
@@ -430,7 +435,11 @@ def _context(request):
 
 
 def _json(request, payload, code: int = 200):
-    return http_util.Respond(request, payload, "application/json", code=code)
+    try:  # as a string: TensorBoard's Cleanse walks every value, most of a 512-unit answer's time
+        content = json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError):  # what only Cleanse turns into JSON: NaN and infinities, sets, bytes
+        content = payload
+    return http_util.Respond(request, content, "application/json", code=code)
 
 
 # A checkpoint's images never change once logged (the logger never rewrites a step), so

@@ -231,6 +231,7 @@ class ConvVizData:
         self._series = ByteLRU(series_cache_bytes)
         self.images = ByteLRU(image_cache_bytes)
         self._flight = _SingleFlight()
+        self._image_flight = _SingleFlight()
         # Per run, probe images found inconsistent when read (shown in the run's error).
         self.damaged = ByteLRU(1 << 20, max_entries=256)
         # Each blob is one provider call, a gRPC round trip under the Rust loader; a mosaic
@@ -317,16 +318,22 @@ class ConvVizData:
         cache_key = (eid, listing.name, index, key)
         image = self.images.get(cache_key)
         if image is None:
-            blob = self._provider.read_blob(ctx, blob_key=key)
-            if probe.version >= 2:
-                try:
-                    blob = metadata.decode_image_blob(blob, index)
-                except ValueError as e:
-                    self._note_damage(eid, listing, f"run {listing.name!r}: {e}")
-                    raise errors.NotFoundError(str(e)) from None
-            image = decode_image(blob, f"probe image {index}", probe.info)
-            self.images.put(cache_key, image, image.nbytes)
+            with self._image_flight.lock(cache_key):  # read once, by a request or by `prefetch` ahead of it
+                image = self.images.get(cache_key)
+                if image is None:
+                    image = self._read_image(ctx, eid, listing, probe, index, key)
+                    self.images.put(cache_key, image, image.nbytes)
         return image
+
+    def _read_image(self, ctx, eid: str, listing: RunListing, probe: Probe, index: int, key: str) -> np.ndarray:
+        blob = self._provider.read_blob(ctx, blob_key=key)
+        if probe.version >= 2:
+            try:
+                blob = metadata.decode_image_blob(blob, index)
+            except ValueError as e:
+                self._note_damage(eid, listing, f"run {listing.name!r}: {e}")
+                raise errors.NotFoundError(str(e)) from None
+        return decode_image(blob, f"probe image {index}", probe.info)
 
     def _note_damage(self, eid: str, listing: RunListing, problem: str) -> None:
         key = (eid, listing.name, listing.probe_version)
@@ -338,8 +345,9 @@ class ConvVizData:
         """Inconsistent probe images met while serving the listed run (they are never drawn)."""
         return self.damaged.get((eid, listing.name, listing.probe_version)) or ()
 
-    def prefetch(self, ctx, eid: str, listing: RunListing, probe: Probe, indices) -> None:
-        """Read and decode the stored, uncached images among ``indices`` concurrently.
+    def prefetch(self, ctx, eid: str, listing: RunListing, probe: Probe, indices, *, wait: bool = True) -> None:
+        """Read and decode the stored, uncached images among ``indices`` concurrently; ``wait=False``: in the
+        background, for requests to come.
 
         Errors are left for the caller's own ``image`` call to raise.
         """
@@ -348,9 +356,9 @@ class ConvVizData:
             if i in probe.blob_keys and self.images.get((eid, listing.name, i, probe.blob_keys[i])) is None
         }
         if len(missing) > 1 and self._readers is not None:
-            concurrent.futures.wait(
-                [self._readers.submit(self.image, ctx, eid, listing, probe, i) for i in missing]
-            )
+            reads = [self._readers.submit(self.image, ctx, eid, listing, probe, i) for i in missing]
+            if wait:
+                concurrent.futures.wait(reads)
 
     def scalars(self, ctx, eid: str, run: str, tags: list[str]) -> dict[str, dict[int, float]]:
         """Scalars ``tags`` of ``run`` as ``{tag: {step: value}}`` (missing tags are absent)."""
