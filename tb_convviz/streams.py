@@ -45,43 +45,50 @@ def check_streams(stream: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-# Content ids: _FORMS exact integer linear forms of an image's bytes, taken as int16 words
-# with coefficients in [-2^15, 2^15), in float64 products of _WORDS words at most (every
-# partial sum is an integer below 2^51, so exact in any order, on any device).
-_FORMS = 5
-_WORDS = 1 << 21
-_ROWS = 16  # images per product on the CPU: their float64 copy stays in cache
+# Content ids: _FORMS exact integer linear forms of an image's bytes (as int8) with fixed
+# coefficients in [-128, 128), in int8 products of _BYTES bytes at most (each sum is below
+# 2^16 * 2^14 = 2^30, exact in int32), then a blake2b digest of the forms, dtype and shape.
+_FORMS = 8
+_BYTES = 1 << 16
 
 
 @functools.lru_cache(maxsize=4)
-def _coefficients(words: int, device: torch.device) -> torch.Tensor:
+def _coefficients(size: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0x5EED5)  # the same on every rank and device
-    return torch.randint(-(1 << 15), 1 << 15, (words, _FORMS), generator=generator).to(device, torch.float64)
+    return torch.randint(-128, 128, (size, _FORMS), generator=generator, dtype=torch.int8).to(device)
+
+
+def _forms(data: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``data @ coefficients`` (int8, ``[m, n]`` and ``[n, _FORMS]``), exact, as int64."""
+    rows = len(data)
+    if rows <= 16:  # the int8 kernels want more than 16 rows
+        data = nn.functional.pad(data, (0, 0, 0, 17 - rows))
+    try:
+        out = torch._int_mm(data, coefficients)
+    except (AttributeError, NotImplementedError, RuntimeError):  # no int8 kernel here: float64 sums are exact too
+        with autocast_off(data.device.type):
+            out = data.double() @ coefficients.double()
+    return out[:rows].long()
 
 
 def content_ids(images: torch.Tensor) -> list[int]:
     """Ids of ``images`` ``[m, ...]``: 63-bit hashes of their pixels as fed (dtype, shape and values).
 
-    The pixels are hashed where they are, all at once, and every device and rank gets the same
-    ids. Two different images share an id only if all ``_FORMS`` forms agree (probability at
-    most 2^-80 for images that do not depend on the fixed coefficients: a form vanishes on a
-    nonzero difference for at most one of the 2^16 values of a coefficient) or their 63-bit
-    blake2b digests collide (2^-63): about 5e-8 for the 10^6 winners of a long run.
+    The pixels are hashed where they are, all at once, with exact integer arithmetic: every
+    device and rank gets the same ids. Two different images share an id only if all
+    ``_FORMS`` forms agree (probability at most 2^-64 for images that do not depend on the
+    fixed coefficients: a form vanishes on a nonzero difference for at most one of the 256
+    values of a coefficient) or their 63-bit digests collide (2^-63): about 1e-7 for the
+    10^6 winners of a long run.
     """
     if not len(images):
         return []
-    data = images.detach().reshape(len(images), -1).contiguous().view(torch.uint8)  # the logical pixel order
-    if data.shape[1] % 2:
-        data = nn.functional.pad(data, (0, 1))
-    words = data.view(torch.int16)
-    coefficients = _coefficients(words.shape[1], words.device)
-    rows = _ROWS if words.device.type == "cpu" else len(words)
-    sums = torch.zeros(len(words), _FORMS, dtype=torch.int64, device=words.device)
-    with autocast_off(words.device.type):
-        for lo in range(0, words.shape[1], _WORDS):
-            for r in range(0, len(words), rows):
-                part = words[r:r + rows, lo:lo + _WORDS].double() @ coefficients[lo:lo + _WORDS]
-                sums[r:r + rows] += part.long()
+    data = images.detach().reshape(len(images), -1).contiguous().view(torch.int8)  # the logical pixel order
+    if data.shape[1] % 8:  # the int8 kernels want a multiple of 8 bytes
+        data = nn.functional.pad(data, (0, 8 - data.shape[1] % 8))
+    coefficients = _coefficients(data.shape[1], data.device)
+    sums = sum(_forms(data[:, lo:lo + _BYTES].contiguous(), coefficients[lo:lo + _BYTES])
+               for lo in range(0, data.shape[1], _BYTES))
     salt = repr((images.dtype, tuple(images.shape[1:]))).encode()
     return [int.from_bytes(hashlib.blake2b(salt + struct.pack(f"<{_FORMS}q", *row), digest_size=8).digest(),
                            "little") >> 1 for row in sums.tolist()]
@@ -236,7 +243,7 @@ class StreamSource:
         candidates = TopK(values[keep].masked_fill(~enter[keep], float("-inf")).t(),
                           torch.tensor([ids[i] for i in keep], dtype=torch.int64, device=values.device),
                           positions[keep].t())
-        self._topk = _joined(old, candidates, [j for j, i in enumerate(keep) if ids[i] in self.pool.images])
+        self._topk = _joined(old, candidates)
         held = self._topk.image
         stays = torch.isin(candidates.image, held).tolist()
         new = [i for j, i in enumerate(keep) if stays[j] and ids[i] not in self.pool.images]
@@ -367,27 +374,24 @@ def _merge_repeats(ids: list[int], values: torch.Tensor, positions: torch.Tensor
     return sorted(first.values())
 
 
-def _joined(held: TopK, candidates: TopK, again: list[int]) -> TopK:
+def _joined(held: TopK, candidates: TopK) -> TopK:
     """The top-k of ``held`` and ``candidates`` (``[units, m]``, distinct images, -inf where not entering).
 
-    ``again``: the candidate columns whose image may already be held; a held image keeps its best record.
+    An image both held and a candidate keeps its best record.
     """
-    values = candidates.values
-    image = candidates.image.expand_as(values)
-    if again:
-        columns = torch.tensor(again, device=values.device)
-        match = held.image.unsqueeze(2) == image[:, columns].unsqueeze(1)  # [units, k, again]
-        seen = torch.where(match, values[:, columns].unsqueeze(1), float("-inf")).amax(dim=2)
-        better = seen > held.values
-        position = (match * candidates.position[:, columns].unsqueeze(1)).sum(dim=2)
-        held = TopK(torch.where(better, seen, held.values), held.image, torch.where(better, position, held.position))
-        values = values.clone()
-        values[:, columns] = values[:, columns].masked_fill(match.any(dim=1), float("-inf"))
+    values, image = candidates.values, candidates.image.expand_as(candidates.values)
+    ids, order = candidates.image.sort()
+    column = order[torch.searchsorted(ids, held.image).clamp(max=len(ids) - 1)]  # each held image's candidate
+    again = image.gather(1, column) == held.image
+    seen = values.gather(1, column).masked_fill(~again, float("-inf"))
+    better = seen > held.values
+    held = TopK(torch.where(better, seen, held.values), held.image,
+                torch.where(better, candidates.position.gather(1, column), held.position))
+    absorbed = torch.zeros_like(values, dtype=torch.int32).scatter_add_(1, column, again.int()) > 0
+    values = values.masked_fill(absorbed, float("-inf"))
     entering = values > float("-inf")
-    image = image.masked_fill(~entering, -1)
-    m = int(entering.sum(dim=1).max())
-    columns = values.topk(m, dim=1).indices
-    return merge(held, TopK(values, image, candidates.position).columns(columns), held.k)
+    columns = values.topk(int(entering.sum(dim=1).max()), dim=1).indices
+    return merge(held, TopK(values, image.masked_fill(~entering, -1), candidates.position).columns(columns), held.k)
 
 
 class _Numbered:
