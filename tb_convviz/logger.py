@@ -31,7 +31,8 @@ from tb_convviz.resume import check_same_model
 from tb_convviz.schedule import Schedule
 from tb_convviz.state_version import state_tensors, state_version
 from tb_convviz.sources import ProbeSource
-from tb_convviz.streams import POOL_BYTES, ImagesAt, StreamHooks, StreamSource, check_streams, locate_images
+from tb_convviz.streams import (POOL_BYTES, ImagesAt, StreamHooks, StreamSource, check_streams, compiled,
+                                locate_images)
 from tb_convviz.topk import TopK
 from tb_convviz.warning import ConvVizWarning
 
@@ -157,7 +158,7 @@ class ConvVizLogger:
         self._state = state_tensors(self._net)
         self._distributed = world() > 1
         self._warned_not_finite: set[str] = set()
-        self._hooks = StreamHooks(self._net, self._streams) if self._streams else None
+        self._hooks = StreamHooks(self._net, self._streams, compiled=compiled(model)) if self._streams else None
 
     # -- construction ---------------------------------------------------------------
 

@@ -407,8 +407,9 @@ class _Numbered:
 class StreamHooks:
     """The forward hooks that feed ``streams`` from the user's forwards of ``net``; ``paused()`` stops them."""
 
-    def __init__(self, net: nn.Module, streams: Sequence[StreamSource]) -> None:
-        self.net, self.streams = net, {s.mode: s for s in streams}
+    def __init__(self, net: nn.Module, streams: Sequence[StreamSource], *, compiled: bool = False) -> None:
+        """``compiled``: ``net`` runs inside ``torch.compile`` code (see :func:`compiled`)."""
+        self.net, self.streams, self.compiled = net, {s.mode: s for s in streams}, compiled
         first = streams[0]
         self.layers, self.images_at = first.probe.layers, first.images_at
         self._paused = 0
@@ -416,9 +417,12 @@ class StreamHooks:
         self._found: dict[str, torch.Tensor] = {}
         self.last: StreamSource | None = None
         modules = dict(net.named_modules())
-        self._handles = [net.register_forward_pre_hook(self._start, with_kwargs=True),
-                         net.register_forward_hook(self._end)]
-        self._handles += [modules[name].register_forward_hook(self._layer(name)) for name in self.layers]
+        # Under torch.compile the hooks run eagerly, outside the graph: dynamo cannot trace the ranking.
+        eager = torch.compiler.disable
+        self._handles = [net.register_forward_pre_hook(eager(self._start), with_kwargs=True),
+                         net.register_forward_hook(eager(self._end))]
+        self._handles += [modules[name].register_forward_hook(eager(self._layer(name))) for name in self.layers]
+        self._recompile(compiled)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -471,3 +475,19 @@ class StreamHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._recompile(self.compiled)
+
+    @staticmethod
+    def _recompile(compiled: bool) -> None:
+        # Dynamo does not guard on module hooks: code compiled before they were added (or
+        # removed) would run without them (or go on calling them). Compiled code is dropped so
+        # that the next call compiles anew (every model's: dynamo keys its caches by code object).
+        if compiled:
+            reset = getattr(torch._dynamo, "reset_code_caches", torch._dynamo.reset)
+            reset()
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its modules is compiled (``torch.compile(model)`` or ``module.compile()``)."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module) or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
