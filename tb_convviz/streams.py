@@ -243,7 +243,7 @@ class StreamSource:
         candidates = TopK(values[keep].masked_fill(~enter[keep], float("-inf")).t(),
                           torch.tensor([ids[i] for i in keep], dtype=torch.int64, device=values.device),
                           positions[keep].t())
-        self._topk = _joined(old, candidates)
+        self._topk = _joined(old, candidates, again=any(ids[i] in self.pool.images for i in keep))
         held = self._topk.image
         stays = torch.isin(candidates.image, held).tolist()
         new = [i for j, i in enumerate(keep) if stays[j] and ids[i] not in self.pool.images]
@@ -374,11 +374,21 @@ def _merge_repeats(ids: list[int], values: torch.Tensor, positions: torch.Tensor
     return sorted(first.values())
 
 
-def _joined(held: TopK, candidates: TopK) -> TopK:
+def _joined(held: TopK, candidates: TopK, *, again: bool) -> TopK:
     """The top-k of ``held`` and ``candidates`` (``[units, m]``, distinct images, -inf where not entering).
 
-    An image both held and a candidate keeps its best record.
+    ``again``: some candidates may be held already; such an image keeps its best record.
     """
+    values, image = candidates.values, candidates.image.expand_as(candidates.values)
+    if again:
+        held, values = _seen_again(held, candidates)
+    entering = values > float("-inf")
+    columns = values.topk(int(entering.sum(dim=1).max()), dim=1).indices
+    return merge(held, TopK(values, image.masked_fill(~entering, -1), candidates.position).columns(columns), held.k)
+
+
+def _seen_again(held: TopK, candidates: TopK) -> tuple[TopK, torch.Tensor]:
+    """``held`` with the better records of images it holds that are candidates too, and the other candidates' values."""
     values, image = candidates.values, candidates.image.expand_as(candidates.values)
     ids, order = candidates.image.sort()
     column = order[torch.searchsorted(ids, held.image).clamp(max=len(ids) - 1)]  # each held image's candidate
@@ -388,10 +398,7 @@ def _joined(held: TopK, candidates: TopK) -> TopK:
     held = TopK(torch.where(better, seen, held.values), held.image,
                 torch.where(better, candidates.position.gather(1, column), held.position))
     absorbed = torch.zeros_like(values, dtype=torch.int32).scatter_add_(1, column, again.int()) > 0
-    values = values.masked_fill(absorbed, float("-inf"))
-    entering = values > float("-inf")
-    columns = values.topk(int(entering.sum(dim=1).max()), dim=1).indices
-    return merge(held, TopK(values, image.masked_fill(~entering, -1), candidates.position).columns(columns), held.k)
+    return held, values.masked_fill(absorbed, float("-inf"))
 
 
 class _Numbered:
