@@ -222,10 +222,10 @@ class StreamSource:
         ``version``: the forward scored its images as the re-scoring would, with the weights of
         that state version, and ``positions`` holds the maxima's positions where they can enter.
         """
-        if version is None or version != (self._version if self._version is not None else version) \
-                or not bool(values.isfinite().all()):
+        if self._version is None:
+            self._version = version
+        if version is None or version != self._version or not bool(values.isfinite().all()):
             self._exact = False
-        self._version = self._version if self._version is not None else version
         values = values.float().masked_fill(values.isnan(), float("-inf"))
         enter = values >= self.threshold()
         rows = enter.any(dim=1).nonzero().flatten().tolist()
@@ -472,6 +472,10 @@ class StreamHooks:
             return
         stream, images, version = current
         found = [self._found[n] for n in self.layers]
+        if any(len(values) != len(images) for values, _ in found):
+            stream.warn_once(f"a {stream.mode}-stream forward's layers saw another batch size than its images "
+                             f"{tuple(images.shape)}; such forwards are not ranked (check stream_images=)")
+            return
         with torch.no_grad():
             stream.observe(images, torch.cat([values.float() for values, _ in found], dim=1),
                            None if version is None else torch.cat([positions for _, positions in found], dim=1),
