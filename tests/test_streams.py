@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
-from tb_convviz.streams import content_id
+from tb_convviz.streams import _coefficients, _forms, content_id, content_ids
 
 K = 3
 LAYERS = ["conv1", "relu2"]
@@ -380,3 +380,20 @@ def test_streams_under_torch_compile_and_data_parallel_record_what_the_plain_mod
                 np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-6)
                 for field in ("image", "y", "x"):
                     np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{name} {source}")
+
+
+def test_content_ids_are_exact_hashes_of_the_pixels_whatever_the_layout_and_batch():
+    x = torch.rand(20, 3, 10, 10, generator=torch.Generator().manual_seed(15))
+    ids = content_ids(x)
+    assert len(set(ids)) == 20 and all(0 <= key < 2 ** 63 for key in ids)
+    assert ids == [content_id(image) for image in x] == content_ids(x.to(memory_format=torch.channels_last))
+    y = x.clone()
+    y[3, 1, 2, 3] = torch.nextafter(y[3, 1, 2, 3], torch.tensor(2.0))  # one bit of one pixel
+    assert content_ids(y) == ids[:3] + [content_ids(y)[3]] + ids[4:] and content_ids(y)[3] != ids[3]
+    assert content_ids(x.double())[0] != ids[0]
+    odd = torch.randint(0, 256, (17, 1, 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(16))
+    assert content_ids(odd)[5] == content_id(odd[5])
+    # The forms are exact integer sums, so every device computes the same ones.
+    data = x.flatten(1).view(torch.int8)
+    coefficients = _coefficients(data.shape[1], data.device)
+    assert torch.equal(_forms(data, coefficients), data.long() @ coefficients.long())
