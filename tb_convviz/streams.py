@@ -187,7 +187,6 @@ class StreamSource:
         self.numbers: dict[int, int] = {}  # content id -> the number the run's records name the image by
         self.next_number = 0  # after those a resumed run already holds
         self.last_ids: list[tuple[int, int]] = []  # (row, id) of the last ranked forward, for its labels
-        self.rescored = 0  # images the last checkpoint re-scored
         self._warned = False
         self._open([])
 
@@ -293,7 +292,6 @@ class StreamSource:
         skip = (self._exact and self._version is not None and world() == 1
                 and state_version(state_tensors(self.probe.net)) == self._version)
         keys = sorted(self._unscored & self.pool.images.keys() if skip else self.pool.images)
-        self.rescored = len(keys)
         size = self.probe.batch_size
         batches = ((torch.tensor(keys[i:i + size], dtype=torch.int64),
                     torch.stack([self.pool.image(key) for key in keys[i:i + size]]))
