@@ -29,8 +29,10 @@ from tb_convviz.receptive_field import receptive_fields
 from tb_convviz.records import RecordWriter
 from tb_convviz.resume import check_same_model
 from tb_convviz.schedule import Schedule
+from tb_convviz.state_version import state_tensors, state_version
 from tb_convviz.sources import ProbeSource
-from tb_convviz.streams import POOL_BYTES, ImagesAt, StreamHooks, StreamSource, check_streams, locate_images
+from tb_convviz.streams import (POOL_BYTES, ImagesAt, StreamHooks, StreamSource, check_streams, compiled,
+                                locate_images)
 from tb_convviz.topk import TopK
 from tb_convviz.warning import ConvVizWarning
 
@@ -153,10 +155,10 @@ class ConvVizLogger:
         self._warned_order = self._warned_backwards = self._warned_moved = False
         # The highest step given to maybe_log, and the model's state version right after that call.
         self._seen_step, self._seen_version = -1, None
-        self._state = _state_tensors(self._net)
+        self._state = state_tensors(self._net)
         self._distributed = world() > 1
         self._warned_not_finite: set[str] = set()
-        self._hooks = StreamHooks(self._net, self._streams) if self._streams else None
+        self._hooks = StreamHooks(self._net, self._streams, compiled=compiled(model)) if self._streams else None
 
     # -- construction ---------------------------------------------------------------
 
@@ -212,7 +214,9 @@ class ConvVizLogger:
             raise ValueError(f"stream_pool_bytes must be a non-negative int, got {pool_bytes!r}")
         sample = next(self.probe.batches(min(2, len(self.probe))))[1].to(self.device, probe_dtype(self._net))
         images_at = locate_images(self._net, self._call, sample, images_at)
-        return [StreamSource(mode, self._probe_source, images_at, pool_bytes=pool_bytes) for mode in modes]
+        # An eval-mode forward without forward= may score as the re-scoring does (see StreamSource).
+        return [StreamSource(mode, self._probe_source, images_at, pool_bytes=pool_bytes,
+                             exact_forwards=mode == "eval" and self._forward is None) for mode in modes]
 
     def _describe_layers(self) -> dict[str, plugin_data_pb2.LayerInfo]:
         channels, height, width = self.probe.shape
@@ -293,8 +297,8 @@ class ConvVizLogger:
             with self._budget.measure(step):
                 logged = self.log(step)
             # Renewed here, as `.to()` replaces buffers; walking the modules every step would cost 20x the sum.
-            self._state = _state_tensors(self._net)
-        self._seen_step, self._seen_version = max(self._seen_step, step), _state_version(self._state)
+            self._state = state_tensors(self._net)
+        self._seen_step, self._seen_version = max(self._seen_step, step), state_version(self._state)
         return logged
 
     def _warn_if_backwards(self, step: int) -> None:
@@ -476,7 +480,7 @@ class ConvVizLogger:
     def _log_final(self) -> None:
         if self._seen_step < 0:  # maybe_log was never called: the caller chose every step
             return
-        changed = self._seen_version is not None and _state_version(self._state) != self._seen_version
+        changed = self._seen_version is not None and state_version(self._state) != self._seen_version
         step = self._seen_step + int(changed)
         if self._distributed:
             if world() == 1:
@@ -517,22 +521,6 @@ def _check_step(step: Any) -> int:
 def _device_of(model: nn.Module) -> torch.device:
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
-    return list(itertools.chain(model.parameters(), model.buffers()))
-
-
-def _state_version(tensors: list[torch.Tensor]) -> int | None:
-    """A number that grows with every in-place change to ``tensors``.
-
-    Optimizer steps and BatchNorm statistics update parameters and buffers in place, which
-    bumps their version counters (fused optimizers do not). None if some tensor has no counter.
-    """
-    try:
-        return sum(t._version for t in tensors)
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
 
 
 def _writer_log_dir(writer: Any) -> str:

@@ -68,17 +68,24 @@ def probe_dtype(net: nn.Module) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def autocast_enabled(*device_types: str) -> list[str]:
+    """The device types among ``device_types`` (and CPU/CUDA) where autocast is on."""
+    enabled = []
+    for device_type in dict.fromkeys(("cpu", "cuda", *device_types)):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                enabled.append(device_type)
+        except RuntimeError:  # a device type this build does not know
+            continue
+    return enabled
+
+
 @contextlib.contextmanager
 def autocast_off(*device_types: str) -> Iterator[None]:
     """Autocast disabled for ``device_types`` (and CPU/CUDA) where it is on."""
     with contextlib.ExitStack() as stack:
-        for device_type in dict.fromkeys(("cpu", "cuda", *device_types)):
-            try:
-                enabled = torch.is_autocast_enabled(device_type)
-            except RuntimeError:  # a device type this build does not know
-                continue
-            if enabled:
-                stack.enter_context(torch.autocast(device_type, enabled=False))
+        for device_type in autocast_enabled(*device_types):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
 
 

@@ -10,9 +10,11 @@ checkpoint, and that checkpoint's winners) as the probe pass scores probe images
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import struct
 import warnings
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -20,10 +22,12 @@ from torch import nn
 
 from tb_convviz.caller import user_stacklevel
 from tb_convviz.isolation import preserved
+from tb_convviz.model_call import autocast_enabled, autocast_off
 from tb_convviz.ranking import Agreement, Ranked, merge_ranks, rank, world
 from tb_convviz.records import StreamRecords
 from tb_convviz.sources import ProbeSource
-from tb_convviz.topk import TopK, distinct
+from tb_convviz.state_version import state_tensors, state_version
+from tb_convviz.topk import TopK, distinct, merge, peaks
 from tb_convviz.warning import ConvVizWarning
 
 STREAMS = ("train", "eval")
@@ -41,12 +45,58 @@ def check_streams(stream: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
+# Content ids: _FORMS exact integer linear forms of an image's bytes (as int8) with fixed
+# coefficients in [-128, 128), in int8 products of _BYTES bytes at most (each sum is below
+# 2^16 * 2^14 = 2^30, exact in int32), then a blake2b digest of the forms, dtype and shape.
+_FORMS = 8
+_BYTES = 1 << 16
+
+
+@functools.lru_cache(maxsize=4)
+def _coefficients(size: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0x5EED5)  # the same on every rank and device
+    return torch.randint(-128, 128, (size, _FORMS), generator=generator, dtype=torch.int8).to(device)
+
+
+def _forms(data: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``data @ coefficients`` (int8, ``[m, n]`` and ``[n, _FORMS]``), exact, as int64."""
+    rows = len(data)
+    if rows <= 16:  # the int8 kernels want more than 16 rows
+        data = nn.functional.pad(data, (0, 0, 0, 17 - rows))
+    try:
+        out = torch._int_mm(data, coefficients)
+    except (AttributeError, NotImplementedError, RuntimeError):  # no int8 kernel here: float64 sums are exact too
+        with autocast_off(data.device.type):
+            out = data.double() @ coefficients.double()
+    return out[:rows].long()
+
+
+def content_ids(images: torch.Tensor) -> list[int]:
+    """Ids of ``images`` ``[m, ...]``: 63-bit hashes of their pixels as fed (dtype, shape and values).
+
+    The pixels are hashed where they are, all at once, with exact integer arithmetic: every
+    device and rank gets the same ids. Two different images share an id only if all
+    ``_FORMS`` forms agree (probability at most 2^-64 for images that do not depend on the
+    fixed coefficients: a form vanishes on a nonzero difference for at most one of the 256
+    values of a coefficient) or their 63-bit digests collide (2^-63): about 1e-7 for the
+    10^6 winners of a long run.
+    """
+    if not len(images):
+        return []
+    data = images.detach().reshape(len(images), -1).contiguous().view(torch.int8)  # the logical pixel order
+    if data.shape[1] % 8:  # the int8 kernels want a multiple of 8 bytes
+        data = nn.functional.pad(data, (0, 8 - data.shape[1] % 8))
+    coefficients = _coefficients(data.shape[1], data.device)
+    sums = sum(_forms(data[:, lo:lo + _BYTES].contiguous(), coefficients[lo:lo + _BYTES])
+               for lo in range(0, data.shape[1], _BYTES))
+    salt = repr((images.dtype, tuple(images.shape[1:]))).encode()
+    return [int.from_bytes(hashlib.blake2b(salt + struct.pack(f"<{_FORMS}q", *row), digest_size=8).digest(),
+                           "little") >> 1 for row in sums.tolist()]
+
+
 def content_id(image: torch.Tensor) -> int:
-    """An image's id: a 63-bit hash of its pixels as fed (dtype, shape and values), the same on every rank."""
-    data = image.detach().cpu().contiguous().view(-1)
-    digest = hashlib.blake2b(repr((data.dtype, tuple(image.shape))).encode(), digest_size=8)
-    digest.update(data.view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+    """One image's :func:`content_ids`."""
+    return content_ids(image.unsqueeze(0))[0]
 
 
 def locate_images(net: nn.Module, call: Callable[[torch.Tensor], Any], sample: torch.Tensor,
@@ -86,7 +136,7 @@ def _images_of(images_at: ImagesAt, args: tuple, kwargs: dict) -> Any:
 
 
 class ImagePool:
-    """Candidate images on the CPU, each held once (named by :func:`content_id`), at most ``max_bytes`` in all."""
+    """Candidate images on the CPU, each held once (named by :func:`content_ids`), at most ``max_bytes`` in all."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -94,63 +144,112 @@ class ImagePool:
         self.labels: dict[int, int] = {}
         self.bytes = 0
 
-    def add(self, images: torch.Tensor) -> list[int]:
-        """Hold ``images`` ``[m, C, H, W]``; returns their ids."""
-        ids = []
-        for image in images.detach().cpu():
-            image = image.contiguous().clone()
-            key = content_id(image)
+    def add(self, keys: Sequence[int], images: torch.Tensor, rows: Sequence[int]) -> None:
+        """Hold ``images[rows]`` as ``keys``; from another device in one transfer."""
+        images = images.detach()
+        if images.device.type != "cpu":
+            images, rows = images[torch.tensor(rows, device=images.device)].cpu(), range(len(rows))
+        for key, row in zip(keys, rows):
             if key not in self.images:
-                self.images[key] = image
+                self.images[key] = image = images[row].clone(memory_format=torch.contiguous_format)
                 self.bytes += image.numel() * image.element_size()
-            ids.append(key)
-        return ids
 
     def image(self, key: int) -> torch.Tensor:
         return self.images[key]
 
+    def drop(self, keys: Iterable[int]) -> None:
+        for key in keys:
+            image = self.images.pop(key, None)
+            if image is not None:
+                self.bytes -= image.numel() * image.element_size()
+                self.labels.pop(key, None)
+
     def keep(self, keys: set[int]) -> None:
         """Let go of every image but ``keys``."""
-        for key in [k for k in self.images if k not in keys]:
-            self.bytes -= self.images[key].numel() * self.images[key].element_size()
-            del self.images[key]
-            self.labels.pop(key, None)
+        self.drop([key for key in self.images if key not in keys])
 
 
 class StreamSource:
-    """One stream (``mode`` "train" or "eval"): per unit of ``probe``'s layers, the top-k of the user's forwards."""
+    """One stream (``mode`` "train" or "eval"): per unit of ``probe``'s layers, the top-k of the user's forwards.
 
-    def __init__(self, mode: str, probe: ProbeSource, images_at: ImagesAt, *, pool_bytes: int) -> None:
+    ``exact_forwards``: a forward may score its images exactly as the re-scoring would (the
+    eval stream, without ``forward=``); a checkpoint then re-scores only the candidates that
+    such forwards did not score with the current weights.
+    """
+
+    def __init__(self, mode: str, probe: ProbeSource, images_at: ImagesAt, *, pool_bytes: int,
+                 exact_forwards: bool = False) -> None:
         self.mode, self.probe, self.images_at = mode, probe, images_at
+        self.exact_forwards = exact_forwards
         self.pool = ImagePool(pool_bytes)
         self.units = probe.spans[probe.layers[-1]][1]
         self.winners: set[int] = set()
-        self._topk = TopK.empty(self.units, probe.k, probe.device)
         self.numbers: dict[int, int] = {}  # content id -> the number the run's records name the image by
         self.next_number = 0  # after those a resumed run already holds
         self.last_ids: list[tuple[int, int]] = []  # (row, id) of the last ranked forward, for its labels
         self._warned = False
+        self._open([])
 
-    def observe(self, images: torch.Tensor, values: torch.Tensor) -> None:
-        """Rank a forward's ``[B, units]`` spatial maxima; images that enter some unit's top-k join the pool."""
+    def _open(self, winners: Iterable[int]) -> None:
+        """A new window, holding ``winners``."""
+        self.winners = set(winners)
+        self.pool.keep(self.winners)
+        self._topk = TopK.empty(self.units, self.probe.k, self.probe.device)
+        # Whether every record of the window came from a forward that scored as the re-scoring
+        # would, with the weights of state version _version; and the winners no such forward scored.
+        self._exact, self._version, self._unscored = self.exact_forwards, None, set(self.winners)
+
+    def scored_version(self, images: torch.Tensor) -> int | None:
+        """The model's state version if a forward of ``images`` now scores them exactly as the re-scoring would."""
+        if (not self.exact_forwards or world() > 1 or images.dtype != torch.float32
+                or images.device != self.probe.device or autocast_enabled(images.device.type)
+                or any(m.training for m in self.probe.net.modules())):
+            return None
+        tensors = state_tensors(self.probe.net)
+        if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+            return None
+        return state_version(tensors)
+
+    def threshold(self) -> torch.Tensor:
+        """Per unit, the value an image must reach to enter the top-k (ties go to the lower id)."""
+        return self._topk.values[:, -1]
+
+    def observe(self, images: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None = None,
+                version: int | None = None) -> None:
+        """Rank a forward's ``[B, units]`` spatial maxima; images that enter some unit's top-k join the pool.
+
+        ``version``: the forward scored its images as the re-scoring would, with the weights of
+        that state version, and ``positions`` holds the maxima's positions where they can enter.
+        """
+        if self._version is None:
+            self._version = version
+        if version is None or version != self._version or not bool(values.isfinite().all()):
+            self._exact = False
         values = values.float().masked_fill(values.isnan(), float("-inf"))
-        enter = values >= self._topk.values[:, -1]
-        rows = enter.any(dim=1).nonzero().flatten()
-        if not len(rows):
-            self.last_ids = []
+        enter = values >= self.threshold()
+        rows = enter.any(dim=1).nonzero().flatten().tolist()
+        self.last_ids = []
+        if not rows:
             return
-        ids = self.pool.add(images[rows.to(images.device)])
-        self.last_ids = list(zip(rows.tolist(), ids))
-        image = torch.tensor(ids, dtype=torch.int64, device=values.device)
-        candidates = TopK(values[rows].t().masked_fill(~enter[rows].t(), float("-inf")),
-                          image.unsqueeze(0).expand(self.units, -1),
-                          torch.full((self.units, len(ids)), -1, dtype=torch.int64, device=values.device))
-        candidates = TopK(candidates.values, candidates.image.masked_fill(candidates.values == float("-inf"), -1),
-                          candidates.position)
-        self._topk = distinct(TopK.joined(self._topk, candidates), self.probe.k)
-        # Only images some unit holds stay: the pool never holds more than units x k + the winners.
+        index = torch.tensor(rows, device=values.device)
+        ids = content_ids(images if len(rows) == len(images) else images[index.to(images.device)])
+        values, enter = values[index], enter[index]
+        positions = positions[index] if positions is not None else torch.full_like(values, -1, dtype=torch.int64)
+        keep = _merge_repeats(ids, values, positions, enter)
+        if version is not None:
+            self._unscored.difference_update(ids)
+        old = self._topk
+        candidates = TopK(values[keep].masked_fill(~enter[keep], float("-inf")).t(),
+                          torch.tensor([ids[i] for i in keep], dtype=torch.int64, device=values.device),
+                          positions[keep].t())
+        self._topk = _joined(old, candidates, again=any(ids[i] in self.pool.images for i in keep))
         held = self._topk.image
-        self.pool.keep(set(held[held >= 0].unique().tolist()) | self.winners)
+        stays = torch.isin(candidates.image, held).tolist()
+        new = [i for j, i in enumerate(keep) if stays[j] and ids[i] not in self.pool.images]
+        self.pool.add([ids[i] for i in new], images, [rows[i] for i in new])
+        left = old.image[~torch.isin(old.image, held) & (old.image >= 0)].unique().tolist()
+        self.pool.drop(key for key in left if key not in self.winners)
+        self.last_ids = [(rows[i], ids[i]) for i in keep if ids[i] in self.pool.images]
         if self.pool.bytes > self.pool.max_bytes:
             self._bound()
 
@@ -164,41 +263,51 @@ class StreamSource:
                 self.pool.labels[key] = int(labels[row])
 
     def _bound(self) -> None:
-        # The weakest leave first: the images whose best slot in any unit's top-k is the lowest,
-        # which then leave the units that held them.
-        held = self._topk.image
-        slot = torch.arange(held.shape[1], device=held.device).expand_as(held)
-        best: dict[int, int] = {}
-        for key, s in zip(held.flatten().tolist(), slot.flatten().tolist()):
-            if key >= 0:
-                best[key] = min(best.get(key, s), s)
-        order = sorted(self.pool.images, key=lambda key: (-best.get(key, held.shape[1]), key))
-        dropped = set()
-        for key in order:
+        # The weakest leave first: the images whose best slot in any unit's top-k is the lowest
+        # (winners no unit holds: lowest of all), then the higher ids; the units that held them lose them.
+        held, k = self._topk.image, self.probe.k
+        keys = torch.tensor(sorted(self.pool.images), dtype=torch.int64, device=held.device)
+        slot = torch.arange(k, device=held.device).expand_as(held)
+        mask = held >= 0
+        best = torch.full_like(keys, k).scatter_reduce(0, torch.searchsorted(keys, held[mask]), slot[mask], "amin")
+        dropped = []
+        for key in keys[best.argsort(descending=True, stable=True)].tolist():
             if self.pool.bytes <= self.pool.max_bytes:
                 break
-            dropped.add(key)
-            self.pool.keep(set(self.pool.images) - {key})
-        self.winners -= dropped
-        gone = torch.isin(held, torch.tensor(sorted(dropped), dtype=torch.int64, device=held.device))
-        self._topk = distinct(TopK(self._topk.values.masked_fill(gone, float("-inf")), held.masked_fill(gone, -1),
-                                   self._topk.position), self.probe.k)
+            dropped.append(key)
+            self.pool.drop([key])
+        self._exact = False
+        self.winners.difference_update(dropped)
+        self._unscored.difference_update(dropped)
+        gone = torch.isin(held, torch.tensor(dropped, dtype=torch.int64, device=held.device))
+        self._topk = merge(TopK(self._topk.values.masked_fill(gone, float("-inf")), held.masked_fill(gone, -1),
+                                self._topk.position.masked_fill(gone, -1)), TopK.empty(self.units, 0, held.device))
 
     def local(self) -> Ranked:
-        """This rank's window re-scored in eval mode as the probe pass scores probe images (ids: content ids)."""
-        held = self._topk.image
-        keys = sorted((set(held[held >= 0].unique().tolist()) | self.winners) & set(self.pool.images))
+        """This rank's window re-scored in eval mode as the probe pass scores probe images (ids: content ids).
+
+        Candidates that forwards scored as the re-scoring would, with the current weights, keep
+        their values and positions; only the others are re-scored.
+        """
+        skip = (self._exact and self._version is not None and world() == 1
+                and state_version(state_tensors(self.probe.net)) == self._version)
+        keys = sorted(self._unscored & self.pool.images.keys() if skip else self.pool.images)
         size = self.probe.batch_size
         batches = ((torch.tensor(keys[i:i + size], dtype=torch.int64),
                     torch.stack([self.pool.image(key) for key in keys[i:i + size]]))
                    for i in range(0, len(keys), size))
-        return self.probe.rank_images(batches)
+        rescored = self.probe.rank_images(batches)
+        if not skip:
+            return rescored
+        topk = {name: distinct(TopK.joined(TopK(*(t[lo:hi] for t in (self._topk.values, self._topk.image,
+                                                                          self._topk.position))),
+                                           rescored.topk[name]), self.probe.k)
+                for name, (lo, hi) in self.probe.spans.items()}
+        return Ranked(topk, rescored.not_finite)
 
     def commit(self, results: dict[str, TopK]) -> None:
         """After a checkpoint with ``results``: its winners open the next window, the rest of the pool goes."""
-        self.winners = {key for topk in results.values() for key in topk.image[topk.image >= 0].unique().tolist()}
-        self.pool.keep(self.winners)
-        self._topk = TopK.empty(self.units, self.probe.k, self.probe.device)
+        self._open(key for topk in results.values() for key in topk.image[topk.image >= 0].unique().tolist())
 
     def numbered(self, results: dict[str, TopK]) -> tuple[dict[str, TopK], list[int]]:
         """``results`` with images named by their number in the run, and the ids newly numbered (ascending)."""
@@ -231,7 +340,7 @@ class StreamSource:
                 return None
             for share in shares:
                 for key, (image, label) in share.items():
-                    self.pool.images.setdefault(key, image)
+                    self.pool.add([key], image.unsqueeze(0), [0])
                     self.pool.labels.setdefault(key, label)
                     held.setdefault(key, (image, label))
         images = {self.numbers[key]: image for key, (image, _) in held.items()}
@@ -242,6 +351,52 @@ class StreamSource:
         if not self._warned:
             self._warned = True
             warnings.warn(f"convviz: {message}", ConvVizWarning, stacklevel=user_stacklevel())
+
+
+def _merge_repeats(ids: list[int], values: torch.Tensor, positions: torch.Tensor, enter: torch.Tensor) -> list[int]:
+    """Rows of a forward that hold the same image twice, merged into its first: the indices to keep.
+
+    The first row gets each unit's best value (and its position); ``values``, ``positions``
+    and ``enter`` (``[m, units]``) are updated in place.
+    """
+    first: dict[int, int] = {}
+    for i, key in enumerate(ids):
+        if key not in first:
+            first[key] = i
+            continue
+        a = first[key]
+        better = values[i] > values[a]
+        values[a] = torch.where(better, values[i], values[a])
+        positions[a] = torch.where(better, positions[i], positions[a])
+        enter[a] |= enter[i]
+    return sorted(first.values())
+
+
+def _joined(held: TopK, candidates: TopK, *, again: bool) -> TopK:
+    """The top-k of ``held`` and ``candidates`` (``[units, m]``, distinct images, -inf where not entering).
+
+    ``again``: some candidates may be held already; such an image keeps its best record.
+    """
+    values, image = candidates.values, candidates.image.expand_as(candidates.values)
+    if again:
+        held, values = _seen_again(held, candidates)
+    entering = values > float("-inf")
+    columns = values.topk(int(entering.sum(dim=1).max()), dim=1).indices
+    return merge(held, TopK(values, image.masked_fill(~entering, -1), candidates.position).columns(columns), held.k)
+
+
+def _seen_again(held: TopK, candidates: TopK) -> tuple[TopK, torch.Tensor]:
+    """``held`` with the better records of images it holds that are candidates too, and the other candidates' values."""
+    values, image = candidates.values, candidates.image.expand_as(candidates.values)
+    ids, order = candidates.image.sort()
+    column = order[torch.searchsorted(ids, held.image).clamp(max=len(ids) - 1)]  # each held image's candidate
+    again = image.gather(1, column) == held.image
+    seen = values.gather(1, column).masked_fill(~again, float("-inf"))
+    better = seen > held.values
+    held = TopK(torch.where(better, seen, held.values), held.image,
+                torch.where(better, candidates.position.gather(1, column), held.position))
+    absorbed = torch.zeros_like(values, dtype=torch.int32).scatter_add_(1, column, again.int()) > 0
+    return held, values.masked_fill(absorbed, float("-inf"))
 
 
 class _Numbered:
@@ -257,8 +412,9 @@ class _Numbered:
 class StreamHooks:
     """The forward hooks that feed ``streams`` from the user's forwards of ``net``; ``paused()`` stops them."""
 
-    def __init__(self, net: nn.Module, streams: Sequence[StreamSource]) -> None:
-        self.net, self.streams = net, {s.mode: s for s in streams}
+    def __init__(self, net: nn.Module, streams: Sequence[StreamSource], *, compiled: bool = False) -> None:
+        """``compiled``: ``net`` runs inside ``torch.compile`` code (see :func:`compiled`)."""
+        self.net, self.streams, self.compiled = net, {s.mode: s for s in streams}, compiled
         first = streams[0]
         self.layers, self.images_at = first.probe.layers, first.images_at
         self._paused = 0
@@ -266,9 +422,12 @@ class StreamHooks:
         self._found: dict[str, torch.Tensor] = {}
         self.last: StreamSource | None = None
         modules = dict(net.named_modules())
-        self._handles = [net.register_forward_pre_hook(self._start, with_kwargs=True),
-                         net.register_forward_hook(self._end)]
-        self._handles += [modules[name].register_forward_hook(self._layer(name)) for name in self.layers]
+        # Under torch.compile the hooks run eagerly, outside the graph: dynamo cannot trace the ranking.
+        eager = torch.compiler.disable
+        self._handles = [net.register_forward_pre_hook(eager(self._start), with_kwargs=True),
+                         net.register_forward_hook(eager(self._end))]
+        self._handles += [modules[name].register_forward_hook(eager(self._layer(name))) for name in self.layers]
+        self._recompile(compiled)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -289,26 +448,55 @@ class StreamHooks:
             stream.warn_once(f"a {stream.mode}-stream forward got no [N, C, H, W] images where stream_images= "
                              f"says ({type(images).__name__}); such forwards are not ranked")
             return
-        self._current = (stream, images)
+        self._current = (stream, images, stream.scored_version(images))
 
     def _layer(self, name: str):
         def hook(_module, _inputs, output):
-            if self._current is not None and isinstance(output, torch.Tensor):
-                with torch.no_grad():
-                    out = output.detach()
-                    self._found[name] = out.amax(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else out
+            if self._current is None or not isinstance(output, torch.Tensor):
+                return
+            stream, _, version = self._current
+            with torch.no_grad():
+                out = output.detach()
+                if version is None:
+                    self._found[name] = (out.amax(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else out, None)
+                else:  # positions of the maxima that can enter (reach the threshold), as the probe pass finds them
+                    threshold = stream.threshold()[slice(*stream.probe.spans[name])]
+                    self._found[name] = peaks(out, threshold.nextafter(torch.tensor(float("-inf"))))
         return hook
 
     def _end(self, _module, _args, _output) -> None:
         current, self._current = self._current, None
         if current is None or len(self._found) != len(self.layers):
             return
-        stream, images = current
+        stream, images, version = current
+        found = [self._found[n] for n in self.layers]
+        if any(len(values) != len(images) for values, _ in found):
+            stream.warn_once(f"a {stream.mode}-stream forward's layers saw another batch size than its images "
+                             f"{tuple(images.shape)}; such forwards are not ranked (check stream_images=)")
+            return
         with torch.no_grad():
-            stream.observe(images, torch.cat([self._found[n].float() for n in self.layers], dim=1))
+            stream.observe(images, torch.cat([values.float() for values, _ in found], dim=1),
+                           None if version is None else torch.cat([positions for _, positions in found], dim=1),
+                           version)
         self._found, self.last = {}, stream
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._recompile(self.compiled)
+
+    @staticmethod
+    def _recompile(compiled: bool) -> None:
+        # Dynamo does not guard on module hooks: code compiled before they were added (or
+        # removed) would run without them (or go on calling them). Compiled code is dropped so
+        # that the next call compiles anew (every model's: dynamo keys its caches by code object).
+        if compiled:
+            reset = getattr(torch._dynamo, "reset_code_caches", torch._dynamo.reset)
+            reset()
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its modules is compiled (``torch.compile(model)`` or ``module.compile()``)."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module) or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())

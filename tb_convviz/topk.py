@@ -61,8 +61,11 @@ def peaks(activations: torch.Tensor, threshold: torch.Tensor | None = None) -> t
     values = activations.amax(dim=tuple(range(2, activations.dim()))).float()
     if threshold is None:
         return values, activations.flatten(2).argmax(dim=2)
+    above = values > threshold
+    image, unit = above.nonzero(as_tuple=True)
+    if 2 * len(image) > values.numel():  # most maps: one argmax over all is cheaper than gathering them
+        return values, activations.flatten(2).argmax(dim=2).masked_fill(~above, -1)
     positions = torch.full_like(values, -1, dtype=torch.int64)
-    image, unit = (values > threshold).nonzero(as_tuple=True)
     positions[image, unit] = activations[image, unit].flatten(1).argmax(dim=1)
     return values, positions
 

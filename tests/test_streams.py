@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
-from tb_convviz.streams import content_id
+from tb_convviz.streams import _coefficients, _forms, content_id, content_ids
 
 K = 3
 LAYERS = ["conv1", "relu2"]
@@ -287,3 +287,113 @@ def test_a_resumed_run_numbers_new_stream_images_after_the_stored_ones(tmp_path)
         shown = [probe.show(image) for image in images]
         for number in np.unique(run.topk("conv1", step, source="train").image):
             assert any(np.array_equal(s, run.stream_image("train", int(number))) for s in shown)
+
+
+def _validation_images_run(net, logger, step, validation):
+    """``logger.log(step)``, and how many validation images it ran through ``net``."""
+    inputs = []
+    handle = net.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().flatten(1).clone()))
+    try:
+        assert logger.log(step)
+    finally:
+        handle.remove()
+    images = torch.cat(validation).flatten(1)
+    return sum(int((batch[:, None] == images[None]).all(dim=2).sum()) for batch in inputs)
+
+
+def test_eval_checkpoint_rescores_only_what_the_validation_pass_did_not_score(tmp_path):
+    torch.manual_seed(0)
+    net, probe = Net(bn=True), probe_set()
+    full_net = copy.deepcopy(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    full_optimizer = torch.optim.SGD(full_net.parameters(), lr=0.1)
+    options = dict(layers=LAYERS, k=K, steps=[10 ** 6], stream="eval", projections=None)
+    logger = ConvVizLogger(net, probe, tmp_path / "skip", **options)
+    # forward= may change what the model sees: its checkpoints re-score every candidate.
+    full = ConvVizLogger(full_net, probe, tmp_path / "full", forward=lambda m, x: m(x), **options)
+    validation = batches(3, 4, seed=11)
+    ran = {}
+    for step in range(3):
+        for model in (net, full_net):
+            model.eval()
+            with torch.no_grad():
+                for v in validation:
+                    model(v)
+        if step == 2:  # the weights change after the validation pass: the checkpoint must re-score
+            for model, sgd in ((net, optimizer), (full_net, full_optimizer)):
+                model.train()
+                model(batches(1, 6, seed=12)[0]).sum().backward()
+                sgd.step()
+                sgd.zero_grad()
+        ran[step] = (_validation_images_run(net, logger, step, validation),
+                     _validation_images_run(full_net, full, step, validation))
+    logger.close(final_checkpoint=False)
+    full.close(final_checkpoint=False)
+    # Step 0: scored by the pass; step 1: the same images again, step 0's winners among them.
+    assert ran[0][0] == ran[1][0] == 0 and ran[0][1] > 0 and ran[1][1] > 0
+    assert ran[2][0] == ran[2][1] > 0
+    skip, rescored = read_run(tmp_path / "skip"), read_run(tmp_path / "full")
+    for step in range(3):
+        for layer in LAYERS:
+            a, b = skip.topk(layer, step, source="eval"), rescored.topk(layer, step, source="eval")
+            np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-6)
+            for field in ("image", "y", "x"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{step} {layer} {field}")
+    assert_stream_equals(skip, "eval", 2, net, [image for v in validation for image in v], probe)
+
+
+def test_streams_under_torch_compile_and_data_parallel_record_what_the_plain_model_does(tmp_path):
+    torch.manual_seed(0)
+    plain, probe = Net(), probe_set()
+    compiled_net, parallel_net = copy.deepcopy(plain), copy.deepcopy(plain)
+    # Dynamo with the eager backend: the same tracing of the hooks, without inductor's code generation.
+    compiled = torch.compile(compiled_net, backend="eager")
+    # Compiled (for the shapes and modes below) before the logger adds its hooks, as in a resumed job.
+    compiled.train()
+    compiled(torch.rand(5, 3, 10, 10)).sum().backward()
+    compiled.eval()
+    with torch.no_grad():
+        compiled(torch.rand(4, 3, 10, 10))
+    compiled_net.zero_grad()
+    models = {"plain": (plain, ""), "compiled": (compiled, "_orig_mod."), "parallel": (nn.DataParallel(parallel_net),
+                                                                                    "module.")}
+    loggers = {name: ConvVizLogger(model, probe, tmp_path / name, layers=[prefix + n for n in LAYERS], k=K,
+                                   steps=[1], stream=("train", "eval"), projections=None)
+               for name, (model, prefix) in models.items()}
+    for step, (x, v) in enumerate(zip(batches(2, 5, seed=13), batches(2, 4, seed=14))):
+        for name, (model, _) in models.items():
+            model.train()
+            model(x).sum().backward()
+            model.eval()
+            with torch.no_grad():
+                model(v)
+            loggers[name].maybe_log(step)
+    for logger in loggers.values():
+        logger.close(final_checkpoint=False)
+    want = read_run(tmp_path / "plain")
+    for name in ("compiled", "parallel"):
+        got = read_run(tmp_path / name)
+        for source in ("train", "eval"):
+            for layer in LAYERS:
+                a, b = got.topk(layer, 1, source=source), want.topk(layer, 1, source=source)
+                assert (b.image >= 0).all()
+                np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-6)
+                for field in ("image", "y", "x"):
+                    np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{name} {source}")
+
+
+def test_content_ids_are_exact_hashes_of_the_pixels_whatever_the_layout_and_batch():
+    x = torch.rand(20, 3, 10, 10, generator=torch.Generator().manual_seed(15))
+    ids = content_ids(x)
+    assert len(set(ids)) == 20 and all(0 <= key < 2 ** 63 for key in ids)
+    assert ids == [content_id(image) for image in x] == content_ids(x.to(memory_format=torch.channels_last))
+    y = x.clone()
+    y[3, 1, 2, 3] = torch.nextafter(y[3, 1, 2, 3], torch.tensor(2.0))  # one bit of one pixel
+    assert content_ids(y) == ids[:3] + [content_ids(y)[3]] + ids[4:] and content_ids(y)[3] != ids[3]
+    assert content_ids(x.double())[0] != ids[0]
+    odd = torch.randint(0, 256, (17, 1, 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(16))
+    assert content_ids(odd)[5] == content_id(odd[5])
+    # The forms are exact integer sums, so every device computes the same ones.
+    data = x.flatten(1).view(torch.int8)
+    coefficients = _coefficients(data.shape[1], data.device)
+    assert torch.equal(_forms(data, coefficients), data.long() @ coefficients.long())
