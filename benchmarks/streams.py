@@ -4,7 +4,7 @@
   for the demo's AlexNet-style net at 64x64, batch 128, and torchvision's resnet18 at 64x64,
   batch 64: two copies of each model, steps interleaved, the median of per-step ratios;
 * a validation pass (``torch.no_grad()``, eval mode, 4 batches of 256) with ``stream="eval"`` ÷
-  without, over a realistic validation set: each repeat feeds images not seen before in the
+  without, for the demo net and resnet18, over a realistic validation set: each repeat feeds images not seen before in the
   window, as one pass over a validation set does (a checkpoint closes the window between
   passes); and the same pass re-fed with no checkpoint between (a user who validates twice);
 * a checkpoint with both streams ÷ the same checkpoint without (1024 probe images, no
@@ -152,6 +152,9 @@ def main() -> None:
                                                          probe, seen_again=True)
     say(f"  the same pass again, no checkpoint between                 : "
         f"{out['validation_seen_again_demo']:6.3f}")
+    out["validation_resnet18"] = validation_ratio(torchvision.models.resnet18(num_classes=10), resnet_layers,
+                                                  args.repeats, probe, seen_again=False)
+    say(f"validation pass, stream='eval' / without, resnet18 64px      : {out['validation_resnet18']:6.3f}  (target <= 1.05)")
     c = out["checkpoint"] = checkpoint(args.repeats, probe)
     mib = 1 << 20
     say(f"checkpoint with both streams / without (1024 probe images)   : {c['ratio']:6.3f}")
