@@ -113,7 +113,7 @@ export class UnitView {
     this.feed = new ImageFeed({ lazy: evolution.checkpoints.length * (expanded ? layer.k : 1) > LAZY_PATCHES });
     const besidePanel = other && { source: state.beside, evolution: other };
     fill(this.body,
-      h("div", { class: "cv-cards" }, this.renderCurrent(run, layer, unit, current, besidePanel), this.renderLabels(layer, current)),
+      h("div", { class: "cv-cards" }, this.renderCurrent(run, layer, unit, current, besidePanel), this.renderLabels(layer, current, source)),
       this.renderStrip(run, layer, unit, evolution.checkpoints, current, expanded),
     );
     centerSelected(this.body.querySelector(".cv-evo-strip"));
@@ -235,7 +235,7 @@ export class UnitView {
     return frames;
   }
 
-  renderLabels(layer, checkpoint) {
+  renderLabels(layer, checkpoint, source) {
     const counts = labelCounts(checkpoint.records);
     const body = counts
       ? h("ul", { class: "cv-histogram" }, counts.map(([label, count]) =>
@@ -243,7 +243,8 @@ export class UnitView {
             h("span", { class: "cv-hist-label", title: label }, label),
             h("span", { class: "cv-hist-bar" }, h("span", { style: { width: `${(100 * count) / checkpoint.records.length}%` } })),
             h("span", { class: "cv-hist-count" }, String(count)))))
-      : h("p", { class: "cv-dim" }, "The probe set was logged without class labels.");
+      : h("p", { class: "cv-dim" }, source === "probe" ? "The probe set was logged without class labels."
+        : `The ${sourceName(source).toLowerCase()} are unlabelled: pass labels= to maybe_log, or call label(y) after a forward, to see their classes.`);
     return h("div", { class: "cv-card" }, h("h3", {}, `Classes of its top-${layer.k} images`), body);
   }
 

@@ -172,3 +172,19 @@ def test_the_unit_view_shows_the_probe_set_and_a_stream_side_by_side(watched, lo
     plain = page.locator(".cv-beside-select")
     assert plain.is_disabled() and "no training or validation stream" in plain.get_attribute("title")
     watched.assert_clean()
+
+
+def test_the_unit_view_says_when_a_streams_images_are_unlabelled(watched, logdir, server):
+    """The fixture labels the training stream (maybe_log(labels=y)) and not the validation stream."""
+    run = read_run(logdir / "streams")
+    train_labels = sorted({int(i) for i in run.topk(LAYER, 2, source="train").label[1] if i >= 0})
+    assert train_labels and (run.topk(LAYER, 2, source="eval").label[1] < 0).all()
+    page = watched.open(server, f"run=streams&layer={LAYER}&view=unit&unit=1&step=2&source=train")
+    page.wait_for_selector(f".cv-unit-body{IDLE}")
+    shown = page.eval_on_selector_all(".cv-histogram .cv-hist-label", "els => els.map(e => e.textContent)")
+    assert sorted(int(name) for name in shown) == train_labels
+    page = watched.open(server, f"run=streams&layer={LAYER}&view=unit&unit=1&step=2&source=eval")
+    page.wait_for_selector(f".cv-unit-body{IDLE}")
+    assert page.locator(".cv-histogram").count() == 0
+    assert "The validation images are unlabelled" in page.locator(".cv-unit-body").inner_text()
+    watched.assert_clean()
