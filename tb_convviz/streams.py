@@ -149,6 +149,7 @@ class ImagePool:
         images = images.detach()
         if images.device.type != "cpu":
             images, rows = images[torch.tensor(rows, device=images.device)].cpu(), range(len(rows))
+        images = images.unbind(0)  # one call, not one per row
         for key, row in zip(keys, rows):
             if key not in self.images:
                 self.images[key] = image = images[row].clone(memory_format=torch.contiguous_format)
@@ -384,19 +385,19 @@ def _joined(held: TopK, candidates: TopK, *, again: bool) -> tuple[TopK, torch.T
     known, index = torch.cat([held.image.flatten(), candidates.image]).unique(return_inverse=True)
     index = torch.cat([index[:held.image.numel()].view_as(held.image), index[held.image.numel():].expand_as(values)],
                       dim=1)
-    both = TopK.joined(held, TopK(values, candidates.image.expand_as(values), candidates.position))
-    bits = (both.values + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
+    both = torch.cat([held.values, values], dim=1)
+    bits = (both + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats' bits count down as the float goes down
-    key = bits.long() * (1 << 32) + (len(known) - 1 - index)
-    slots = key.topk(k, dim=1).indices
-    out = both.columns(slots)
-    unused = out.values == float("-inf")
-    out = TopK(out.values, out.image.masked_fill(unused, -1), out.position.masked_fill(unused, -1))
+    slots = (bits.long() * (1 << 32) + (len(known) - 1 - index)).topk(k, dim=1).indices
+    values, kept = both.gather(1, slots), index.gather(1, slots)
+    unused = values == float("-inf")
+    out = TopK(values, known[kept].masked_fill(unused, -1),
+               torch.cat([held.position, candidates.position], dim=1).gather(1, slots).masked_fill(unused, -1))
     stays = torch.zeros(m, dtype=torch.bool, device=values.device)
     stays[slots[(slots >= k) & ~unused] - k] = True
     left = torch.zeros(len(known), dtype=torch.bool, device=values.device)
     left[index[:, :k][held.image >= 0]] = True
-    left[index.gather(1, slots)[~unused]] = False
+    left[kept[~unused]] = False
     return out, stays, known[left]
 
 
