@@ -232,10 +232,13 @@ class StreamSource:
         self.last_ids = []
         if not rows:
             return
-        index = torch.tensor(rows, device=values.device)
-        ids = content_ids(images if len(rows) == len(images) else images[index.to(images.device)])
-        values, enter = values[index], enter[index]
-        positions = positions[index] if positions is not None else torch.full_like(values, -1, dtype=torch.int64)
+        chosen = images
+        if len(rows) < len(images):
+            index = torch.tensor(rows, device=values.device)
+            chosen, values, enter = images[index.to(images.device)], values[index], enter[index]
+            positions = positions[index] if positions is not None else None
+        ids = content_ids(chosen)
+        positions = positions if positions is not None else torch.full_like(values, -1, dtype=torch.int64)
         keep = _merge_repeats(ids, values, positions, enter)
         if version is not None:
             self._unscored.difference_update(ids)
