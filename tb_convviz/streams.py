@@ -376,9 +376,9 @@ def _merge_repeats(ids: list[int], values: torch.Tensor, positions: torch.Tensor
 
 
 def _joined(held: TopK, candidates: TopK, *, again: bool) -> tuple[TopK, torch.Tensor, torch.Tensor]:
-    """The top-k of ``held`` and ``candidates`` (values ``[units, m]``, -inf where not entering; images ``[m]``, distinct).
+    """The top-k of ``held`` and ``candidates`` (values ``[units, m]``, -inf where not entering; images ``[m]``).
 
-    ``again``: some candidates may be held already; such an image keeps its best record.
+    Candidates are distinct images. ``again``: some may be held already; such an image keeps its best record.
     Also: which candidates hold a slot now (``[m]`` bool), and the images ``held`` held that no slot holds now.
     """
     k, m = held.k, candidates.values.shape[1]
