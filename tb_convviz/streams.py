@@ -149,6 +149,7 @@ class ImagePool:
         images = images.detach()
         if images.device.type != "cpu":
             images, rows = images[torch.tensor(rows, device=images.device)].cpu(), range(len(rows))
+        images = images.unbind(0)  # one call, not one per row
         for key, row in zip(keys, rows):
             if key not in self.images:
                 self.images[key] = image = images[row].clone(memory_format=torch.contiguous_format)
@@ -231,25 +232,27 @@ class StreamSource:
         self.last_ids = []
         if not rows:
             return
-        index = torch.tensor(rows, device=values.device)
-        ids = content_ids(images if len(rows) == len(images) else images[index.to(images.device)])
-        values, enter = values[index], enter[index]
-        positions = positions[index] if positions is not None else torch.full_like(values, -1, dtype=torch.int64)
+        chosen = images
+        if len(rows) < len(images):
+            index = torch.tensor(rows, device=values.device)
+            chosen, values, enter = images[index.to(images.device)], values[index], enter[index]
+            positions = positions[index] if positions is not None else None
+        ids = content_ids(chosen)
+        positions = positions if positions is not None else torch.full_like(values, -1, dtype=torch.int64)
         keep = _merge_repeats(ids, values, positions, enter)
         if version is not None:
             self._unscored.difference_update(ids)
-        old = self._topk
-        candidates = TopK(values[keep].masked_fill(~enter[keep], float("-inf")).t(),
-                          torch.tensor([ids[i] for i in keep], dtype=torch.int64, device=values.device),
-                          positions[keep].t())
-        self._topk = _joined(old, candidates, again=any(ids[i] in self.pool.images for i in keep))
-        held = self._topk.image
-        stays = torch.isin(candidates.image, held).tolist()
-        new = [i for j, i in enumerate(keep) if stays[j] and ids[i] not in self.pool.images]
+        if len(keep) < len(ids):
+            ids, rows, values, enter, positions = ([ids[i] for i in keep], [rows[i] for i in keep], values[keep],
+                                                   enter[keep], positions[keep])
+        pool = self.pool.images
+        candidates = TopK(values.masked_fill(~enter, float("-inf")).t(),
+                          torch.tensor(ids, dtype=torch.int64, device=values.device), positions.t())
+        self._topk, stays, left = _joined(self._topk, candidates, again=any(key in pool for key in ids))
+        new = [i for i in stays.nonzero().flatten().tolist() if ids[i] not in pool]
         self.pool.add([ids[i] for i in new], images, [rows[i] for i in new])
-        left = old.image[~torch.isin(old.image, held) & (old.image >= 0)].unique().tolist()
-        self.pool.drop(key for key in left if key not in self.winners)
-        self.last_ids = [(rows[i], ids[i]) for i in keep if ids[i] in self.pool.images]
+        self.pool.drop(key for key in left.tolist() if key not in self.winners)
+        self.last_ids = [(row, key) for row, key in zip(rows, ids) if key in pool]
         if self.pool.bytes > self.pool.max_bytes:
             self._bound()
 
@@ -372,17 +375,33 @@ def _merge_repeats(ids: list[int], values: torch.Tensor, positions: torch.Tensor
     return sorted(first.values())
 
 
-def _joined(held: TopK, candidates: TopK, *, again: bool) -> TopK:
-    """The top-k of ``held`` and ``candidates`` (``[units, m]``, distinct images, -inf where not entering).
+def _joined(held: TopK, candidates: TopK, *, again: bool) -> tuple[TopK, torch.Tensor, torch.Tensor]:
+    """The top-k of ``held`` and ``candidates`` (values ``[units, m]``, -inf where not entering; images ``[m]``).
 
-    ``again``: some candidates may be held already; such an image keeps its best record.
+    Candidates are distinct images. ``again``: some may be held already; such an image keeps its best record.
+    Also: which candidates hold a slot now (``[m]`` bool), and the images ``held`` held that no slot holds now.
     """
-    values, image = candidates.values, candidates.image.expand_as(candidates.values)
-    if again:
-        held, values = _seen_again(held, candidates)
-    entering = values > float("-inf")
-    columns = values.topk(int(entering.sum(dim=1).max()), dim=1).indices
-    return merge(held, TopK(values, image.masked_fill(~entering, -1), candidates.position).columns(columns), held.k)
+    k, m = held.k, candidates.values.shape[1]
+    held, values = _seen_again(held, candidates) if again else (held, candidates.values)
+    # One topk over int64 keys, the value's bits in float order and then the image's rank among
+    # those at hand (lower ids first), instead of two stable sorts of the records.
+    known, index = torch.cat([held.image.flatten(), candidates.image]).unique(return_inverse=True)
+    index = torch.cat([index[:held.image.numel()].view_as(held.image), index[held.image.numel():].expand_as(values)],
+                      dim=1)
+    both = torch.cat([held.values, values], dim=1)
+    bits = (both + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats' bits count down as the float goes down
+    slots = (bits.long() * (1 << 32) + (len(known) - 1 - index)).topk(k, dim=1).indices
+    values, kept = both.gather(1, slots), index.gather(1, slots)
+    unused = values == float("-inf")
+    out = TopK(values, known[kept].masked_fill(unused, -1),
+               torch.cat([held.position, candidates.position], dim=1).gather(1, slots).masked_fill(unused, -1))
+    stays = torch.zeros(m, dtype=torch.bool, device=values.device)
+    stays[slots[(slots >= k) & ~unused] - k] = True
+    left = torch.zeros(len(known), dtype=torch.bool, device=values.device)
+    left[index[:, :k][held.image >= 0]] = True
+    left[kept[~unused]] = False
+    return out, stays, known[left]
 
 
 def _seen_again(held: TopK, candidates: TopK) -> tuple[TopK, torch.Tensor]:

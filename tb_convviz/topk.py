@@ -50,23 +50,25 @@ def peaks(activations: torch.Tensor, threshold: torch.Tensor | None = None) -> t
     """Per image and unit of ``[B, C, ...]`` activations, the float32 spatial maximum and its first raster position.
 
     Positions are found only where the maximum exceeds ``threshold`` (``[C]``; None:
-    everywhere), -1 elsewhere and for ``[B, C]`` inputs: ``amax`` is ~10x faster than ``max``
-    with indices, and after the first batches few images can still enter a unit's top-k.
+    everywhere), -1 elsewhere and for ``[B, C]`` inputs: ``amax`` is ~3x faster than ``max``
+    with indices (which is ~3x faster than ``argmax`` on the CPU), and after the first batches
+    few images can still enter a unit's top-k.
     ``amax`` propagates NaN, so a value is NaN or +inf if any activation of it was.
     """
     if activations.dim() == 2:
         values = activations.float()
         return values, torch.full_like(values, -1, dtype=torch.int64)
+    if threshold is None:
+        values, positions = activations.flatten(2).max(dim=2)
+        return values.float(), positions
     # Reductions over the spatial dims, not a flattened view, which channels-last maps would copy.
     values = activations.amax(dim=tuple(range(2, activations.dim()))).float()
-    if threshold is None:
-        return values, activations.flatten(2).argmax(dim=2)
     above = values > threshold
     image, unit = above.nonzero(as_tuple=True)
-    if 2 * len(image) > values.numel():  # most maps: one argmax over all is cheaper than gathering them
-        return values, activations.flatten(2).argmax(dim=2).masked_fill(~above, -1)
+    if 2 * len(image) > values.numel():  # most maps: one pass over all is cheaper than gathering them
+        return values, activations.flatten(2).max(dim=2).indices.masked_fill(~above, -1)
     positions = torch.full_like(values, -1, dtype=torch.int64)
-    positions[image, unit] = activations[image, unit].flatten(1).argmax(dim=1)
+    positions[image, unit] = activations[image, unit].flatten(1).max(dim=1).indices
     return values, positions
 
 
