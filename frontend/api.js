@@ -34,6 +34,9 @@ export function setSource(next) {
   source = next;
 }
 
+/** The source record routes are asked for now. */
+export const currentSource = () => source;
+
 // The `field` every image route is asked for (null: the server's default, the effective field).
 const IMAGE_ROUTES = new Set(["patch", "mosaic", "probe_image", "projection", "projection_mosaic", "row"]);
 let cropField = null;

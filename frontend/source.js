@@ -9,6 +9,9 @@ export const SOURCES = [["probe", "Probe set"], ["train", "Training images"], ["
 
 const NO_STREAMS = "This run logged no training or validation stream: pass stream=(\"train\", \"eval\") to ConvVizLogger";
 
+/** What one of `source`'s images is called: "probe image", "training image", "validation image". */
+export const imageNoun = (source) => ({ train: "training image", eval: "validation image" })[source] ?? "probe image";
+
 /** What the switch calls `source`. */
 export const sourceName = (source) => SOURCES.find(([key]) => key === source)?.[1] ?? source;
 

@@ -1,13 +1,13 @@
 // Unit view (Zeiler & Fergus Fig. 4): one unit's top patches at every checkpoint.
 
 import { h, fill, message, formatValue, formatPercent } from "./dom.js";
-import { getJson, mosaicUrl, patchUrl, topk } from "./api.js";
+import { currentSource, getJson, mosaicUrl, patchUrl, topk } from "./api.js";
 import { ImageFeed, MosaicFigure, mosaicGeometry, patchSizeFor, labelText, layerTitle, rfText, recordAlt, recordsAlt, showProbeImage } from "./widgets.js";
 import { unitJump, passes } from "./finder.js";
 import { sortUnits, notFiniteChip } from "./grid.js";
 import { showZoom } from "./zoom.js";
 import { assignProjection, effectiveShow, hasProjection, projectionUrl, showToggle } from "./show.js";
-import { besideSwitch, sourceName } from "./source.js";
+import { besideSwitch, imageNoun, sourceName } from "./source.js";
 
 const PATCH_PX = 64;
 // The current checkpoint's mosaic is drawn to fill this square exactly, whatever the layer.
@@ -215,7 +215,7 @@ export class UnitView {
     const frames = [];
     if (show !== "projection") {
       const figure = new MosaicFigure(layer, patch, { alt: recordsAlt(unit, checkpoint.step, checkpoint.records) });
-      figure.setRecords(checkpoint.records, { step: checkpoint.step, unit });
+      figure.setRecords(checkpoint.records, { step: checkpoint.step, unit, source });
       this.feed.assign(figure.img, mosaicUrl(run.run, layer.name, checkpoint.step, unit, patch, source));
       frames.push(h("button", {
         type: "button", class: "cv-mosaic-frame", title: "Zoom: the patches large, at a size you pick (z)",
@@ -280,7 +280,7 @@ export class UnitView {
         }, "⤢")),
       c.not_finite ? notFiniteChip() : null,
       records.map((r) => h("button", {
-        type: "button", class: "cv-evo-patch", title: `${recordAlt(unit, c.step, r)}. Click: the whole probe image`,
+        type: "button", class: "cv-evo-patch", title: `${recordAlt(unit, c.step, r)}. Click: the whole ${imageNoun(currentSource())}`,
         onclick: () => showProbeImage({ run: run.run, layer, step: c.step, unit, record: r }),
       },
       this.stripImages(run, layer, unit, c.step, r, patchBox),
@@ -297,7 +297,7 @@ export class UnitView {
           type: "button", class: "cv-button", "aria-pressed": String(expanded),
           onclick: () => this.app.navigate({ expand: expanded ? null : "1" }),
         }, expanded ? "Show top-1 only" : `Show top-${layer.k}`)),
-      h("p", { class: "cv-caption" }, "Click a patch to see the whole probe image with the unit's receptive field; click a step to select it, ⤢ to zoom its top-",
+      h("p", { class: "cv-caption" }, `Click a patch to see the whole ${imageNoun(currentSource())} with the unit's receptive field; click a step to select it, ⤢ to zoom its top-`,
         String(layer.k), ". Keys: ← → checkpoints, ↑ ↓ units, z zoom."),
       h("ol", { class: "cv-evo-strip", "aria-label": `Unit ${unit} over training` }, columns));
   }

@@ -1,7 +1,8 @@
 // Pieces shared by the views: layer tabs, the checkpoint slider, image sizing, lazy images.
 
 import { h, fill, formatValue } from "./dom.js";
-import { probeImageUrl } from "./api.js";
+import { currentSource, probeImageUrl } from "./api.js";
+import { imageNoun } from "./source.js";
 import { hasProjection } from "./show.js";
 
 const PLAY_PAUSE_MS = 450;
@@ -176,7 +177,7 @@ export class MosaicFigure {
   }
 
   /** Tooltips for `records` (ranks missing from them leave an empty cell) and outlines for `highlight` ranks. */
-  setRecords(records, { highlight = [], step, unit } = {}) {
+  setRecords(records, { highlight = [], step, unit, source = undefined } = {}) {
     const byRank = new Map(records.map((r) => [r.rank, r]));
     const marked = new Set(highlight);
     const cells = [];
@@ -184,18 +185,20 @@ export class MosaicFigure {
       const record = byRank.get(rank);
       cells.push(h("span", {
         class: marked.has(rank) ? "cv-cell cv-shared" : "cv-cell",
-        title: record ? recordTip(record, step, unit) : null,
+        title: record ? recordTip(record, step, unit, source) : null,
       }));
     }
     fill(this.cells, cells);
   }
 }
 
-/** One line per fact a researcher asks of a patch. */
-export function recordTip(record, step, unit) {
+const capitalized = (text) => text[0].toUpperCase() + text.slice(1);
+
+/** One line per fact a researcher asks of a patch (`source`: whose image it is, by default the view's). */
+export function recordTip(record, step, unit, source = currentSource()) {
   const label = labelText(record);
   return [`Rank ${record.rank + 1} · activation ${formatValue(record.value)}`,
-    `Probe image #${record.image}${label == null ? "" : ` · label ${label}`}`,
+    `${capitalized(imageNoun(source))} #${record.image}${label == null ? "" : ` · label ${label}`}`,
     unit == null ? null : `Unit ${unit} · step ${step}`].filter(Boolean).join("\n");
 }
 
@@ -316,9 +319,9 @@ export function recordsAlt(unit, step, records) {
   return `Unit ${unit} at step ${step}, top ${records.length} patches (rank: activation label) ${parts.join(", ")}`;
 }
 
-export function recordAlt(unit, step, record) {
+export function recordAlt(unit, step, record, source = currentSource()) {
   const label = labelText(record) != null ? `, label ${labelText(record)}` : "";
-  return `Unit ${unit}, rank ${record.rank + 1}, activation ${formatValue(record.value)}${label}, step ${step}, probe image ${record.image}`;
+  return `Unit ${unit}, rank ${record.rank + 1}, activation ${formatValue(record.value)}${label}, step ${step}, ${imageNoun(source)} ${record.image}`;
 }
 
 /** Open a modal dialog titled `title` with `body` nodes; it removes itself when closed. */
@@ -347,10 +350,11 @@ export function closeDialogs() {
 
 /** A modal with the whole probe image and the record's receptive-field box (`source`: as for showZoom). */
 export function showProbeImage({ run, layer, step, unit, record, source = undefined }) {
+  const noun = imageNoun(source ?? currentSource());
   const img = fitImage(h("img", {
     class: "cv-probe-image",
     src: probeImageUrl(run, layer.name, step, unit, record.rank, record.image, null, source),
-    alt: `Probe image ${record.image} with the receptive fields of ${recordAlt(unit, step, record)}`,
+    alt: `${capitalized(noun)} ${record.image} with the receptive fields of ${recordAlt(unit, step, record, source ?? currentSource())}`,
   }), 320);
   const overlay = hasProjection(layer, step, record.rank) ? firesToggle((on) => {
     img.src = probeImageUrl(run, layer.name, step, unit, record.rank, record.image, on ? "projection" : null, source);
@@ -358,9 +362,9 @@ export function showProbeImage({ run, layer, step, unit, record, source = undefi
   const failure = h("p", { class: "cv-dim", hidden: true });
   img.addEventListener("error", () => {
     failure.hidden = false;
-    failure.textContent = "The probe image could not be loaded (see the TensorBoard log).";
+    failure.textContent = `The ${noun} could not be loaded (see the TensorBoard log).`;
   });
-  return openDialog({ title: `Probe image #${record.image}`, tools: overlay },
+  return openDialog({ title: `${capitalized(noun)} #${record.image}`, tools: overlay },
     h("div", { class: "cv-dialog-body" }, img, failure),
     h("p", { class: "cv-caption" }, "Red: the unit's theoretical receptive field. Blue: the effective field the patch " +
       "shows (where it differs)." + (overlay ? " Where it fires: in colour where the record's projection is strong, dark grey elsewhere." : "")),

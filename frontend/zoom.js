@@ -2,7 +2,8 @@
 // the API resamples each patch to that size, nearest-neighbour when enlarging, so pixels stay crisp.
 
 import { h, fill, select, formatValue } from "./dom.js";
-import { patchUrl } from "./api.js";
+import { currentSource, patchUrl } from "./api.js";
+import { imageNoun } from "./source.js";
 import { firesToggle, openDialog, labelText, layerTitle, mosaicGeometry, recordAlt, recordTip, showProbeImage } from "./widgets.js";
 import { hasProjection } from "./show.js";
 
@@ -71,10 +72,10 @@ export function showZoom({ run, layer, step, unit, records, highlight = [], side
     const { pw, ph } = mosaicGeometry(layer, size);
     fill(grid, records.map((r) => h("figure", { class: marked.has(r.rank) ? "cv-zoom-patch cv-shared" : "cv-zoom-patch" },
       h("button", {
-        type: "button", class: "cv-zoom-open", title: `${recordTip(r, step, unit)}\nClick: the whole probe image`,
+        type: "button", class: "cv-zoom-open", title: `${recordTip(r, step, unit, source ?? currentSource())}\nClick: the whole ${imageNoun(source ?? currentSource())}`,
         onclick: () => showProbeImage({ run, layer, step, unit, record: r, source }),
       }, h("img", {
-        class: "cv-pixelated", alt: recordAlt(unit, step, r),
+        class: "cv-pixelated", alt: recordAlt(unit, step, r, source ?? currentSource()),
         src: patchUrl(run, layer.name, step, unit, r.rank, size, fires && hasProjection(layer, step, r.rank) ? "projection" : null, source),
         width: pw, height: ph,
       })),

@@ -141,15 +141,22 @@ def test_the_unit_view_shows_the_probe_set_and_a_stream_side_by_side(watched, lo
             assert _source_of(img.get_attribute("src")) == source and img.get_attribute("src") in mosaics
             tips = page.eval_on_selector_all(f"{panel} .cv-cell", "els => els.map(e => e.title)")
             shown[source] = [int(re.search(r"#(\d+)", tip).group(1)) for tip in tips if tip]
+            noun = {"probe": "Probe image #", "train": "Training image #"}[source]  # whose image the number is
+            assert all(noun in tip for tip in tips if tip), (source, tips)
             assert shown[source] == [i for i in run.topk(LAYER, 2, source=source).image[1].tolist() if i >= 0]
         assert shown["probe"] != shown["train"]
 
     panels()
     assert {_source_of(u) for u in mosaics} == {"probe", "train"}
+    shown_first = run.topk(LAYER, 2, source="train").image[1, 0]
     # The stream's mosaic zooms into the stream's patches.
     page.locator(".cv-source-panel[data-source='train'] .cv-mosaic-frame").click()
     zoomed = page.eval_on_selector_all(".cv-zoom img", "els => els.map(e => e.getAttribute('src'))")
     assert zoomed and all(_source_of(u) == "train" for u in zoomed)
+    page.locator(".cv-zoom-open").first.click()  # its whole image, named as a training image
+    title = page.locator("dialog.cv-dialog[open] .cv-dialog-head strong").last.inner_text()
+    assert title == f"Training image #{shown_first}"
+    page.keyboard.press("Escape")
     page.keyboard.press("Escape")
     # The URL round-trips: a reload shows the same two panels.
     page.reload()
