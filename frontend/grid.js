@@ -1,7 +1,8 @@
 // Layer grid (Zeiler & Fergus Fig. 2): one tile per unit with its top-k mosaic at a checkpoint.
 
 import { h, fill, select, message, formatValue, formatPercent } from "./dom.js";
-import { topk, mosaicUrl } from "./api.js";
+import { currentSource, topk, mosaicUrl } from "./api.js";
+import { imageNoun, sourceName } from "./source.js";
 import { layerTabs, StepSlider, startMosaicGrid, MosaicFigure, recordsAlt, PATCH_SIZES, DEFAULT_PATCH } from "./widgets.js";
 import { unitJump, filterOptions, filterSelect, passes } from "./finder.js";
 import { showZoom } from "./zoom.js";
@@ -209,9 +210,9 @@ export class GridView {
     fill(tile.meta,
       h("span", { class: "cv-unit" }, `#${unit.unit}`),
       unit.not_finite ? notFiniteChip()
-        : unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: "peak activation is not positive on any probe image" }, "dead")
+        : unit.dead ? h("span", { class: "cv-chip cv-chip-dead", title: `peak activation is not positive on any ${imageNoun(currentSource())}` }, "dead")
         : changeChip(unit.overlap, layer.k, data.previous_step),
-      h("span", { class: "cv-peak", title: "peak activation over the probe set" }, formatValue(unit.peak)),
+      h("span", { class: "cv-peak", title: `peak activation over the ${sourceName(currentSource()).toLowerCase()}` }, formatValue(unit.peak)),
     );
   }
 
@@ -276,7 +277,9 @@ export class GridView {
     const mean = overlaps.length ? overlaps.reduce((a, b) => a + b, 0) / overlaps.length : null;
     fill(this.summary,
       filter ? h("b", {}, `${shown} of ${data.total_units} units shown · `) : null,
-      `${data.total_units} units · top-${layer.k} over ${run.probe?.n ?? "?"} probe images · `,
+      `${data.total_units} units · top-${layer.k} over `,
+      currentSource() === "probe" ? `${run.probe?.n ?? "?"} probe images · `
+        : `the ${sourceName(currentSource()).toLowerCase()} since the previous checkpoint and its winners · `,
       mean == null ? "first checkpoint" : `${formatPercent(mean)} of top-${layer.k} kept since step ${data.previous_step}`,
       ` · ${dead} dead`,
       notFinite ? ` · ${notFinite} not finite` : "",

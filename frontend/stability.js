@@ -12,7 +12,7 @@ const CURVES = {
     key: "final_overlap",
     with: "the latest checkpoint",
     title: "Top-k overlap with the latest checkpoint",
-    caption: "Mean fraction of each unit's top-k probe images that are also in its top-k at the latest checkpoint: " +
+    caption: "Mean fraction of each unit's top-k images that are also in its top-k at the latest checkpoint: " +
       "how far each layer has converged toward its current features (100% at the latest checkpoint by definition). " +
       "In Zeiler & Fergus (Fig. 4) lower layers converge within a few epochs, higher ones much later.",
   },
@@ -20,7 +20,7 @@ const CURVES = {
     key: "topk_overlap",
     with: "the previous checkpoint",
     title: "Top-k overlap with the previous checkpoint",
-    caption: "Mean fraction of each unit's top-k probe images that were already in its top-k one checkpoint earlier. " +
+    caption: "Mean fraction of each unit's top-k images that were already in its top-k one checkpoint earlier. " +
       "It depends on the schedule too: the gap between checkpoints grows during training, so later points compare " +
       "states further apart. A layer whose line stays near 100% has settled.",
   },

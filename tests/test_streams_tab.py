@@ -85,12 +85,15 @@ def test_the_images_switch_in_every_view_and_in_the_url(watched, server):
     page.wait_for_selector(f".cv-grid{IDLE}")
     switch = page.locator(".cv-source-select")
     assert switch.is_enabled() and switch.input_value() == "probe"
+    assert "over 16 probe images" in page.locator(".cv-summary").inner_text()
     requests = []
     page.on("request", lambda r: requests.append(r.url))
     switch.select_option("train")
     page.wait_for_selector(f".cv-grid{IDLE}")
     assert hash_state(page)["source"] == "train"
     assert any("topk?" in u and "source=train" in u for u in requests)
+    summary = page.locator(".cv-summary").inner_text()
+    assert "over the training images since the previous checkpoint" in summary and "probe" not in summary
     for view in ("evolution", "stability", "compare"):
         requests.clear()
         page.locator(".cv-nav-item", has_text={"evolution": "Fig. 4 grid", "stability": "Stability",
