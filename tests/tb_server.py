@@ -133,9 +133,18 @@ def get(url: str, timeout: float = 60.0) -> tuple[int, str, bytes]:
         return e.code, e.headers.get("Content-Type", ""), e.read()
 
 
+PLUGIN_API = "data/plugin/convviz/"
+
+
+def served_runs(api: str) -> dict[str, dict]:
+    """The plugin's run listing at ``api`` (a server URL + PLUGIN_API) by run name; empty until it answers 200."""
+    status, _, body = get(api + "runs")
+    return {r["run"]: r for r in json.loads(body)["runs"]} if status == 200 else {}
+
+
 def plugin_json(server: str, route: str, **params):
     """GET the convviz ``route`` of ``server`` with ``params``; assert a 200 and return the decoded JSON."""
-    status, _, body = get(f"{server}data/plugin/convviz/{route}?{urllib.parse.urlencode(params)}")
+    status, _, body = get(f"{server}{PLUGIN_API}{route}?{urllib.parse.urlencode(params)}")
     assert status == 200, body
     return json.loads(body)
 

@@ -10,9 +10,7 @@ against the crop of its box, and the padding is the share of the box's pixels ou
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ import torchvision
 from PIL import Image
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import PLUGIN_API, get, served_runs, tensorboard_server, wait_for
 
 MODELS = {"resnet18": 64, "efficientnet_b0": 96, "convnext_tiny": 96}
 UNITS, K = 8, 3  # 24 patches per model
@@ -43,14 +41,9 @@ def logdir(tmp_path_factory):
 @pytest.fixture(scope="module", params=[True, False], ids=["load_fast", "python_loader"])
 def api(request, logdir):
     with tensorboard_server(str(logdir), load_fast=request.param) as url:
-        base = url + "data/plugin/convviz/"
-
-        def loaded():
-            status, _, body = get(base + "runs")
-            runs = json.loads(body)["runs"] if status == 200 else []
-            return len(runs) == len(MODELS) and all(layer["steps"] for r in runs for layer in r["layers"])
-
-        wait_for(loaded)
+        base = url + PLUGIN_API
+        wait_for(lambda: len(runs := served_runs(base)) == len(MODELS)
+                 and all(layer["steps"] for r in runs.values() for layer in r["layers"]))
         yield base
 
 

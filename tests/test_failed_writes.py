@@ -23,7 +23,7 @@ from PIL import Image
 from tb_convviz import ConvVizLogger, read_run
 from tb_convviz.logger import ConvVizWarning
 from tb_convviz.reader import event_files
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import PLUGIN_API, get, served_runs, tensorboard_server, wait_for
 from test_faults import LAYERS, make_model, make_probe, perturb, record_spans
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -108,14 +108,9 @@ def test_every_served_probe_image_is_the_right_one_after_failed_writes(failed_ru
     root, log_dir, _ = failed_run
     run = read_run(log_dir)
     with tensorboard_server(root, load_fast=load_fast) as url:
-        api = url + "data/plugin/convviz/"
-
-        def listed():
-            status, _, body = get(api + "runs")
-            runs = json.loads(body)["runs"] if status == 200 else []
-            return runs and runs[0]["steps"] == run.steps and runs[0]
-
-        served = wait_for(listed)
+        api = url + PLUGIN_API
+        served = wait_for(lambda: (runs := list(served_runs(api).values())) and runs[0]["steps"] == run.steps
+                          and runs[0])
         assert served["error"] is None
         assert served["probe"]["stored_images"] == len(run.stored_images)
         for index in sorted(run.stored_images):

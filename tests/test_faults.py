@@ -26,7 +26,7 @@ from tb_convviz import ConvVizLogger, ProbeSet, metadata, read_run, summary
 from tb_convviz.logger import ConvVizWarning
 from tb_convviz.reader import event_files
 from tb_convviz.synthetic_run import write_synthetic_run
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import PLUGIN_API, get, served_runs, tensorboard_server, wait_for
 
 LAYERS = ["1", "4"]
 LOADERS = pytest.mark.parametrize("load_fast", [True, False], ids=["rust_loader", "python_loader"])
@@ -204,18 +204,13 @@ def _json(url: str) -> dict:
     return json.loads(body)
 
 
-def _served_runs(api: str) -> dict:
-    status, _, body = get(api + "runs")
-    return {r["run"]: r for r in json.loads(body)["runs"]} if status == 200 else {}
-
-
 @LOADERS
 def test_everything_before_a_fault_is_served(faulty, load_fast):
     root, expected = faulty
     with tensorboard_server(root, load_fast=load_fast) as url:
-        api = url + "data/plugin/convviz/"
+        api = url + PLUGIN_API
         runs = wait_for(lambda: (lambda r: all(
-            name in r and r[name]["steps"] == steps for name, steps in expected.items()) and r)(_served_runs(api)))
+            name in r and r[name]["steps"] == steps for name, steps in expected.items()) and r)(served_runs(api)))
         for name, steps in expected.items():
             assert runs[name]["error"] is None, (name, runs[name]["error"])
             for layer in runs[name]["layers"]:
@@ -266,10 +261,10 @@ def test_live_logging_partial_records_and_resume_at_a_lower_step(tmp_path, load_
     logger = ConvVizLogger(model, probe, log_dir, layers=LAYERS, k=4)
     assert logger.log(0)
     with tensorboard_server(str(tmp_path), load_fast=load_fast) as url:
-        api = url + "data/plugin/convviz/"
+        api = url + PLUGIN_API
 
         def steps():
-            return _served_runs(api).get("live", {}).get("steps")
+            return served_runs(api).get("live", {}).get("steps")
 
         def topk(step):
             return _json(api + f"topk?run=live&layer=4&step={step}")["units"]
@@ -291,7 +286,7 @@ def test_live_logging_partial_records_and_resume_at_a_lower_step(tmp_path, load_
         with open(path, "ab") as f:
             f.write(record[:len(record) // 2])
         time.sleep(3)  # a few of the server's 1-second reloads
-        run = _served_runs(api)["live"]
+        run = served_runs(api)["live"]
         assert (run["steps"], run["error"]) == ([0, 10, 20], None)
         with open(path, "ab") as f:
             f.write(record[len(record) // 2:])
@@ -305,4 +300,4 @@ def test_live_logging_partial_records_and_resume_at_a_lower_step(tmp_path, load_
             assert resumed.log(30)
         wait_for(lambda: steps() == [0, 10, 20, 25, 30])
         assert topk(20) == at_20
-        assert _served_runs(api)["live"]["error"] is None
+        assert served_runs(api)["live"]["error"] is None

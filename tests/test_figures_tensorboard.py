@@ -14,7 +14,7 @@ from tb_convviz import ConvVizLogger, ProbeSet, read_run
 from tb_convviz import projection_format as fmt
 from tb_convviz.demo.model import DemoAlexNet
 from tb_convviz.synthetic_run import write_synthetic_run
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import PLUGIN_API, get, served_runs, tensorboard_server, wait_for
 
 STEPS = [0, 3, 7]
 
@@ -38,11 +38,10 @@ def logdir(tmp_path_factory):
 @pytest.fixture(scope="module", params=[True, False], ids=["load_fast", "python_loader"])
 def api(request, logdir):
     with tensorboard_server(str(logdir), load_fast=request.param) as url:
-        base = url + "data/plugin/convviz/"
+        base = url + PLUGIN_API
 
         def loaded():
-            status, _, body = get(base + "runs")
-            runs = {r["run"]: r for r in json.loads(body)["runs"]} if status == 200 else {}
+            runs = served_runs(base)
             return len(runs) == 2 and runs["new"]["filters"] and runs["new"]["filters"]["steps"] == STEPS and all(
                 (layer["projections"] or {}).get("steps") == STEPS for layer in runs["new"]["layers"])
 

@@ -24,7 +24,7 @@ from tb_convviz.geometry import ReceptiveField
 from tb_convviz.plugin import render
 from tb_convviz.plugin.convviz_plugin import MAX_LIMIT, frontend_dir
 from tb_convviz.synthetic_run import write_synthetic_run
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import PLUGIN_API, get, served_runs, tensorboard_server, wait_for
 from test_plugin_http import API, Served
 
 HOSTILE = '<img src=x onerror="alert(1)"> \'quoted\' &amp; </script><script>alert(2)</script>'
@@ -281,14 +281,9 @@ def test_foreign_plugin_data_is_reported_per_run_and_other_runs_still_work(serve
 
 def test_foreign_plugin_data_under_the_rust_loader(logs):
     with tensorboard_server(logs, load_fast=True) as url:
-        base = url + "data/plugin/convviz/"
-
-        def listed():
-            status, _, body = get(base + "runs")
-            runs = {r["run"]: r for r in json.loads(body)["runs"]} if status == 200 else {}
-            return {"a", "future", "corrupt"} <= set(runs) and len(runs["a"]["steps"]) == 3 and runs
-
-        _check_foreign_listing(wait_for(listed))
+        base = url + PLUGIN_API
+        _check_foreign_listing(wait_for(lambda: {"a", "future", "corrupt"} <= set(runs := served_runs(base))
+                                        and len(runs["a"]["steps"]) == 3 and runs))
         status, _, body = get(base + "topk?run=future&layer=conv1")
         assert status == 404 and "upgrade" in json.loads(body)["error"]
         status, content_type, _ = get(base + "mosaic?run=a&layer=conv2&unit=1")

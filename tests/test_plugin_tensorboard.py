@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tb_convviz.synthetic_run import write_synthetic_run
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import PLUGIN_API, get, served_runs, tensorboard_server, wait_for
 
 CHECKPOINTS = 120  # more than the Rust loader's default of 100 points per series
 
@@ -32,14 +32,9 @@ def written(tmp_path_factory):
 def api(request, written):
     """Base URL of the plugin's routes once TensorBoard has loaded every checkpoint."""
     with tensorboard_server(os.path.dirname(written.logdir), load_fast=request.param) as url:
-        base = url + "data/plugin/convviz/"
-
-        def loaded():
-            status, _, body = get(base + "runs")
-            runs = json.loads(body)["runs"] if status == 200 else []
-            return runs and all(len(layer["steps"]) == CHECKPOINTS for layer in runs[0]["layers"])
-
-        wait_for(loaded)
+        base = url + PLUGIN_API
+        wait_for(lambda: (runs := list(served_runs(base).values()))
+                 and all(len(layer["steps"]) == CHECKPOINTS for layer in runs[0]["layers"]))
         yield base
 
 

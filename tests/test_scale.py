@@ -12,7 +12,7 @@ import os
 import pytest
 
 from tb_convviz.synthetic_run import write_synthetic_run
-from tb_server import get, tensorboard_server, wait_for
+from tb_server import PLUGIN_API, get, served_runs, tensorboard_server, wait_for
 
 CHECKPOINTS, UNITS, K = 120, 512, 9
 pytestmark = pytest.mark.timeout(120)
@@ -34,14 +34,9 @@ def _json(url: str) -> dict:
 @pytest.mark.parametrize("load_fast", [True, False], ids=["rust_loader", "python_loader"])
 def test_every_checkpoint_and_unit_of_a_long_wide_run_is_served(written, load_fast):
     with tensorboard_server(os.path.dirname(written.logdir), load_fast=load_fast) as url:
-        api = url + "data/plugin/convviz/"
-
-        def loaded():
-            status, _, body = get(api + "runs")
-            runs = json.loads(body)["runs"] if status == 200 else []
-            return runs and all(len(layer["steps"]) == CHECKPOINTS for layer in runs[0]["layers"]) and runs[0]
-
-        run = wait_for(loaded)
+        api = url + PLUGIN_API
+        run = wait_for(lambda: (runs := list(served_runs(api).values()))
+                       and all(len(layer["steps"]) == CHECKPOINTS for layer in runs[0]["layers"]) and runs[0])
         assert run["steps"] == written.steps and run["error"] is None
         assert [(layer["name"], layer["units"]) for layer in run["layers"]] == [("conv1", UNITS), ("conv2", UNITS)]
         assert run["probe"]["stored_images"] == len(written.stored)
