@@ -63,11 +63,13 @@ class OverheadBudget:
             self._noted = True
             ratio = self._cost / per_step
             if ratio > STEPS_PER_CHECKPOINT_NOTE:
+                budget = ("overhead_budget=None logs every scheduled checkpoint; a fraction such as 0.1 keeps "
+                          "them within that share of training time" if self.fraction is None else
+                          f"overhead_budget={self.fraction} keeps all checkpoints within that share of training time")
                 log.warning(
                     "convviz: one checkpoint took %.2f s, as long as %.0f training steps (%.3f s each). For a "
                     "quick trial, pass projections=None, a smaller probe set (ProbeSet.from_dataset(..., n=256)) "
-                    "or a smaller probe image size; overhead_budget=%s caps the time all checkpoints take.",
-                    self._cost, ratio, per_step, self.fraction)
+                    "or a smaller probe image size; %s.", self._cost, ratio, per_step, budget)
         if self.fraction is None or self.schedule.total_steps is None:
             return False
         # The training time of the whole run, at this pace, less what is spent; the final checkpoint is kept.

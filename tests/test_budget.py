@@ -74,6 +74,7 @@ def test_a_short_run_keeps_only_step_0_and_the_final_checkpoint(clock, tmp_path,
     lines = [r.getMessage() for r in caplog.records if r.name == "tb_convviz"]
     assert len(lines) == 2
     assert "one checkpoint took 25.00 s, as long as 25 training steps" in lines[0]
+    assert "overhead_budget=0.1 keeps all checkpoints within that share of training time" in lines[0]
     assert "deferred or left out the checkpoints scheduled at steps 1, 2, 4, 7, 11, 16, 22, 29, 37, 45, 55, 65, ..." in lines[1]
     assert "overhead_budget=None to log every scheduled checkpoint" in lines[1]
 
@@ -91,9 +92,13 @@ def test_cheap_checkpoints_keep_the_whole_schedule(clock, tmp_path):
     assert [step for step, _, _ in costs] + [last] == spaced_steps(2000, 16)
 
 
-def test_without_a_budget_every_scheduled_checkpoint_is_logged(clock, tmp_path):
-    last, costs = train(clock, 102, 25.0, tmp_path, total_steps=102, overhead_budget=None)
+def test_without_a_budget_every_scheduled_checkpoint_is_logged(clock, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tb_convviz"):
+        last, costs = train(clock, 102, 25.0, tmp_path, total_steps=102, overhead_budget=None)
     assert [step for step, _, _ in costs] + [last] == spaced_steps(102, 16)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tb_convviz"]
+    assert len(lines) == 1 and "as long as 25 training steps" in lines[0]  # the cost, and nothing deferred
+    assert "overhead_budget=None logs every scheduled checkpoint; a fraction such as 0.1 keeps" in lines[0]
 
 
 def test_without_total_steps_a_due_checkpoint_waits_until_the_budget_affords_it(clock, tmp_path):
