@@ -68,8 +68,7 @@ class ProbeSource:
 
         def hook_for(name):
             def hook(_module, _inputs, output):
-                threshold = accumulator.threshold()
-                found[name] = peaks(output, None if threshold is None else threshold[slice(*self.spans[name])])
+                found[name] = peaks(output, accumulator.held(*self.spans[name], output.device))
                 if len(found) == len(self.layers):
                     raise _StopForward
             return hook

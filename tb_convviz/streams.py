@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tb_convviz.caller import user_stacklevel
+from tb_convviz.image_pool import ImagePool
 from tb_convviz.isolation import preserved
 from tb_convviz.model_call import autocast_enabled, autocast_off
 from tb_convviz.ranking import Agreement, Ranked, merge_ranks, rank, world
@@ -135,41 +136,6 @@ def _images_of(images_at: ImagesAt, args: tuple, kwargs: dict) -> Any:
     return images_at(args, kwargs)
 
 
-class ImagePool:
-    """Candidate images on the CPU, each held once (named by :func:`content_ids`), at most ``max_bytes`` in all."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.images: dict[int, torch.Tensor] = {}
-        self.labels: dict[int, int] = {}
-        self.bytes = 0
-
-    def add(self, keys: Sequence[int], images: torch.Tensor, rows: Sequence[int]) -> None:
-        """Hold ``images[rows]`` as ``keys``; from another device in one transfer."""
-        images = images.detach()
-        if images.device.type != "cpu":
-            images, rows = images[torch.tensor(rows, device=images.device)].cpu(), range(len(rows))
-        images = images.unbind(0)  # one call, not one per row
-        for key, row in zip(keys, rows):
-            if key not in self.images:
-                self.images[key] = image = images[row].clone(memory_format=torch.contiguous_format)
-                self.bytes += image.numel() * image.element_size()
-
-    def image(self, key: int) -> torch.Tensor:
-        return self.images[key]
-
-    def drop(self, keys: Iterable[int]) -> None:
-        for key in keys:
-            image = self.images.pop(key, None)
-            if image is not None:
-                self.bytes -= image.numel() * image.element_size()
-                self.labels.pop(key, None)
-
-    def keep(self, keys: set[int]) -> None:
-        """Let go of every image but ``keys``."""
-        self.drop([key for key in self.images if key not in keys])
-
-
 class StreamSource:
     """One stream (``mode`` "train" or "eval"): per unit of ``probe``'s layers, the top-k of the user's forwards.
 
@@ -215,12 +181,17 @@ class StreamSource:
         """Per unit, the value an image must reach to enter the top-k (ties go to the lower id)."""
         return self._topk.values[:, -1]
 
+    def held(self, layer: str) -> torch.Tensor:
+        """The values ``layer``'s units hold (``[units, k]``, -inf in free slots)."""
+        return self._topk.values[slice(*self.probe.spans[layer])]
+
     def observe(self, images: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None = None,
-                version: int | None = None) -> None:
+                version: int | None = None, spatial: torch.Tensor | None = None) -> None:
         """Rank a forward's ``[B, units]`` spatial maxima; images that enter some unit's top-k join the pool.
 
         ``version``: the forward scored its images as the re-scoring would, with the weights of
-        that state version, and ``positions`` holds the maxima's positions where they can enter.
+        that state version; ``positions`` holds the maxima's positions where :func:`peaks` found
+        them, on the units whose maps are ``spatial`` (``[units]`` bool).
         """
         if self._version is None:
             self._version = version
@@ -249,6 +220,10 @@ class StreamSource:
         candidates = TopK(values.masked_fill(~enter, float("-inf")).t(),
                           torch.tensor(ids, dtype=torch.int64, device=values.device), positions.t())
         self._topk, stays, left = _joined(self._topk, candidates, again=any(key in pool for key in ids))
+        if self._exact and spatial is not None and bool(
+                ((self._topk.position < 0) & (self._topk.image >= 0) & spatial.unsqueeze(1)).any()):
+            # A map without a position holds a slot (an image fed twice that scored differently): re-score.
+            self._exact = False
         new = [i for i in stays.nonzero().flatten().tolist() if ids[i] not in pool]
         self.pool.add([ids[i] for i in new], images, [rows[i] for i in new])
         self.pool.drop(key for key in left.tolist() if key not in self.winners)
@@ -273,12 +248,7 @@ class StreamSource:
         slot = torch.arange(k, device=held.device).expand_as(held)
         mask = held >= 0
         best = torch.full_like(keys, k).scatter_reduce(0, torch.searchsorted(keys, held[mask]), slot[mask], "amin")
-        dropped = []
-        for key in keys[best.argsort(descending=True, stable=True)].tolist():
-            if self.pool.bytes <= self.pool.max_bytes:
-                break
-            dropped.append(key)
-            self.pool.drop([key])
+        dropped = self.pool.evict(keys[best.argsort(descending=True, stable=True)].tolist())
         self._exact = False
         self.winners.difference_update(dropped)
         self._unscored.difference_update(dropped)
@@ -336,6 +306,8 @@ class StreamSource:
         self.commit(merged.topk)
         held = {key: (self.pool.images[key], self.pool.labels.get(key, -1)) for key in new if key in self.pool.images}
         if world() > 1:
+            # Each image on its own: a view would send its whole block.
+            held = {key: (image.clone(), label) for key, (image, label) in held.items()}
             # Rank 0 gets the new winners' pixels from whichever rank holds them: at most units x k images.
             shares = [None] * world() if rank() == 0 else None
             dist.gather_object(held, shares, dst=0)
@@ -477,10 +449,10 @@ class StreamHooks:
             with torch.no_grad():
                 out = output.detach()
                 if version is None:
-                    self._found[name] = (out.amax(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else out, None)
-                else:  # positions of the maxima that can enter (reach the threshold), as the probe pass finds them
-                    threshold = stream.threshold()[slice(*stream.probe.spans[name])]
-                    self._found[name] = peaks(out, threshold.nextafter(torch.tensor(float("-inf"))))
+                    self._found[name] = (out.amax(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else out, None,
+                                         None)
+                else:  # positions of the maxima that can hold a slot, as the probe pass finds them
+                    self._found[name] = (*peaks(out, stream.held(name)), out.dim() > 2)
         return hook
 
     def _end(self, _module, _args, _output) -> None:
@@ -489,14 +461,19 @@ class StreamHooks:
             return
         stream, images, version = current
         found = [self._found[n] for n in self.layers]
-        if any(len(values) != len(images) for values, _ in found):
+        if any(len(values) != len(images) for values, _, _ in found):
             stream.warn_once(f"a {stream.mode}-stream forward's layers saw another batch size than its images "
                              f"{tuple(images.shape)}; such forwards are not ranked (check stream_images=)")
             return
         with torch.no_grad():
-            stream.observe(images, torch.cat([values.float() for values, _ in found], dim=1),
-                           None if version is None else torch.cat([positions for _, positions in found], dim=1),
-                           version)
+            values = torch.cat([values.float() for values, _, _ in found], dim=1)
+            if version is None:
+                stream.observe(images, values)
+            else:
+                spatial = torch.cat([torch.full((values.shape[1],), flag, device=values.device)
+                                     for values, _, flag in found])
+                stream.observe(images, values, torch.cat([positions for _, positions, _ in found], dim=1), version,
+                               spatial)
         self._found, self.last = {}, stream
 
     def remove(self) -> None:

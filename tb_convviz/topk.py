@@ -46,26 +46,34 @@ class TopK:
                     torch.cat([a.position, b.position], dim=1))
 
 
-def peaks(activations: torch.Tensor, threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def peaks(activations: torch.Tensor, held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and unit of ``[B, C, ...]`` activations, the float32 spatial maximum and its first raster position.
 
-    Positions are found only where the maximum exceeds ``threshold`` (``[C]``; None:
-    everywhere), -1 elsewhere and for ``[B, C]`` inputs: ``amax`` is ~3x faster than ``max``
-    with indices (which is ~3x faster than ``argmax`` on the CPU), and after the first batches
-    few images can still enter a unit's top-k.
+    ``held``: the values a per-unit top-k holds before this batch (``[C, k]``, sorted, -inf in
+    free slots). Positions are then found only for the maps that can hold a slot after it, -1
+    elsewhere: ``amax`` is ~3x faster than ``max`` with indices (which is ~3x faster than
+    ``argmax`` on the CPU). Those maps reach the k-th best of ``held`` and the batch's maxima
+    where these k values differ, which makes them k different images even when a batch
+    repeats an image (its maps repeat its values); elsewhere ``held``'s k-th, which alone
+    serves once few maps reach it. So about ``C * k`` maps, not ``B * C``. None: positions
+    everywhere. -1 for ``[B, C]`` inputs.
     ``amax`` propagates NaN, so a value is NaN or +inf if any activation of it was.
     """
     if activations.dim() == 2:
         values = activations.float()
         return values, torch.full_like(values, -1, dtype=torch.int64)
-    if threshold is None:
+    if held is None:
         values, positions = activations.flatten(2).max(dim=2)
         return values.float(), positions
     # Reductions over the spatial dims, not a flattened view, which channels-last maps would copy.
     values = activations.amax(dim=tuple(range(2, activations.dim()))).float()
-    above = values > threshold
+    held = held.to(values.device)
+    above = values >= held[:, -1]
+    if int(above.sum()) > 2 * held.numel():  # a young top-k: the batch's own maxima make the bar
+        best = torch.cat([held, values.t()], dim=1).topk(held.shape[1], dim=1).values
+        above = values >= torch.where((best[:, :-1] > best[:, 1:]).all(dim=1), best[:, -1], held[:, -1])
     image, unit = above.nonzero(as_tuple=True)
-    if 2 * len(image) > values.numel():  # most maps: one pass over all is cheaper than gathering them
+    if 2 * len(image) > values.numel():  # most maps (ties): one pass over all is cheaper than gathering them
         return values, activations.flatten(2).max(dim=2).indices.masked_fill(~above, -1)
     positions = torch.full_like(values, -1, dtype=torch.int64)
     positions[image, unit] = activations[image, unit].flatten(1).max(dim=1).indices
@@ -137,13 +145,15 @@ class TopKAccumulator:
         self.not_finite: torch.Tensor | None = None
         self._seen = 0
 
-    def threshold(self) -> torch.Tensor | None:
-        """Per unit, the value a new image must exceed to enter (ties go to earlier images); None while slots are free."""
-        return self.result.values[:, -1] if self.result is not None and self._seen >= self.k else None
+    def held(self, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        """The values units ``lo:hi`` hold so far (``[hi - lo, k]``, -inf in free slots), for :func:`peaks`."""
+        if self.result is None:
+            return torch.full((hi - lo, self.k), float("-inf"), device=device)
+        return self.result.values[lo:hi]
 
     def update(self, activations: torch.Tensor, first_image: int) -> None:
         """Add a batch of activations whose images are ``first_image ..``, after all earlier ones."""
-        self.add(*peaks(activations, self.threshold()), first_image)
+        self.add(*peaks(activations, self.held(0, activations.shape[1], activations.device)), first_image)
 
     def add(self, values: torch.Tensor, positions: torch.Tensor, first_image: int | torch.Tensor) -> None:
         """Add :func:`peaks` ``[B, units]`` of images ``first_image .. first_image + B - 1``, after all earlier ones.

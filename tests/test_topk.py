@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tb_convviz.topk import TopK, TopKAccumulator, merge
+from tb_convviz.topk import TopK, TopKAccumulator, merge, peaks
 
 
 def brute_force(acts: np.ndarray, k: int):
@@ -97,3 +97,28 @@ def test_channels_last_and_3d_maps_equal_full_sort():
     got = accumulate(torch.from_numpy(volume), 3, batch=4)
     values, images, positions = brute_force(volume, 3)
     assert np.array_equal(got.values.numpy(), values) and np.array_equal(got.position.numpy(), positions)
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 12), c=st.integers(1, 5), hw=st.integers(1, 4), k=st.integers(1, 6),
+       levels=st.sampled_from([3, 1000]), data=st.data())
+def test_peaks_positions_every_map_that_can_hold_a_slot(b, c, hw, k, levels, data):
+    """With a top-k already held and a batch that repeats images, as the streams feed it."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    distinct = data.draw(st.integers(1, b))
+    base = rng.integers(0, levels, size=(distinct, c, hw, hw + 1)).astype(np.float32)
+    rows = rng.integers(0, distinct, size=b)
+    acts = torch.from_numpy(base[rows])
+    held_n = data.draw(st.integers(0, k))
+    held = np.full((c, k), -np.inf, dtype=np.float32)
+    held[:, :held_n] = -np.sort(-rng.integers(0, levels, size=(c, held_n)), axis=1)
+    values, positions = peaks(acts, torch.from_numpy(held))
+    flat = acts.flatten(2)
+    np.testing.assert_array_equal(values.numpy(), flat.amax(dim=2).numpy())
+    first = flat.max(dim=2).indices.numpy()
+    # The k-th best over the held images and the batch's distinct images.
+    candidates = np.concatenate([held, flat.amax(dim=2)[np.unique(rows, return_index=True)[1]].numpy().T], axis=1)
+    kth = -np.sort(-candidates, axis=1)[:, k - 1]
+    can_hold = values.numpy() >= kth
+    np.testing.assert_array_equal(positions.numpy()[can_hold], first[can_hold])
+    assert ((positions.numpy() == -1) | (positions.numpy() == first)).all()
