@@ -59,7 +59,7 @@ class ConvVizLogger:
     or eval-mode forwards, re-scored at each checkpoint as probe images are, and records their
     top-k beside the probe's. The images are the model's first positional argument (or the one
     ``forward`` passes the probe batch in), else ``stream_images``: an argument position, a
-    keyword, or ``images(args, kwargs)``. Candidates wait on the CPU, ``stream_pool_bytes`` at most.
+    keyword, or ``images(args, kwargs)``. Candidates wait on the CPU, ``stream_pool_bytes`` at most per stream.
     ``overhead_budget`` (a fraction, None for no limit) defers or thins the scheduled checkpoints
     of ``maybe_log`` so that they take at most that share of training's wall time (see ``budget``).
     """
