@@ -46,7 +46,7 @@ class TopK:
                     torch.cat([a.position, b.position], dim=1))
 
 
-def peaks(activations: torch.Tensor, held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def peaks(activations: torch.Tensor, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and unit of ``[B, C, ...]`` activations, the float32 spatial maximum and its first raster position.
 
     ``held``: the values a per-unit top-k holds before this batch (``[C, k]``, sorted, -inf in
@@ -55,16 +55,13 @@ def peaks(activations: torch.Tensor, held: torch.Tensor | None = None) -> tuple[
     ``argmax`` on the CPU). Those maps reach the k-th best of ``held`` and the batch's maxima
     where these k values differ, which makes them k different images even when a batch
     repeats an image (its maps repeat its values); elsewhere ``held``'s k-th, which alone
-    serves once few maps reach it. So about ``C * k`` maps, not ``B * C``. None: positions
-    everywhere. -1 for ``[B, C]`` inputs.
+    serves once few maps reach it. So about ``C * k`` maps, not ``B * C``. -1 for ``[B, C]``
+    inputs.
     ``amax`` propagates NaN, so a value is NaN or +inf if any activation of it was.
     """
     if activations.dim() == 2:
         values = activations.float()
         return values, torch.full_like(values, -1, dtype=torch.int64)
-    if held is None:
-        values, positions = activations.flatten(2).max(dim=2)
-        return values.float(), positions
     # Reductions over the spatial dims, not a flattened view, which channels-last maps would copy.
     values = activations.amax(dim=tuple(range(2, activations.dim()))).float()
     held = held.to(values.device)
