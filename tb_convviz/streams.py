@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import struct
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
@@ -28,7 +27,7 @@ from tb_convviz.ranking import Agreement, Ranked, merge_ranks, rank, world
 from tb_convviz.records import StreamRecords
 from tb_convviz.sources import ProbeSource
 from tb_convviz.state_version import state_tensors, state_version
-from tb_convviz.topk import TopK, distinct, merge, peaks
+from tb_convviz.topk import TopK, distinct, entry_bar, merge, peak_positions, peak_values
 from tb_convviz.warning import ConvVizWarning
 
 STREAMS = ("train", "eval")
@@ -91,13 +90,23 @@ def content_ids(images: torch.Tensor) -> list[int]:
     sums = sum(_forms(data[:, lo:lo + _BYTES].contiguous(), coefficients[lo:lo + _BYTES])
                for lo in range(0, data.shape[1], _BYTES))
     salt = repr((images.dtype, tuple(images.shape[1:]))).encode()
-    return [int.from_bytes(hashlib.blake2b(salt + struct.pack(f"<{_FORMS}q", *row), digest_size=8).digest(),
-                           "little") >> 1 for row in sums.tolist()]
+    forms = sums.cpu().numpy().astype("<i8").tobytes()
+    size = 8 * _FORMS
+    return [int.from_bytes(hashlib.blake2b(salt + forms[at:at + size], digest_size=8).digest(), "little") >> 1
+            for at in range(0, len(forms), size)]
 
 
 def content_id(image: torch.Tensor) -> int:
     """One image's :func:`content_ids`."""
     return content_ids(image.unsqueeze(0))[0]
+
+
+def _ids_of(images: torch.Tensor, rows: torch.Tensor) -> list[int]:
+    """:func:`content_ids` of ``images[rows]``: all of them hashed where most are wanted, instead of a copy."""
+    if 2 * len(rows) > len(images):
+        ids = content_ids(images)
+        return ids if len(rows) == len(images) else [ids[row] for row in rows.tolist()]
+    return content_ids(images[rows.to(images.device)])
 
 
 def locate_images(net: nn.Module, call: Callable[[torch.Tensor], Any], sample: torch.Tensor,
@@ -165,6 +174,7 @@ class StreamSource:
         # Whether every record of the window came from a forward that scored as the re-scoring
         # would, with the weights of state version _version; and the winners no such forward scored.
         self._exact, self._version, self._unscored = self.exact_forwards, None, set(self.winners)
+        self._fed_winners: set[int] = set()
 
     def scored_version(self, images: torch.Tensor) -> int | None:
         """The model's state version if a forward of ``images`` now scores them exactly as the re-scoring would."""
@@ -177,38 +187,43 @@ class StreamSource:
             return None
         return state_version(tensors)
 
-    def threshold(self) -> torch.Tensor:
-        """Per unit, the value an image must reach to enter the top-k (ties go to the lower id)."""
-        return self._topk.values[:, -1]
-
     def held(self, layer: str) -> torch.Tensor:
         """The values ``layer``'s units hold (``[units, k]``, -inf in free slots)."""
         return self._topk.values[slice(*self.probe.spans[layer])]
 
-    def observe(self, images: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None = None,
-                version: int | None = None, spatial: torch.Tensor | None = None) -> None:
+    def observe(self, images: torch.Tensor, values: torch.Tensor, bar: torch.Tensor,
+                positions: torch.Tensor | None = None, version: int | None = None,
+                spatial: torch.Tensor | None = None) -> None:
         """Rank a forward's ``[B, units]`` spatial maxima; images that enter some unit's top-k join the pool.
 
-        ``version``: the forward scored its images as the re-scoring would, with the weights of
-        that state version; ``positions`` holds the maxima's positions where :func:`peaks` found
-        them, on the units whose maps are ``spatial`` (``[units]`` bool).
+        ``bar``: per unit, the :func:`~tb_convviz.topk.entry_bar` of the batch. ``version``: the
+        forward scored its images as the re-scoring would, with the weights of that state
+        version; ``positions`` then holds the positions of the maxima that reach ``bar``, on
+        the units whose maps are ``spatial`` (``[units]`` bool).
         """
         if self._version is None:
             self._version = version
-        if version is None or version != self._version or not bool(values.isfinite().all()):
+        # The sum is finite only if every value is: an overflow only costs a re-scoring.
+        if version is None or version != self._version or not bool(values.sum().isfinite()):
             self._exact = False
-        values = values.float().masked_fill(values.isnan(), float("-inf"))
-        enter = values >= self.threshold()
-        rows = enter.any(dim=1).nonzero().flatten().tolist()
+        enter = values >= bar  # NaN enters nowhere
+        rows = enter.any(dim=1).nonzero().flatten()
+        ids = _ids_of(images, rows)
+        if len(set(ids)) < len(ids):
+            # An image fed twice may have set the batch's part of the bar (in training mode its
+            # maps differ): the bar of the images held alone. Maps between the two bars have no
+            # position; if one holds a slot, the checkpoint re-scores (below).
+            enter = values >= self._topk.values[:, -1]
+            rows = enter.any(dim=1).nonzero().flatten()
+            ids = _ids_of(images, rows)
         self.last_ids = []
-        if not rows:
+        if not ids:
             return
-        chosen = images
+        rows = rows.tolist()
         if len(rows) < len(images):
             index = torch.tensor(rows, device=values.device)
-            chosen, values, enter = images[index.to(images.device)], values[index], enter[index]
+            values, enter = values[index], enter[index]
             positions = positions[index] if positions is not None else None
-        ids = content_ids(chosen)
         positions = positions if positions is not None else torch.full_like(values, -1, dtype=torch.int64)
         keep = _merge_repeats(ids, values, positions, enter)
         if version is not None:
@@ -216,17 +231,20 @@ class StreamSource:
         if len(keep) < len(ids):
             ids, rows, values, enter, positions = ([ids[i] for i in keep], [rows[i] for i in keep], values[keep],
                                                    enter[keep], positions[keep])
-        pool = self.pool.images
+        pool, winners = self.pool.images, self.winners
+        # Only images in the top-k can be seen again: pool images but the winners not fed since the window opened.
+        again = any(key in pool and (key not in winners or key in self._fed_winners) for key in ids)
+        self._fed_winners.update(key for key in ids if key in winners)
         candidates = TopK(values.masked_fill(~enter, float("-inf")).t(),
                           torch.tensor(ids, dtype=torch.int64, device=values.device), positions.t())
-        self._topk, stays, left = _joined(self._topk, candidates, again=any(key in pool for key in ids))
+        self._topk, stays, left = _joined(self._topk, candidates, again=again)
         if self._exact and spatial is not None and bool(
                 ((self._topk.position < 0) & (self._topk.image >= 0) & spatial.unsqueeze(1)).any()):
             # A map without a position holds a slot (an image fed twice that scored differently): re-score.
             self._exact = False
         new = [i for i in stays.nonzero().flatten().tolist() if ids[i] not in pool]
         self.pool.add([ids[i] for i in new], images, [rows[i] for i in new])
-        self.pool.drop(key for key in left.tolist() if key not in self.winners)
+        self.pool.drop(key for key in left.tolist() if key not in winners)
         self.last_ids = [(row, key) for row, key in zip(rows, ids) if key in pool]
         if self.pool.bytes > self.pool.max_bytes:
             self._bound()
@@ -448,11 +466,11 @@ class StreamHooks:
             stream, _, version = self._current
             with torch.no_grad():
                 out = output.detach()
-                if version is None:
-                    self._found[name] = (out.amax(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else out, None,
-                                         None)
-                else:  # positions of the maxima that can hold a slot, as the probe pass finds them
-                    self._found[name] = (*peaks(out, stream.held(name)), out.dim() > 2)
+                values = peak_values(out)
+                bar = entry_bar(values, stream.held(name))
+                # Positions of the maxima that can hold a slot, as the probe pass finds them.
+                positions = peak_positions(out, values, bar) if version is not None else None
+                self._found[name] = (values, bar, positions, out.dim() > 2)
         return hook
 
     def _end(self, _module, _args, _output) -> None:
@@ -461,19 +479,20 @@ class StreamHooks:
             return
         stream, images, version = current
         found = [self._found[n] for n in self.layers]
-        if any(len(values) != len(images) for values, _, _ in found):
+        if any(len(values) != len(images) for values, *_ in found):
             stream.warn_once(f"a {stream.mode}-stream forward's layers saw another batch size than its images "
                              f"{tuple(images.shape)}; such forwards are not ranked (check stream_images=)")
             return
         with torch.no_grad():
-            values = torch.cat([values.float() for values, _, _ in found], dim=1)
+            values = torch.cat([values for values, *_ in found], dim=1)
+            bar = torch.cat([bar for _, bar, _, _ in found])
             if version is None:
-                stream.observe(images, values)
+                stream.observe(images, values, bar)
             else:
-                spatial = torch.cat([torch.full((values.shape[1],), flag, device=values.device)
-                                     for values, _, flag in found])
-                stream.observe(images, values, torch.cat([positions for _, positions, _ in found], dim=1), version,
-                               spatial)
+                spatial = torch.cat([torch.full((len(bar),), flag, device=values.device)
+                                     for _, bar, _, flag in found])
+                stream.observe(images, values, bar, torch.cat([positions for _, _, positions, _ in found], dim=1),
+                               version, spatial)
         self._found, self.last = {}, stream
 
     def remove(self) -> None:

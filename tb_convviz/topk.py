@@ -50,31 +50,56 @@ def peaks(activations: torch.Tensor, held: torch.Tensor) -> tuple[torch.Tensor, 
     """Per image and unit of ``[B, C, ...]`` activations, the float32 spatial maximum and its first raster position.
 
     ``held``: the values a per-unit top-k holds before this batch (``[C, k]``, sorted, -inf in
-    free slots). Positions are then found only for the maps that can hold a slot after it, -1
+    free slots). Positions are found only for the maps that reach :func:`entry_bar`, -1
     elsewhere: ``amax`` is ~3x faster than ``max`` with indices (which is ~3x faster than
-    ``argmax`` on the CPU). Those maps reach the k-th best of ``held`` and the batch's maxima
-    where these k values differ, which makes them k different images even when a batch
-    repeats an image (its maps repeat its values); elsewhere ``held``'s k-th, which alone
-    serves once few maps reach it. So about ``C * k`` maps, not ``B * C``. -1 for ``[B, C]``
-    inputs.
+    ``argmax`` on the CPU). -1 for ``[B, C]`` inputs.
+    """
+    values = peak_values(activations)
+    return values, peak_positions(activations, values, entry_bar(values, held))
+
+
+def peak_values(activations: torch.Tensor) -> torch.Tensor:
+    """Per image and unit of ``[B, C, ...]`` activations, the float32 spatial maximum (``[B, C]`` as they are).
+
     ``amax`` propagates NaN, so a value is NaN or +inf if any activation of it was.
     """
     if activations.dim() == 2:
-        values = activations.float()
-        return values, torch.full_like(values, -1, dtype=torch.int64)
+        return activations.float()
     # Reductions over the spatial dims, not a flattened view, which channels-last maps would copy.
-    values = activations.amax(dim=tuple(range(2, activations.dim()))).float()
+    return activations.amax(dim=tuple(range(2, activations.dim()))).float()
+
+
+def entry_bar(values: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """Per unit, the least value with which a map of this batch's ``[B, C]`` maxima can hold a slot (``[C]``).
+
+    A value below ``held``'s k-th is beaten by k images held, one below the batch's own k-th
+    by k of the batch's maps. Those maps are k different images where the k values differ and
+    the batch holds no image twice, so the batch's k-th serves only where the values differ (an
+    image fed twice in eval mode repeats its values); a caller whose batch may repeat an image
+    that scored differently checks its ids. Once ``held`` is full, few maps reach its k-th:
+    the batch's is needed only while ``held`` has free slots. About ``C * k`` maps reach the
+    bar, not ``B * C``.
+    """
     held = held.to(values.device)
-    above = values >= held[:, -1]
-    if int(above.sum()) > 2 * held.numel():  # a young top-k: the batch's own maxima make the bar
-        best = torch.cat([held, values.t()], dim=1).topk(held.shape[1], dim=1).values
-        above = values >= torch.where((best[:, :-1] > best[:, 1:]).all(dim=1), best[:, -1], held[:, -1])
+    k = held.shape[1]
+    bar = held[:, -1]
+    if len(values) >= k and bool(bar.isneginf().any()):
+        best = values.t().topk(k, dim=1).values
+        bar = torch.where((best[:, :-1] > best[:, 1:]).all(dim=1), torch.maximum(bar, best[:, -1]), bar)
+    return bar
+
+
+def peak_positions(activations: torch.Tensor, values: torch.Tensor, bar: torch.Tensor) -> torch.Tensor:
+    """The first raster positions of the :func:`peak_values` ``values`` that reach ``bar`` (``[C]``), -1 elsewhere."""
+    if activations.dim() == 2:
+        return torch.full_like(values, -1, dtype=torch.int64)
+    above = values >= bar
     image, unit = above.nonzero(as_tuple=True)
     if 2 * len(image) > values.numel():  # most maps (ties): one pass over all is cheaper than gathering them
-        return values, activations.flatten(2).max(dim=2).indices.masked_fill(~above, -1)
+        return activations.flatten(2).max(dim=2).indices.masked_fill(~above, -1)
     positions = torch.full_like(values, -1, dtype=torch.int64)
     positions[image, unit] = activations[image, unit].flatten(1).max(dim=1).indices
-    return values, positions
+    return positions
 
 
 def emptied(topk: TopK, units: torch.Tensor) -> TopK:

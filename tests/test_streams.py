@@ -1,6 +1,7 @@
 """Training and validation streams: exact against a brute-force top-k over the images fed, and harmless."""
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 from torch import nn
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
-from tb_convviz.streams import _coefficients, _forms, content_id, content_ids
+from tb_convviz.streams import StreamSource, _coefficients, _forms, content_id, content_ids
+from tb_convviz.topk import entry_bar
 
 K = 3
 LAYERS = ["conv1", "relu2"]
@@ -397,3 +399,16 @@ def test_content_ids_are_exact_hashes_of_the_pixels_whatever_the_layout_and_batc
     data = x.flatten(1).view(torch.int8)
     coefficients = _coefficients(data.shape[1], data.device)
     assert torch.equal(_forms(data, coefficients), data.long() @ coefficients.long())
+
+
+def test_an_image_fed_twice_that_scores_differently_does_not_keep_others_out():
+    """Its two maps may be a batch's two best: they are one image, so the third image still holds a slot."""
+    probe = SimpleNamespace(spans={"layer": (0, 1)}, layers=["layer"], k=2, device=torch.device("cpu"))
+    stream = StreamSource("train", probe, 0, pool_bytes=1 << 20)
+    twice, *others = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(17))
+    images = torch.stack([twice, twice, *others])
+    values = torch.tensor([[5.0], [4.0], [3.0], [2.0], [1.0], [0.5]])  # training mode: the same image's maps differ
+    stream.observe(images, values, entry_bar(values, stream.held("layer")))
+    assert stream.held("layer").tolist() == [[5.0, 3.0]]
+    assert stream._topk.image.tolist() == [[content_id(twice), content_id(others[0])]]
+    assert set(stream.pool.images) == {content_id(twice), content_id(others[0])}
