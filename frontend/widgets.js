@@ -350,11 +350,12 @@ export function closeDialogs() {
 
 /** A modal with the whole probe image and the record's receptive-field box (`source`: as for showZoom). */
 export function showProbeImage({ run, layer, step, unit, record, source = undefined }) {
-  const noun = imageNoun(source ?? currentSource());
+  const whose = source ?? currentSource();
+  const noun = imageNoun(whose);
   const img = fitImage(h("img", {
     class: "cv-probe-image",
     src: probeImageUrl(run, layer.name, step, unit, record.rank, record.image, null, source),
-    alt: `${capitalized(noun)} ${record.image} with the receptive fields of ${recordAlt(unit, step, record, source ?? currentSource())}`,
+    alt: `${capitalized(noun)} ${record.image} with the receptive fields of ${recordAlt(unit, step, record, whose)}`,
   }), 320);
   const overlay = hasProjection(layer, step, record.rank) ? firesToggle((on) => {
     img.src = probeImageUrl(run, layer.name, step, unit, record.rank, record.image, on ? "projection" : null, source);

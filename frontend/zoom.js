@@ -70,12 +70,13 @@ export function showZoom({ run, layer, step, unit, records, highlight = [], side
   const draw = (size) => {
     shown = size;
     const { pw, ph } = mosaicGeometry(layer, size);
+    const whose = source ?? currentSource();
     fill(grid, records.map((r) => h("figure", { class: marked.has(r.rank) ? "cv-zoom-patch cv-shared" : "cv-zoom-patch" },
       h("button", {
-        type: "button", class: "cv-zoom-open", title: `${recordTip(r, step, unit, source ?? currentSource())}\nClick: the whole ${imageNoun(source ?? currentSource())}`,
+        type: "button", class: "cv-zoom-open", title: `${recordTip(r, step, unit, whose)}\nClick: the whole ${imageNoun(whose)}`,
         onclick: () => showProbeImage({ run, layer, step, unit, record: r, source }),
       }, h("img", {
-        class: "cv-pixelated", alt: recordAlt(unit, step, r, source ?? currentSource()),
+        class: "cv-pixelated", alt: recordAlt(unit, step, r, whose),
         src: patchUrl(run, layer.name, step, unit, r.rank, size, fires && hasProjection(layer, step, r.rank) ? "projection" : null, source),
         width: pw, height: ph,
       })),
