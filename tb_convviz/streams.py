@@ -171,6 +171,7 @@ class StreamSource:
         self.winners = set(winners)
         self.pool.keep(self.winners)
         self._topk = TopK.empty(self.units, self.probe.k, self.probe.device)
+        self._full = False  # every unit holds k images
         # Whether every record of the window came from a forward that scored as the re-scoring
         # would, with the weights of state version _version; and the winners no such forward scored.
         self._exact, self._version, self._unscored = self.exact_forwards, None, set(self.winners)
@@ -187,16 +188,18 @@ class StreamSource:
             return None
         return state_version(tensors)
 
-    def held(self, layer: str) -> torch.Tensor:
-        """The values ``layer``'s units hold (``[units, k]``, -inf in free slots)."""
-        return self._topk.values[slice(*self.probe.spans[layer])]
+    def bar(self, layer: str, values: torch.Tensor) -> torch.Tensor:
+        """Per unit of ``layer``, the :func:`~tb_convviz.topk.entry_bar` of a forward's ``[B, units]`` maxima."""
+        held = self._topk.values[slice(*self.probe.spans[layer])]
+        # Once no slot is free the bar is the held k-th: the batch's own k-th cannot raise it.
+        return held[:, -1] if self._full else entry_bar(values, held)
 
     def observe(self, images: torch.Tensor, values: torch.Tensor, bar: torch.Tensor,
                 positions: torch.Tensor | None = None, version: int | None = None,
                 spatial: torch.Tensor | None = None) -> None:
         """Rank a forward's ``[B, units]`` spatial maxima; images that enter some unit's top-k join the pool.
 
-        ``bar``: per unit, the :func:`~tb_convviz.topk.entry_bar` of the batch. ``version``: the
+        ``bar``: per unit, the :meth:`bar` of the batch. ``version``: the
         forward scored its images as the re-scoring would, with the weights of that state
         version; ``positions`` then holds the positions of the maxima that reach ``bar``, on
         the units whose maps are ``spatial`` (``[units]`` bool).
@@ -238,6 +241,8 @@ class StreamSource:
         candidates = TopK(values.masked_fill(~enter, float("-inf")).t(),
                           torch.tensor(ids, dtype=torch.int64, device=values.device), positions.t())
         self._topk, stays, left = _joined(self._topk, candidates, again=again)
+        if not self._full:
+            self._full = bool((self._topk.image[:, -1] >= 0).all())
         if self._exact and spatial is not None and bool(
                 ((self._topk.position < 0) & (self._topk.image >= 0) & spatial.unsqueeze(1)).any()):
             # A map without a position holds a slot (an image fed twice that scored differently): re-score.
@@ -273,6 +278,7 @@ class StreamSource:
         gone = torch.isin(held, torch.tensor(dropped, dtype=torch.int64, device=held.device))
         self._topk = merge(TopK(self._topk.values.masked_fill(gone, float("-inf")), held.masked_fill(gone, -1),
                                 self._topk.position.masked_fill(gone, -1)), TopK.empty(self.units, 0, held.device))
+        self._full = bool((self._topk.image[:, -1] >= 0).all())
 
     def local(self) -> Ranked:
         """This rank's window re-scored in eval mode as the probe pass scores probe images (ids: content ids).
@@ -467,7 +473,7 @@ class StreamHooks:
             with torch.no_grad():
                 out = output.detach()
                 values = peak_values(out)
-                bar = entry_bar(values, stream.held(name))
+                bar = stream.bar(name, values)
                 # Positions of the maxima that can hold a slot, as the probe pass finds them.
                 positions = peak_positions(out, values, bar) if version is not None else None
                 self._found[name] = (values, bar, positions, out.dim() > 2)

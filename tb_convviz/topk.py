@@ -94,12 +94,16 @@ def peak_positions(activations: torch.Tensor, values: torch.Tensor, bar: torch.T
     if activations.dim() == 2:
         return torch.full_like(values, -1, dtype=torch.int64)
     above = values >= bar
-    image, unit = above.nonzero(as_tuple=True)
-    if 2 * len(image) > values.numel():  # most maps (ties): one pass over all is cheaper than gathering them
+    at = above.flatten().nonzero().flatten()  # image * C + unit
+    if 2 * len(at) > values.numel():  # most maps (ties): one pass over all is cheaper than gathering them
         return activations.flatten(2).max(dim=2).indices.masked_fill(~above, -1)
-    positions = torch.full_like(values, -1, dtype=torch.int64)
-    positions[image, unit] = activations[image, unit].flatten(1).max(dim=1).indices
-    return positions
+    if activations.is_contiguous():  # whole maps copied row by row, not element by element
+        maps = activations.flatten(0, 1).index_select(0, at)
+    else:
+        maps = activations[at // values.shape[1], at % values.shape[1]]
+    positions = torch.full((values.numel(),), -1, dtype=torch.int64, device=values.device)
+    positions[at] = maps.flatten(1).max(dim=1).indices
+    return positions.view_as(values)
 
 
 def emptied(topk: TopK, units: torch.Tensor) -> TopK:

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tb_convviz import ConvVizLogger, ProbeSet, read_run
 from tb_convviz.streams import StreamSource, _coefficients, _forms, content_id, content_ids
-from tb_convviz.topk import entry_bar
 
 K = 3
 LAYERS = ["conv1", "relu2"]
@@ -408,7 +409,36 @@ def test_an_image_fed_twice_that_scores_differently_does_not_keep_others_out():
     twice, *others = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(17))
     images = torch.stack([twice, twice, *others])
     values = torch.tensor([[5.0], [4.0], [3.0], [2.0], [1.0], [0.5]])  # training mode: the same image's maps differ
-    stream.observe(images, values, entry_bar(values, stream.held("layer")))
-    assert stream.held("layer").tolist() == [[5.0, 3.0]]
+    stream.observe(images, values, stream.bar("layer", values))
+    assert stream._topk.values.tolist() == [[5.0, 3.0]]
     assert stream._topk.image.tolist() == [[content_id(twice), content_id(others[0])]]
     assert set(stream.pool.images) == {content_id(twice), content_id(others[0])}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), k=st.integers(1, 4), units=st.integers(1, 5), levels=st.integers(1, 4),
+       sizes=st.lists(st.integers(1, 9), min_size=1, max_size=6))
+def test_forwards_ranked_one_by_one_equal_a_brute_force_top_k(seed, k, units, levels, sizes):
+    """Few value levels (ties everywhere, as dead units give), images fed again with other values: each image's best."""
+    g = torch.Generator().manual_seed(seed)
+    probe = SimpleNamespace(spans={"a": (0, units // 2), "b": (units // 2, units)}, layers=["a", "b"], k=k,
+                            device=torch.device("cpu"))
+    stream = StreamSource("train", probe, 0, pool_bytes=1 << 20)
+    images = torch.rand(8, 1, 2, 2, generator=g)
+    ids = content_ids(images)
+    best: dict[tuple[int, int], float] = {}
+    for size in sizes:
+        rows = torch.randint(0, len(images), (size,), generator=g)  # an image may come twice in one batch
+        values = torch.randint(0, levels, (size, units), generator=g).float()
+        bars = [stream.bar(name, values[:, lo:hi]) for name, (lo, hi) in probe.spans.items()]
+        stream.observe(images[rows], values, torch.cat(bars))
+        for row, image in enumerate(rows.tolist()):
+            for unit in range(units):
+                key = (unit, ids[image])
+                best[key] = max(best.get(key, float("-inf")), float(values[row, unit]))
+    for unit in range(units):
+        ranked = sorted((-value, key) for (u, key), value in best.items() if u == unit)[:k]
+        ranked += [(float("inf"), -1)] * (k - len(ranked))
+        assert stream._topk.values[unit].tolist() == [-value for value, _ in ranked]
+        assert stream._topk.image[unit].tolist() == [key for _, key in ranked]
+    assert set(stream.pool.images) == {key for key in stream._topk.image.flatten().tolist() if key >= 0}
