@@ -9,14 +9,18 @@
   same pass fed twice with no checkpoint between (a user who validates twice), the second timed;
 * a checkpoint with both streams ÷ the same checkpoint without (1024 probe images, no
   projections), after a window of training steps and a validation pass;
-* the streams' pool after that window, and the peak extra memory of the checkpoints.
+* the streams' pool after that window, and the peak extra memory of the checkpoints;
+* with ``--floor``, the demo's validation pass once more with the eval stream's hooks cut to
+  what any exact ranking by content needs: the spatial maximum of every logged map, then also
+  the content hash of every image (none of the bars, positions, merges or copies).
 
-    python benchmarks/streams.py [--repeats 5] [--json]
+    python benchmarks/streams.py [--repeats 5] [--floor] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -28,6 +32,8 @@ import torchvision
 from overhead import peak_extra, timed
 from tb_convviz import ConvVizLogger, ProbeSet
 from tb_convviz.demo.model import DemoAlexNet
+from tb_convviz.streams import StreamHooks, content_ids
+from tb_convviz.topk import peak_values
 
 NEVER = 10 ** 9  # a schedule step no benchmark reaches: only the streams' hooks run
 VALIDATION_IMAGES = 2048  # the demo's test set: 2,000 images
@@ -103,6 +109,30 @@ def validation_ratio(model, layers, repeats, probe, *, fed_again: bool) -> float
     return ratio
 
 
+@contextlib.contextmanager
+def floor(*, hashes: bool):
+    """Stream hooks built inside keep only every logged map's spatial maximum (and, ``hashes``, every image's id)."""
+    layer, end = StreamHooks._layer, StreamHooks._end
+
+    def floor_layer(self, name):
+        def hook(_module, _inputs, output):
+            if self._current is not None:
+                with torch.no_grad():
+                    self._found[name] = peak_values(output.detach())
+        return hook
+
+    def floor_end(self, *_):
+        current, self._current, self._found = self._current, None, {}
+        if current is not None and hashes:
+            content_ids(current[1])
+
+    StreamHooks._layer, StreamHooks._end = floor_layer, floor_end
+    try:
+        yield
+    finally:
+        StreamHooks._layer, StreamHooks._end = layer, end
+
+
 def checkpoint(repeats: int, probe) -> dict:
     """Checkpoint with both streams ÷ without, after a window of 8 training steps and 1024 validation images."""
     torch.manual_seed(0)
@@ -141,6 +171,8 @@ def checkpoint(repeats: int, probe) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--floor", action="store_true",
+                        help="also the demo's validation pass with hooks that take only maxima (and hashes)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the text")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -160,6 +192,13 @@ def main() -> None:
                                                         probe, fed_again=True)
     say(f"  the same pass fed again, no checkpoint between            : "
         f"{out['validation_fed_again_demo']:6.3f}")
+    if args.floor:
+        for name, hashes, what in (("maxima", False, "spatial maxima alone"),
+                                   ("maxima_and_hashes", True, "maxima and content hashes")):
+            with floor(hashes=hashes):
+                out[f"validation_demo_floor_{name}"] = validation_ratio(
+                    DemoAlexNet(), DemoAlexNet.LOGGED_LAYERS, args.repeats, probe, fed_again=False)
+            say(f"  the same pass, hooks cut to {what:30s}: {out[f'validation_demo_floor_{name}']:6.3f}")
     out["validation_resnet18"] = validation_ratio(torchvision.models.resnet18(num_classes=10), resnet_layers,
                                                   args.repeats, probe, fed_again=False)
     say(f"validation pass, stream='eval' / without, resnet18 64px      : {out['validation_resnet18']:6.3f}  (target <= 1.05)")
