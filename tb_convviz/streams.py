@@ -199,10 +199,10 @@ class StreamSource:
                 spatial: torch.Tensor | None = None) -> None:
         """Rank a forward's ``[B, units]`` spatial maxima; images that enter some unit's top-k join the pool.
 
-        ``bar``: per unit, the :meth:`bar` of the batch. ``version``: the
-        forward scored its images as the re-scoring would, with the weights of that state
-        version; ``positions`` then holds the positions of the maxima that reach ``bar``, on
-        the units whose maps are ``spatial`` (``[units]`` bool).
+        ``bar``: per unit, the :meth:`bar` of the batch. ``version``: the forward scored its
+        images as the re-scoring would, with the weights of that state version; ``positions``
+        then holds the positions of the maxima that reach ``bar``, on the units whose maps are
+        ``spatial`` (``[units]`` bool).
         """
         if self._version is None:
             self._version = version
@@ -222,11 +222,10 @@ class StreamSource:
         self.last_ids = []
         if not ids:
             return
-        rows = rows.tolist()
         if len(rows) < len(images):
-            index = torch.tensor(rows, device=values.device)
-            values, enter = values[index], enter[index]
-            positions = positions[index] if positions is not None else None
+            values, enter = values[rows], enter[rows]
+            positions = positions[rows] if positions is not None else None
+        rows = rows.tolist()
         positions = positions if positions is not None else torch.full_like(values, -1, dtype=torch.int64)
         keep = _merge_repeats(ids, values, positions, enter)
         if version is not None:
@@ -242,7 +241,7 @@ class StreamSource:
                           torch.tensor(ids, dtype=torch.int64, device=values.device), positions.t())
         self._topk, stays, left = _joined(self._topk, candidates, again=again)
         if not self._full:
-            self._full = bool((self._topk.image[:, -1] >= 0).all())
+            self._note_full()
         if self._exact and spatial is not None and bool(
                 ((self._topk.position < 0) & (self._topk.image >= 0) & spatial.unsqueeze(1)).any()):
             # A map without a position holds a slot (an image fed twice that scored differently): re-score.
@@ -278,6 +277,9 @@ class StreamSource:
         gone = torch.isin(held, torch.tensor(dropped, dtype=torch.int64, device=held.device))
         self._topk = merge(TopK(self._topk.values.masked_fill(gone, float("-inf")), held.masked_fill(gone, -1),
                                 self._topk.position.masked_fill(gone, -1)), TopK.empty(self.units, 0, held.device))
+        self._note_full()
+
+    def _note_full(self) -> None:
         self._full = bool((self._topk.image[:, -1] >= 0).all())
 
     def local(self) -> Ranked:
